@@ -1,0 +1,322 @@
+"""``flowmill data ...`` commands: pack shards, train a tokenizer, inspect what each rank reads.
+
+``register(subparsers)`` adds the ``data`` group to the main parser; each command sets
+``func`` on the parsed namespace, a callable ``func(args) -> int`` (the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from flowmill.data.builtin import (
+    DIGITS_SOURCE,
+    MOVING_DIGITS_SOURCE,
+    TINYSHAKESPEARE,
+    MovingDigitsSpec,
+    digit_captions,
+    pack_builtin_digits,
+    pack_moving_digits,
+)
+from flowmill.data.tokenizer import MODEL_TYPES, train_tokenizer
+
+IMAGES, TEXT, VIDEO = "images", "text", "video"
+PACK_SOURCES = (DIGITS_SOURCE, MOVING_DIGITS_SOURCE, IMAGES, TEXT, VIDEO)
+INPUTS = {DIGITS_SOURCE: (0, 0), MOVING_DIGITS_SOURCE: (0, 0), IMAGES: (1, 1), TEXT: (1, None), VIDEO: (1, None)}
+DEFAULT_SHARD_SAMPLES = {DIGITS_SOURCE: 225, MOVING_DIGITS_SOURCE: 64, IMAGES: 1000, TEXT: 256, VIDEO: 100}
+# Options that only mean something for some sources; giving one to another source is an error.
+OPTION_SOURCES = {
+    "size": (MOVING_DIGITS_SOURCE, IMAGES, VIDEO),
+    "frames": (MOVING_DIGITS_SOURCE, VIDEO),
+    "mp4": (MOVING_DIGITS_SOURCE, VIDEO),
+    "stride": (VIDEO,),
+    "num_clips": (MOVING_DIGITS_SOURCE,),
+    "digits": (MOVING_DIGITS_SOURCE,),
+    "seed": (MOVING_DIGITS_SOURCE,),
+    "tokenizer": (TEXT,),
+    "seq_len": (TEXT,),
+    "val_fraction": (TEXT,),
+}
+DIGIT_CAPTIONS = "builtin:digit-captions"
+BYTE_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class UsageError(Exception):
+    """A command line that cannot be run; the message is printed as one line."""
+
+
+def parse_bytes(text: str) -> int:
+    """``"64MB"`` → 64000000, ``"1GiB"`` → 1073741824, ``"5000"`` → 5000."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5000, 64MB or 1GiB")
+    return int(match.group(1)) * BYTE_UNITS[match.group(2).lower()]
+
+
+def _check_pack_args(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(inputs, out_dir) of a pack command line; UsageError for a wrong combination."""
+    if args.source not in PACK_SOURCES:
+        raise UsageError(f"unknown pack source {args.source!r}; choose one of: {', '.join(PACK_SOURCES)}")
+    *inputs, out_dir = args.paths
+    low, high = INPUTS[args.source]
+    if len(inputs) < low or (high is not None and len(inputs) > high):
+        wanted = "no INPUT" if high == 0 else "one INPUT" if high == 1 else "one or more INPUTs"
+        raise UsageError(f"{args.source} takes {wanted} before OUT_DIR, got {len(inputs)}: {' '.join(inputs) or '-'}")
+    for option, sources in OPTION_SOURCES.items():
+        value = getattr(args, option)
+        if value not in (None, False) and args.source not in sources:
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} applies to {', '.join(sources)}, not to {args.source}")
+    if args.source == TEXT and args.tokenizer is None:
+        raise UsageError("text needs --tokenizer TOK.model (train one with `flowmill data tokenizer`)")
+    return inputs, out_dir
+
+
+def _pack(args: argparse.Namespace) -> int:
+    try:
+        inputs, out_dir = _check_pack_args(args)
+    except UsageError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    shard_samples = args.shard_samples
+    if shard_samples is None and args.shard_bytes is None:
+        shard_samples = DEFAULT_SHARD_SAMPLES[args.source]
+    common = dict(
+        shard_samples=shard_samples, shard_bytes=args.shard_bytes, processes=args.processes,
+        progress=not args.quiet, overwrite=args.overwrite,
+    )
+    try:
+        manifests = _run_pack(args, inputs, out_dir, common)
+    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    for where, manifest in manifests.items():
+        rejected = len(manifest["made"]["notes"].get("rejected", []))
+        print(
+            f"{where}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
+            f"{', '.join(manifest['fields'])}" + (f"; {rejected} inputs skipped (listed in manifest.json)" if rejected else "")
+        )
+    return 0
+
+
+def _run_pack(args: argparse.Namespace, inputs: list[str], out_dir: str, common: dict) -> dict[str, dict]:
+    """Pack as the command line says; returns {folder written: manifest}."""
+    def given(value, default):
+        return default if value is None else value
+
+    if args.source == DIGITS_SOURCE:
+        return {out_dir: pack_builtin_digits(
+            out_dir, shard_size=common["shard_samples"], shard_bytes=common["shard_bytes"], progress=common["progress"],
+            overwrite=common["overwrite"],
+        )}
+    if args.source == MOVING_DIGITS_SOURCE:
+        spec = MovingDigitsSpec(
+            frames=given(args.frames, 16), size=given(args.size, 32), digits=given(args.digits, 2),
+            seed=given(args.seed, 0), mp4=args.mp4,
+        )
+        return {out_dir: pack_moving_digits(out_dir, num_clips=given(args.num_clips, 1024), spec=spec, **common)}
+    if args.source == IMAGES:
+        from flowmill.data.images import pack_images
+
+        return {out_dir: pack_images(inputs[0], out_dir, size=args.size, **common)}
+    if args.source == VIDEO:
+        from flowmill.data.video import ClipSpec, pack_videos
+
+        frames = given(args.frames, 16)
+        spec = ClipSpec(frames=frames, size=given(args.size, 32), stride=given(args.stride, frames), mp4=args.mp4)
+        return {out_dir: pack_videos(inputs, out_dir, spec, **common)}
+    from flowmill.data.text import pack_text
+
+    manifests = pack_text(
+        inputs, out_dir, tokenizer_path=args.tokenizer, seq_len=given(args.seq_len, 256),
+        val_fraction=given(args.val_fraction, 0.1), **common,
+    )
+    return {str(Path(out_dir) / split): manifest for split, manifest in manifests.items()}
+
+
+def _read_lines(paths: list[str]) -> list[str]:
+    lines: list[str] = []
+    for path in paths:
+        if path == DIGIT_CAPTIONS:
+            lines.extend(digit_captions())
+            continue
+        if path == TINYSHAKESPEARE:
+            from flowmill.data.builtin import tinyshakespeare_path
+
+            path = str(tinyshakespeare_path())
+        try:
+            lines.extend(Path(path).read_text(encoding="utf-8").splitlines())
+        except FileNotFoundError:
+            raise SystemExit(f"error: text file {path} does not exist")
+        except UnicodeDecodeError as exn:
+            raise SystemExit(f"error: {path} is not UTF-8 text ({exn.reason} at byte {exn.start})")
+    return lines
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    path = train_tokenizer(
+        _read_lines(args.text), args.out_prefix, args.vocab_size, model_type=args.model_type, newlines=args.newlines
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _print_inspection(result: dict) -> None:
+    width = max(40, shutil.get_terminal_size().columns - 4)
+    for rank in result["ranks"]:
+        print(f"rank {rank['rank']}: {len(rank['keys'])} samples")
+        print(textwrap.fill(" ".join(rank["keys"]), width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
+    print(f"skipped: {len(result['skipped'])}")
+    for entry in result["skipped"]:
+        print(f"  {entry['key'] or '(rest of shard)'} in {entry['shard']}: {entry['reason']}")
+    print(f"dropped: {len(result['dropped'])}")
+    for entry in result["dropped"]:
+        print(f"  {entry['key']}: {entry['reason']}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from flowmill.data.audit import inspect_epoch
+    from flowmill.data.tario import ShardChecksumError
+
+    try:
+        result = inspect_epoch(
+            args.dataset, world_size=args.world_size, num_workers=args.num_workers, epoch=args.epoch, seed=args.seed,
+            batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, drop_last=args.drop_last,
+            resampled=args.resampled, verify=not args.no_verify,
+        )
+    except (FileNotFoundError, ValueError, ShardChecksumError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_inspection(result)
+    return 0
+
+
+def _add_pack(commands: argparse._SubParsersAction) -> None:
+    pack = commands.add_parser(
+        "pack",
+        help="write WebDataset tar shards + manifest.json",
+        usage="flowmill data pack SOURCE [INPUT ...] OUT_DIR [options]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(f"""\
+            Write a dataset as WebDataset tar shards plus manifest.json into OUT_DIR, using all cores.
+            Re-running with the same arguments and unchanged inputs does nothing; a half-finished run
+            leaves no partial dataset behind. Unusable inputs are reported one line each and skipped.
+
+            sources:
+              {DIGITS_SOURCE:<22} scikit-learn digits, 32x32 grey PNG + caption + class (no INPUT)
+              {MOVING_DIGITS_SOURCE:<22} digits bouncing in a frame: .npy uint8 (T, S, S, 3) + caption (no INPUT)
+              {IMAGES:<22} one folder of images with a .txt or .json caption beside each image
+              {TEXT:<22} text files ({TINYSHAKESPEARE} for the built-in corpus) → token sequences,
+              {'':<22} written as OUT_DIR/train and OUT_DIR/val (held-out tail of each file)
+              {VIDEO:<22} .mp4 files, folders of frames, or folders holding either → clips of T frames"""),
+        epilog=textwrap.dedent(f"""\
+            examples:
+              flowmill data pack {DIGITS_SOURCE} data/digits
+              flowmill data pack {MOVING_DIGITS_SOURCE} data/moving --frames 16 --size 32 --num-clips 2048
+              flowmill data pack {IMAGES} photos/ data/photos --size 256 --shard-bytes 256MB
+              flowmill data pack {TEXT} {TINYSHAKESPEARE} data/shakespeare --tokenizer data/shakespeare-tok.model --seq-len 256
+              flowmill data pack {VIDEO} clips/*.mp4 frames/ data/clips --frames 16 --size 64 --stride 8"""),
+    )
+    pack.add_argument("source", metavar="SOURCE", help=f"what to pack; one of: {', '.join(PACK_SOURCES)}")
+    pack.add_argument("paths", nargs="+", metavar="PATH", help="the source's inputs (none for builtin sources), then OUT_DIR")
+    size = pack.add_argument_group("shard size (default: samples per shard by source, "
+                                   + ", ".join(f"{name} {count}" for name, count in DEFAULT_SHARD_SAMPLES.items()) + ")")
+    size.add_argument("--shard-samples", type=int, help="close a shard after this many samples")
+    size.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes (5000, 64MB, 1GiB)")
+    pack.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    pack.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
+    pack.add_argument("--quiet", action="store_true", help="no progress bar")
+    media = pack.add_argument_group("images and video")
+    media.add_argument("--size", type=int, help="square side in pixels (video and moving digits: default 32; images: keep as is)")
+    media.add_argument("--frames", type=int, help="frames per clip, T (default 16)")
+    media.add_argument("--stride", type=int, help="frames between the starts of consecutive clips (default: T, no overlap)")
+    media.add_argument("--mp4", action="store_true", help="also store each clip as an H.264 .mp4 field")
+    digits = pack.add_argument_group(MOVING_DIGITS_SOURCE)
+    digits.add_argument("--num-clips", type=int, help="clips to make (default 1024)")
+    digits.add_argument("--digits", type=int, help="digits moving in each clip (default 2)")
+    digits.add_argument("--seed", type=int, help="seed of the clips (default 0)")
+    text = pack.add_argument_group(TEXT)
+    text.add_argument("--tokenizer", metavar="TOK.model", help="sentencepiece model from `flowmill data tokenizer`")
+    text.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
+    text.add_argument("--val-fraction", type=float, help="tail of each file held out as OUT_DIR/val (default 0.1; 0: none)")
+    pack.set_defaults(func=_pack)
+
+
+def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
+    tokenizer = commands.add_parser(
+        "tokenizer",
+        help="train a sentencepiece tokenizer",
+        description=(
+            "Train a sentencepiece model on text, one sentence per line, and write OUT_PREFIX.model. "
+            "Special ids: pad 0, unk 1, bos 2, eos 3. --vocab-size is an upper bound on tiny corpora."
+        ),
+        epilog=(
+            f"examples: flowmill data tokenizer data/digits-tok --text {DIGIT_CAPTIONS} --vocab-size 32\n"
+            f"          flowmill data tokenizer data/shakespeare-tok --text {TINYSHAKESPEARE} --vocab-size 1024 --newlines"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tokenizer.add_argument("out_prefix", metavar="OUT_PREFIX", help="path without extension; writes OUT_PREFIX.model")
+    tokenizer.add_argument(
+        "--text", nargs="+", required=True, metavar="FILE",
+        help=f"UTF-8 text files, {DIGIT_CAPTIONS} for the 10 digit captions, {TINYSHAKESPEARE} for the built-in corpus",
+    )
+    tokenizer.add_argument("--vocab-size", type=int, required=True, help="largest vocabulary, special ids included")
+    tokenizer.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece algorithm (default unigram)")
+    tokenizer.add_argument("--newlines", action="store_true", help="keep line breaks and runs of spaces (for language-model text)")
+    tokenizer.set_defaults(func=_tokenizer)
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="show which sample keys each rank reads in an epoch, and why any key is not read",
+        description=(
+            "Run the training data loader (same shard split, shuffles, decoding and batching) once per simulated "
+            "rank and print the sample keys each rank receives in order, then every key not delivered with its "
+            "reason: skipped (bad sample or unreadable shard) or dropped (remainder policy). Works on any "
+            "WebDataset shards: every field is decoded by its extension (png, jpg, npy, txt, json, cls, mp4, ...)."
+        ),
+        epilog=(
+            "example: flowmill data inspect data/digits --world-size 2 --num-workers 2 --batch-size 8 --json\n"
+            "Samples of different shapes cannot share a batch: with --batch-size > 1 such samples are skipped, "
+            "as training would skip them."
+        ),
+    )
+    inspect.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern, glob or URL")
+    inspect.add_argument("--world-size", type=int, required=True, help="data-parallel ranks to simulate")
+    inspect.add_argument("--num-workers", type=int, required=True, help="dataloader workers per rank")
+    inspect.add_argument("--epoch", type=int, default=0, help="epoch to show (default 0)")
+    inspect.add_argument("--seed", type=int, default=0, help="data seed, trainer.seed in a config (default 0)")
+    inspect.add_argument("--batch-size", type=int, default=1, help="micro batch size per rank (default 1)")
+    inspect.add_argument("--shuffle-buffer", type=int, default=256, help="samples in the shuffle buffer, data.shuffle_buffer (default 256)")
+    inspect.add_argument("--drop-last", action="store_true", help="drop each worker's last partial batch, as a drop_last loader does")
+    inspect.add_argument(
+        "--resampled", action="store_true",
+        help="follow the infinite training stream from its start, where batches run across epoch ends",
+    )
+    inspect.add_argument("--no-verify", action="store_true", help="do not check shards against the manifest's sha256")
+    inspect.add_argument("--json", action="store_true", help='print {"ranks": [...], "skipped": [...], "dropped": [...]}')
+    inspect.set_defaults(func=_inspect)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command group (``pack``, ``tokenizer``, ``inspect``) to the main parser's ``subparsers``."""
+    data = subparsers.add_parser(
+        "data",
+        help="make and check datasets: pack WebDataset shards, train tokenizers, inspect the data order",
+        description="Dataset tools. Start with: flowmill data pack builtin:digits data/digits",
+    )
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    _add_pack(commands)
+    _add_tokenizer(commands)
+    _add_inspect(commands)

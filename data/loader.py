@@ -1,0 +1,429 @@
+"""The streaming loader training reads from: WebDataset shards → decoded, collated batches.
+
+How a sample reaches a batch, and why resume is exact:
+
+- Each epoch, the shard list is shuffled with a RNG seeded by ``(seed, epoch)`` and cut
+  into ``shards[rank::world_size][worker::num_workers]``, so in one epoch every shard goes
+  to exactly one (rank, worker).
+- Each worker reads its shards (``flowmill.data.tario``), passes the raw samples through a
+  shuffle buffer seeded by ``(seed, epoch, rank, worker)``, decodes and collates them into
+  batches. Its stream of raw samples is therefore a fixed function of
+  ``(seed, epoch, rank, worker)``.
+- Every batch carries the worker's position (epoch, raw samples pulled in that epoch).
+  The main process keeps the position of the last batch it handed out per worker and which
+  worker comes next (``DataLoader`` hands out workers' outputs round-robin). Restoring that
+  state, each worker re-walks its stream up to its position without decoding, and worker
+  ids are rotated so the round-robin resumes with the right worker.
+
+Resampled mode (``resampled=True``) is infinite: each worker runs epoch after epoch and
+batches run across epoch ends, so nothing is ever dropped. Otherwise one pass of
+``for batch in loader`` is one epoch, the next pass is the next epoch, and each worker's
+last partial batch is yielded short (``drop_last=False``) or dropped and reported
+(``drop_last=True``).
+
+Bad samples (the decoder raises, a field is missing, a tar is truncated) are skipped,
+counted in ``loader.stats`` and logged once per shard. Once ``skip_check_after`` samples
+have been read, a skipped fraction above ``max_skip_fraction`` raises
+``TooManyBadSamples``. A shard that vanishes while reading, or whose bytes differ from the
+sha256 in its manifest (``verify=True``), is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from flowmill.data.shards import Shard, dataset_shards, resolve_shards
+from flowmill.data.tario import read_samples
+
+__all__ = ["StreamingLoader", "TooManyBadSamples", "collate", "resolve_shards"]
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than ``max_skip_fraction`` of the samples read so far were bad."""
+
+
+@dataclass
+class _Position:
+    """Where one worker's stream stands after the last item the main process handed out."""
+
+    epoch: int  # epoch of the worker's stream
+    offset: int  # raw samples (after the shuffle buffer) pulled from that epoch, decoded or not
+    done: bool = False  # the worker finished its epoch (non-resampled mode only)
+
+
+@dataclass
+class _Envelope:
+    """What a worker sends to the main process: a batch (or none) and its position after it."""
+
+    worker: int  # logical worker id
+    position: _Position
+    batch: dict | None  # collated batch, None for the end-of-epoch report
+    epochs: list[int] = field(default_factory=list)  # epoch of each sample of the batch
+    skipped: list[dict] = field(default_factory=list)  # {"key", "shard", "reason", "epoch"}; key None for shard-level errors
+    dropped: list[dict] = field(default_factory=list)  # {"key", "reason", "epoch"}: remainder dropped by drop_last
+
+
+@dataclass
+class _Plan:
+    """Everything a worker needs to produce its stream; picklable for DataLoader workers."""
+
+    shards: list[Shard]
+    rank: int
+    world_size: int
+    workers: int  # logical workers, max(1, num_workers)
+    seed: int
+    shuffle_buffer: int
+    resampled: bool
+    batch_size: int
+    drop_last: bool
+    decode: Callable[[dict], dict]
+    verify: bool  # check each shard against its manifest sha256 on first read
+
+    def shards_for(self, epoch: int, worker: int) -> list[Shard]:
+        """This rank's and worker's shards in ``epoch``, in reading order."""
+        order = list(self.shards)
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
+        return order[self.rank :: self.world_size][worker :: self.workers]
+
+    def raw_samples(self, epoch: int, worker: int, reports: list[dict]) -> Iterator[dict]:
+        """Undecoded samples of one worker in one epoch; problems met while reading are appended to ``reports``."""
+
+        def read() -> Iterator[dict]:
+            for shard in self.shards_for(epoch, worker):
+                yield from read_samples(shard, reports, verify=self.verify)
+
+        samples = read()
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"buffer-{self.seed}-{epoch}-{self.rank}-{worker}")
+            samples = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return samples
+
+
+def _mismatch(reference: dict, sample: dict) -> str | None:
+    """Why ``sample`` cannot be stacked with ``reference`` (another decoded sample), or None."""
+    if sample.keys() != reference.keys():
+        return f"fields {sorted(sample)} differ from the batch's {sorted(reference)}"
+    for name, value in sample.items():
+        if isinstance(value, (torch.Tensor, np.ndarray)):
+            ref = reference[name]
+            if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+                return f"{name} is {tuple(value.shape)} {value.dtype}, the batch's is {tuple(ref.shape)} {ref.dtype}"
+    return None
+
+
+def collate(samples: list[dict], keys: list[str]) -> dict:
+    """Stack decoded samples: tensors/arrays → (B, ...) tensors, numbers → (B,) tensors, others → lists.
+
+    ``keys`` become the ``"__key__"`` list.
+    """
+    batch: dict = {"__key__": keys}
+    for name, first in samples[0].items():
+        values = [sample[name] for sample in samples]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, np.ndarray):
+            batch[name] = torch.from_numpy(np.stack(values))
+        elif isinstance(first, (bool, int, float)):
+            batch[name] = torch.tensor(values)
+        else:
+            batch[name] = values
+    return batch
+
+
+def _decode_one(plan: _Plan, raw: dict) -> dict:
+    decoded = plan.decode(raw)
+    if not isinstance(decoded, dict):
+        raise TypeError(f"decode must return a dict, returned {type(decoded).__name__}")
+    return decoded
+
+
+def _take(reports: list[dict], epoch: int) -> list[dict]:
+    """Empty ``reports`` in place (the shard reader keeps appending to it); returns what it held, tagged with ``epoch``."""
+    taken = [{**report, "epoch": report.get("epoch", epoch)} for report in reports]
+    reports.clear()
+    return taken
+
+
+def _tag(reports: list[dict], epoch: int) -> None:
+    """Give the reports of ``epoch`` that are still waiting for a batch their epoch."""
+    for report in reports:
+        report.setdefault("epoch", epoch)
+
+
+def worker_stream(plan: _Plan, worker: int, start: _Position) -> Iterator[_Envelope]:
+    """Envelopes of logical ``worker`` from position ``start`` on (endless in resampled mode)."""
+    if start.done:
+        return
+    epoch, skip = start.epoch, start.offset
+    samples: list[dict] = []
+    keys: list[str] = []
+    epochs: list[int] = []
+    reports: list[dict] = []
+    while True:
+        pulled = 0
+        decoded_this_epoch = 0
+        for raw in plan.raw_samples(epoch, worker, reports):
+            pulled += 1
+            if pulled <= skip:
+                if pulled == skip:
+                    # Reports up to here went out with batches before the state was saved.
+                    reports.clear()
+                continue
+            try:
+                decoded = _decode_one(plan, raw)
+                reason = _mismatch(samples[0], decoded) if samples else None
+            except Exception as exn:  # a bad sample must never stop training: any decoder error skips it
+                reason = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+            if reason is not None:
+                reports.append({"key": raw["__key__"], "shard": raw.get("__url__"), "reason": reason, "epoch": epoch})
+                continue
+            decoded_this_epoch += 1
+            samples.append(decoded)
+            keys.append(raw["__key__"])
+            epochs.append(epoch)
+            if len(samples) == plan.batch_size:
+                yield _Envelope(worker, _Position(epoch, pulled), collate(samples, keys), epochs, _take(reports, epoch))
+                samples, keys, epochs = [], [], []
+        _tag(reports, epoch)
+        if pulled < skip:
+            raise ValueError(
+                f"saved loader position (epoch {epoch}, sample {skip}) of worker {worker} is past the end of its "
+                f"{pulled} samples: the shards changed since the state was saved"
+            )
+        if plan.resampled and decoded_this_epoch == 0 and skip == 0:
+            raise RuntimeError(
+                f"rank {plan.rank} worker {worker} decoded no sample in epoch {epoch} ({pulled} read, shards "
+                f"{[shard.url for shard in plan.shards_for(epoch, worker)]}); refusing to loop on bad data"
+            )
+        if not plan.resampled:
+            dropped: list[dict] = []
+            if samples and not plan.drop_last:
+                yield _Envelope(worker, _Position(epoch, pulled), collate(samples, keys), epochs, _take(reports, epoch))
+            else:
+                reason = (
+                    f"remainder: the last {len(keys)} samples of rank {plan.rank} worker {worker} in epoch {epoch} "
+                    f"do not fill a batch of {plan.batch_size} (drop_last=True)"
+                )
+                dropped = [{"key": key, "reason": reason, "epoch": epoch} for key in keys]
+            yield _Envelope(worker, _Position(epoch, pulled, done=True), None, [], _take(reports, epoch), dropped)
+            return
+        epoch, skip = epoch + 1, 0
+
+
+class _WorkerStreams(IterableDataset):
+    """The dataset each DataLoader worker iterates: its logical worker's stream."""
+
+    def __init__(self, plan: _Plan, positions: list[_Position], rotation: int):
+        self.plan = plan
+        self.positions = positions
+        self.rotation = rotation  # DataLoader worker j serves logical worker (j + rotation) % workers
+
+    def logical(self, physical: int) -> int:
+        return (physical + self.rotation) % self.plan.workers
+
+    def __iter__(self) -> Iterator[_Envelope]:
+        info = get_worker_info()
+        worker = self.logical(0 if info is None else info.id)
+        return worker_stream(self.plan, worker, self.positions[worker])
+
+
+def _identity(item):
+    return item
+
+
+def _digest(urls: list[str]) -> str:
+    # Names, not full paths: a dataset moved to another folder still resumes.
+    return hashlib.sha256("\n".join(Path(url).name for url in urls).encode()).hexdigest()[:16]
+
+
+class StreamingLoader:
+    """Batches of decoded samples from WebDataset shards for one rank; see the module docstring.
+
+    Iterating yields dicts: the decoder's fields stacked to (B, ...) tensors (lists for
+    strings) and ``"__key__"``: list of B sample keys.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | list[str],
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        decode: Callable[[dict], dict],
+        shuffle_buffer: int = 1000,
+        resampled: bool = True,
+        drop_last: bool = False,
+        verify: bool = True,
+        max_skip_fraction: float = 0.1,
+        skip_check_after: int = 100,
+        audit: bool = False,
+    ):
+        """``source``: manifest, folder with manifest.json, brace pattern, glob or list of shard URLs.
+        ``decode``: raw sample ``{"__key__", ext: bytes}`` → dict of tensors/values; raise to reject.
+        ``shuffle_buffer``: samples held for shuffling (0 or 1: file order within the shard order).
+        ``verify``: hash each shard on its first read and raise ``ShardChecksumError`` if it
+        differs from its manifest's sha256 (sources without a manifest are not checked).
+        ``max_skip_fraction``: raise ``TooManyBadSamples`` when more than this fraction of the
+        samples read so far were skipped, checked once ``skip_check_after`` samples were read.
+        ``audit``: keep every delivered key, skip and drop with its epoch in ``self.audit``
+        (``flowmill data inspect``; memory grows with the samples read).
+        """
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 samples, got {shuffle_buffer}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        if skip_check_after < 1:
+            raise ValueError(f"skip_check_after must be >= 1 sample, got {skip_check_after}")
+        shards = dataset_shards(source)
+        workers = max(1, num_workers)
+        if len(shards) < world_size * workers:
+            raise ValueError(
+                f"{source} has {len(shards)} shards but world_size={world_size} × num_workers={workers} needs at "
+                f"least {world_size * workers} (each rank's worker reads whole shards); repack with smaller shards "
+                "or use fewer workers"
+            )
+        self.source = source
+        self.num_workers = num_workers
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_check_after = skip_check_after
+        self._plan = _Plan(
+            shards, rank, world_size, workers, seed, shuffle_buffer, resampled, batch_size, drop_last, decode, verify
+        )
+        self._config = {
+            "rank": rank, "world_size": world_size, "num_workers": num_workers, "batch_size": batch_size, "seed": seed,
+            "shuffle_buffer": shuffle_buffer, "resampled": resampled, "drop_last": drop_last,
+            "shards": _digest([shard.url for shard in shards]),
+        }
+        self.epoch = 0  # the next (or current) epoch of a non-resampled pass
+        self._positions = [_Position(0, 0) for _ in range(workers)]
+        self._next_worker = 0
+        self._stats = {"delivered": 0, "skipped": 0, "shard_errors": 0, "dropped": 0}
+        self._logged_shards: set[str] = set()
+        self._recent_reasons: list[str] = []
+        # delivered: {"key", "epoch"}; skipped: {"key", "shard", "reason", "epoch"}; dropped: {"key", "reason", "epoch"}
+        self.audit: dict[str, list[dict]] | None = {"delivered": [], "skipped": [], "dropped": []} if audit else None
+
+    @property
+    def shards(self) -> list[str]:
+        """All shard URLs of the dataset, in source order."""
+        return [shard.url for shard in self._plan.shards]
+
+    @property
+    def stats(self) -> dict:
+        """Counts since the start of training (restored by ``load_state_dict``): delivered samples,
+        skipped bad samples, shard-level read errors, samples dropped as remainder."""
+        return dict(self._stats)
+
+    @property
+    def worker_epochs(self) -> list[int]:
+        """Per logical worker, the epoch it is in (past the last one it finished)."""
+        return [position.epoch + int(position.done) for position in self._positions]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass of a non-resampled loader read ``epoch`` from its start."""
+        if self._plan.resampled:
+            raise ValueError("set_epoch applies to non-resampled loaders; a resampled loader runs epoch after epoch")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+        self._positions = [_Position(epoch, 0) for _ in self._positions]
+        self._next_worker = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        streams = _WorkerStreams(self._plan, [_Position(**asdict(p)) for p in self._positions], self._next_worker)
+        if self.num_workers == 0:
+            envelopes = iter(streams)
+        else:
+            envelopes = iter(DataLoader(streams, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
+        for envelope in envelopes:
+            self._positions[envelope.worker] = envelope.position
+            self._next_worker = (envelope.worker + 1) % self._plan.workers
+            self._account(envelope)
+            if envelope.batch is not None:
+                yield envelope.batch
+        if not self._plan.resampled:
+            self.epoch += 1
+            self._positions = [_Position(self.epoch, 0) for _ in self._positions]
+            self._next_worker = 0
+
+    def _account(self, envelope: _Envelope) -> None:
+        for report in envelope.skipped:
+            self._stats["skipped" if report["key"] is not None else "shard_errors"] += 1
+            self._recent_reasons = (self._recent_reasons + [f"{report['key'] or report['shard']}: {report['reason']}"])[-3:]
+            if report["shard"] not in self._logged_shards:
+                self._logged_shards.add(report["shard"])
+                what = f"sample {report['key']}" if report["key"] is not None else "the rest of the shard"
+                log.warning(
+                    "rank %d: skipping %s in shard %s: %s; further bad data in this shard is only counted",
+                    self._plan.rank, what, report["shard"], report["reason"],
+                )
+        self._stats["dropped"] += len(envelope.dropped)
+        if envelope.batch is not None:
+            self._stats["delivered"] += len(envelope.batch["__key__"])
+        if self.audit is not None:
+            if envelope.batch is not None:
+                self.audit["delivered"].extend(
+                    {"key": key, "epoch": epoch} for key, epoch in zip(envelope.batch["__key__"], envelope.epochs)
+                )
+            self.audit["skipped"].extend(envelope.skipped)
+            self.audit["dropped"].extend(envelope.dropped)
+        self._check_skip_fraction()
+
+    def _check_skip_fraction(self) -> None:
+        skipped = self._stats["skipped"]
+        read = skipped + self._stats["delivered"] + self._stats["dropped"]
+        if read >= self.skip_check_after and skipped > self.max_skip_fraction * read:
+            raise TooManyBadSamples(
+                f"rank {self._plan.rank}: {skipped} of the {read} samples read so far from {self.source} were bad "
+                f"({skipped / read:.1%} > max_skip_fraction {self.max_skip_fraction:.1%}); stopping instead of training "
+                f"on what is left. Latest: {'; '.join(self._recent_reasons)}. Fix the data or raise max_skip_fraction."
+            )
+
+    def state_dict(self) -> dict:
+        """Position after the last batch yielded: restoring it yields exactly the following batches."""
+        return {
+            "format": STATE_FORMAT,
+            "config": dict(self._config),
+            "epoch": self.epoch,
+            "positions": [asdict(position) for position in self._positions],
+            "next_worker": self._next_worker,
+            "stats": dict(self._stats),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from ``state_dict`` of a loader with the same settings and shards)."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state format {state.get('format')!r} is not {STATE_FORMAT}")
+        differing = {
+            name: (state["config"].get(name), value) for name, value in self._config.items() if state["config"].get(name) != value
+        }
+        if differing:
+            details = ", ".join(f"{name}: saved {saved!r}, now {now!r}" for name, (saved, now) in differing.items())
+            raise ValueError(f"cannot resume the data loader exactly, settings differ ({details})")
+        self.epoch = state["epoch"]
+        self._positions = [_Position(**position) for position in state["positions"]]
+        self._next_worker = state["next_worker"]
+        self._stats = dict(state["stats"])

@@ -1,0 +1,1 @@
+"""flowmill: train flow-based generative models at scale."""

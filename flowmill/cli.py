@@ -1,0 +1,136 @@
+"""The ``flowmill`` command line: one entry point, one sub-command per verb."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+EXAMPLES = """examples:
+  flowmill train configs/mmdit_digits.yaml trainer.max_steps=100
+  flowmill launch local --nproc 2 configs/mmdit_digits.yaml
+  flowmill resume runs/mmdit-digits-20260101-120000 trainer.max_steps=400
+  flowmill sample runs/mmdit-digits-20260101-120000 --prompt "a handwritten digit seven" --out samples/
+"""
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides in dotted form, e.g. trainer.max_steps=40 optim.lr=3e-4"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowmill",
+        description="Train flow-based generative models (rectified flow) with DeepSpeed, WebDataset and MLflow.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train in this process (or in each process of a torchrun/srun job)",
+        description="Train the run described by CONFIG in this process. Under torchrun or srun every process "
+        "runs this command; RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT come from the environment.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config, e.g. configs/mmdit_digits.yaml")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest checkpoint (used by `flowmill resume`)")
+    add_overrides(train)
+
+    launch = commands.add_parser("launch", help="start a multi-process job", description="Start a training job on several processes.")
+    where = launch.add_subparsers(dest="where", required=True, metavar="WHERE")
+    local = where.add_parser(
+        "local",
+        help="N processes on this machine",
+        description="Start N training processes on this machine (gloo on the CPU, nccl on GPUs). "
+        "If one process dies, the whole job stops and the failing rank is reported.",
+    )
+    local.add_argument("--nproc", type=int, default=1, help="number of processes (default 1)")
+    local.add_argument("config", help="YAML config, e.g. configs/mmdit_digits.yaml")
+    add_overrides(local)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a run from its latest checkpoint",
+        description="Continue RUN_DIR from its latest checkpoint with the run's own config.yaml plus overrides "
+        "(e.g. trainer.max_steps=40 extends it). The MLflow run is continued.",
+    )
+    resume.add_argument("run_dir", metavar="RUN_DIR", help="a run directory created by flowmill")
+    resume.add_argument("--nproc", type=int, default=None, help="number of local processes (default: the run's world size)")
+    add_overrides(resume)
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate images from a run or checkpoint (EMA weights)",
+        description="Generate N images per prompt with the EMA weights of RUN_DIR's latest checkpoint (or of the "
+        "checkpoint folder CKPT). Writes one PNG per sample, grid.png (one row per prompt) and samples.jsonl.",
+    )
+    sample.add_argument("source", metavar="RUN_DIR|CKPT", help="a run directory or one of its checkpoints/step-* folders")
+    sample.add_argument("--prompt", action="append", required=True, help="a text prompt; repeat for several")
+    sample.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default 4)")
+    sample.add_argument("--steps", type=int, default=25, help="ODE solver steps (default 25)")
+    sample.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0; 1 disables)")
+    sample.add_argument("--sampler", default="euler", help="ODE solver: euler or heun (default euler)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--out", required=True, help="output folder")
+
+    from flowmill.data.cli import register as register_data
+
+    register_data(commands)
+    return parser
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    from flowmill.train.checkpoint import CheckpointError
+    from flowmill.train.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except ConfigError as error:
+        print(f"flowmill: config error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError) as error:
+        print(f"flowmill: error: {error}", file=sys.stderr)
+        return 2
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from flowmill.train.config import ConfigError
+        from flowmill.train.loop import run_from_cli
+
+        config, overrides = args.config, args.overrides
+        if args.resume and config:
+            # argparse hands the first override to the optional CONFIG positional.
+            if "=" not in config:
+                raise ConfigError(f"--resume continues with the run's own config.yaml; drop {config}")
+            config, overrides = None, [config, *overrides]
+        if not config and not args.resume:
+            raise ConfigError("pass a CONFIG file (or --resume RUN_DIR)")
+        run_from_cli(config, overrides, args.resume)
+        return 0
+    if args.command == "launch":
+        from flowmill.launchers.local import launch_local
+
+        return launch_local(args.config, args.overrides, args.nproc)
+    if args.command == "resume":
+        from flowmill.launchers.local import resume_local
+
+        return resume_local(args.run_dir, args.overrides, args.nproc)
+    if args.command == "sample":
+        from flowmill.train.sample import sample_command
+
+        return sample_command(args)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

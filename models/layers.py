@@ -1,0 +1,118 @@
+"""Building blocks shared by flowmill's models: attention, embeddings, adaLN modulation.
+
+Every block here is plain PyTorch. Shapes use B = batch, L = sequence length,
+D = model width, H = heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention over (B, H, L, Dh) tensors; returns (B, L, H·Dh)."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+    batch, heads, length, head_dim = out.shape
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) times as (B, dim), cosines first.
+
+    Matches diffusers' ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``,
+    so callers pass the same scale diffusers does (SD3 feeds 1000·t).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class MLPEmbedder(nn.Module):
+    """Linear → SiLU → Linear, the embedder SD3 uses for timesteps and pooled text."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+@dataclass
+class Modulation:
+    """One adaLN modulation: ``x * (1 + scale) + shift``, residual branch scaled by ``gate``.
+
+    A named triple instead of a tuple unpacked by position (the classic shift/scale swap).
+    Each tensor is (B, D); ``gate`` is None where a modulation has no gate.
+    """
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor | None = None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Modulate (B, L, D) activations."""
+        return x * (1 + self.scale[:, None, :]) + self.shift[:, None, :]
+
+    def gated(self, residual: torch.Tensor) -> torch.Tensor:
+        """Scale a (B, L, D) residual branch by the gate."""
+        return residual if self.gate is None else self.gate[:, None, :] * residual
+
+
+class FeedForward(nn.Module):
+    """Transformer MLP: Linear → GELU(tanh) → Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Single-stream transformer block with adaLN-Zero conditioning (DiT).
+
+    ``forward(x, cond)`` takes tokens (B, L, D) and a conditioning vector (B, cond_dim)
+    and returns (B, L, D). The modulation is zero-initialised, so a fresh block is the
+    identity: deep stacks start stable.
+    """
+
+    def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
+        attn_mod = Modulation(shift1, scale1, gate1)
+        mlp_mod = Modulation(shift2, scale2, gate2)
+        batch, length, dim = x.shape
+        qkv = self.qkv(attn_mod.apply(self.norm1(x)))  # (B, L, 3D)
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
+        x = x + attn_mod.gated(self.proj(attention(self.q_norm(q), self.k_norm(k), v, mask)))
+        return x + mlp_mod.gated(self.mlp(mlp_mod.apply(self.norm2(x))))

@@ -1,0 +1,52 @@
+"""Tests for flowmill.data.tokenizer on the digit captions."""
+
+import pickle
+
+import pytest
+
+from flowmill.data.builtin import digit_captions
+from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_digit_captions_round_trip(tmp_path, model_type):
+    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "digits", vocab_size=48, model_type=model_type))
+    assert 4 < tokenizer.vocab_size <= 48
+    for caption in digit_captions():
+        ids = tokenizer.encode(caption)
+        assert ids[-1] == tokenizer.eos_id and tokenizer.unk_id not in ids
+        assert all(0 <= i < tokenizer.vocab_size for i in ids)
+        assert tokenizer.decode(ids) == caption
+    assert len({tuple(tokenizer.encode(caption)) for caption in digit_captions()}) == 10
+
+
+def test_training_is_deterministic(tmp_path):
+    first = train_tokenizer(digit_captions(), tmp_path / "a", vocab_size=40, model_type="bpe")
+    second = train_tokenizer(digit_captions(), tmp_path / "b", vocab_size=40, model_type="bpe")
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_max_len_truncates_text_but_keeps_specials(tmp_path):
+    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
+    full = tokenizer.encode("a handwritten digit seven", add_bos=True)
+    short = tokenizer.encode("a handwritten digit seven", max_len=5, add_bos=True)
+    assert len(short) == 5 and short[0] == tokenizer.bos_id and short[-1] == tokenizer.eos_id
+    assert short[1:4] == full[1:4]
+    assert tokenizer.encode("seven", add_eos=False)[-1] != tokenizer.eos_id
+    with pytest.raises(ValueError, match="no room"):
+        tokenizer.encode("seven", max_len=1)
+
+
+def test_pickles_for_dataloader_workers(tmp_path):
+    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy.encode("a handwritten digit two") == tokenizer.encode("a handwritten digit two")
+
+
+def test_bad_arguments_are_explained(tmp_path):
+    with pytest.raises(ValueError, match="choose one of: unigram, bpe"):
+        train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32, model_type="wordpiece")
+    with pytest.raises(ValueError, match="no non-empty text"):
+        train_tokenizer(["", "  "], tmp_path / "t", vocab_size=32)
+    with pytest.raises(FileNotFoundError, match="missing.model"):
+        Tokenizer.load(tmp_path / "missing.model")

@@ -1,0 +1,34 @@
+"""Helpers for tests: run the CLI, point the tiny config at test data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "mmdit_tiny.yaml"
+
+
+def flowmill(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the ``flowmill`` CLI in a subprocess; returns the completed process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowmill.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
+    """Overrides pointing the tiny config at the test data, a run dir and a store in tmp."""
+    values = {
+        "data.path": str(digits_dir),
+        "text.tokenizer": str(digits_dir / "tokenizer.model"),
+        "run.dir": str(run_dir),
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]

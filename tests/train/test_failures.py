@@ -1,0 +1,96 @@
+"""Bad input and dying processes: one clear line, non-zero exit, nothing overwritten, nothing left hanging."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_dir, tmp_path_factory):
+    """A 4-step single-process run with a checkpoint, shared by the refusal tests."""
+    root = tmp_path_factory.mktemp("finished")
+    run_dir = root / "run"
+    result = flowmill(
+        "train", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 4, "checkpoint.every_steps": 2}),
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_no_shards_is_a_config_error(tmp_path, digits_dir):
+    result = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, tmp_path / "r", **{"data.path": str(tmp_path / "empty")}), cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert str(tmp_path / "empty") in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_dir_holding_a_run_is_refused(finished_run, digits_dir):
+    before = (finished_run / "config.yaml").read_text()
+    result = flowmill("launch", "local", "--nproc", "1", str(TINY_CONFIG), *tiny_overrides(digits_dir, finished_run), timeout=120)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "flowmill resume" in result.stderr
+    assert (finished_run / "config.yaml").read_text() == before
+
+
+def test_resume_with_another_model_is_refused(finished_run):
+    result = flowmill("resume", str(finished_run), "model.depth=3", "trainer.max_steps=6", timeout=120)
+    assert result.returncode == 2
+    assert "model.depth" in result.stderr
+
+
+def test_corrupt_latest_is_refused(finished_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    (copy / "latest").write_text("checkpoints/step-9999\n")
+    result = flowmill("resume", str(copy), "trainer.max_steps=6", timeout=120)
+    assert result.returncode == 2
+    assert "corrupt" in result.stderr and "step-00000004" in result.stderr
+
+
+def test_finished_run_records_status_and_latest(finished_run):
+    info = json.loads((finished_run / "run.json").read_text())
+    for key in ("tracking_uri", "experiment_id", "run_id", "git_commit", "world_size", "status"):
+        assert key in info
+    assert info["status"] == "finished" and info["world_size"] == 1
+    assert (finished_run / "latest").read_text().strip() == "checkpoints/step-00000004"
+    assert (finished_run / "checkpoints" / "step-00000002" / "flowmill.json").is_file()
+    assert list((finished_run / "samples").glob("grid-*.png"))
+
+
+def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
+    """Kill rank 1 mid-run: the launcher names the rank, exits non-zero, and no worker survives."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flowmill.cli", "launch", "local", "--nproc", "2", str(TINY_CONFIG),
+         *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 100000, "checkpoint.every_steps": 100000})],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        assert launcher.poll() is None and time.time() < deadline, "the job never started training"
+        time.sleep(0.5)
+    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train" in " ".join(p.cmdline())]
+    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert "rank 1 failed" in stderr
+    time.sleep(1)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"

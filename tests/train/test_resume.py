@@ -1,0 +1,67 @@
+"""Resume is exact: 20 steps in one go equal 10 steps + `flowmill resume` to 20 (2 processes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = read_jsonl(run_dir / "logs" / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"duplicated or unordered steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["train/loss"] for r in records}
+
+
+def keys(run_dir: Path, rank: int) -> list[list[str]]:
+    return [r["keys"] for r in read_jsonl(run_dir / "logs" / f"keys-rank-{rank}.jsonl")]
+
+
+def test_resume_continues_exactly(digits_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    # decay_steps pins the LR curve to 20 steps in both runs: with the default (max_steps) the
+    # 10-step run would decay over 10 steps and be a different run from its first step.
+    common = {
+        "trainer.max_steps": 20, "optim.decay_steps": 20, "checkpoint.every_steps": 10,
+        "data.log_keys": "true", "data.num_workers": 2,
+    }
+    done = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, full, **common), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = flowmill(
+        "launch", "local", "--nproc", "2", str(TINY_CONFIG),
+        *tiny_overrides(digits_dir, part, **{**common, "trainer.max_steps": 10}), cwd=tmp_path,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((part / "run.json").read_text())["run_id"]
+    assert (part / "latest").read_text().strip() == "checkpoints/step-00000010"
+
+    resumed = flowmill("resume", str(part), "trainer.max_steps=20", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = losses(full), losses(part)
+    assert sorted(got) == list(range(1, 21))
+    for step in range(11, 21):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    # The data stream continues at the exact next sample on every rank.
+    for rank in (0, 1):
+        assert keys(part, rank) == keys(full, rank)
+        assert len(keys(part, rank)) == 20
+
+    info = json.loads((part / "run.json").read_text())
+    assert info["run_id"] == run_id and info["status"] == "finished" and info["world_size"] == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(info["tracking_uri"])
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 21)), "MLflow steps duplicated or missing"
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -1,0 +1,377 @@
+"""flowmill.train.tracking against real MLflow: an embedded SQLite store, and one real `mlflow server`."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from flowmill.train import tracking
+from flowmill.train.images import image_grid
+from flowmill.train.tracking import MLflowTracker, NullTracker
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+STEP_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s")
+
+
+def step_metrics(step: int) -> dict[str, float]:
+    return {"train/loss": 1.0 / step, "train/lr": 1e-4 * step, "train/grad_norm": 0.5, "train/samples_per_s": 100.0}
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One store for the module, as runs under one `runs/` share it (creating the SQLite schema costs seconds)."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture
+def uri(runs_root: Path) -> str:
+    return tracking.default_tracking_uri(runs_root)
+
+
+@pytest.fixture
+def clean_http_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset MLflow's HTTP variables and restore them after the test, whatever `start` sets."""
+    for name in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
+
+def flowmill_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [rec.getMessage() for rec in caplog.records if rec.name == "flowmill" and rec.levelno == logging.WARNING]
+
+
+def test_default_tracking_uri_is_sqlite_under_runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.default_tracking_uri(Path("runs"))
+    assert uri == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
+    assert tracking.sqlite_artifact_location(uri) == (tmp_path.resolve() / "runs" / "mlartifacts").as_uri()
+    assert tracking.sqlite_artifact_location("http://127.0.0.1:5000") is None
+
+
+class Precision(enum.Enum):
+    BF16 = "bf16"
+
+
+@dataclasses.dataclass
+class Inner:
+    depth: int = 2
+    widths: tuple[int, ...] = (64, 128)
+
+
+@dataclasses.dataclass
+class Config:
+    model: Inner = dataclasses.field(default_factory=Inner)
+    precision: Precision = Precision.BF16
+    data: dict = dataclasses.field(default_factory=lambda: {"root": Path("/data"), "shards": ["a.tar", "b.tar"]})
+    note: str = "x" * 7000
+    lr: float = 3e-4
+    resume: str | None = None
+
+
+def test_flatten_config_dotted_string_params() -> None:
+    flat = tracking.flatten_config(Config())
+    assert {key: value for key, value in flat.items() if key != "note"} == {
+        "model.depth": "2",
+        "model.widths": "[64, 128]",
+        "precision": "bf16",
+        "data.root": "/data",
+        "data.shards": '["a.tar", "b.tar"]',
+        "lr": "0.0003",
+        "resume": "None",
+    }
+    assert len(flat["note"]) == tracking.MAX_PARAM_VALUE_CHARS
+    assert flat["note"].endswith("... [truncated, 7000 chars]")
+    assert tracking.flatten_config({"a": {"b": 1}}) == {"a.b": "1"}
+    with pytest.raises(TypeError, match="dataclass instance or a mapping"):
+        tracking.flatten_config(Config)
+
+
+def test_new_run_records_params_metrics_tags_and_artifacts(uri: str, runs_root: Path, tmp_path: Path) -> None:
+    tracker = MLflowTracker.start(uri, "new-run", "first", tags={"flowmill.world_size": "2"}, system_metrics=False)
+    assert isinstance(tracker, MLflowTracker)
+    tracker.log_params(tracking.flatten_config(Config()))
+    for step in range(1, 4):
+        tracker.log_metrics(step_metrics(step), step=step)
+    grid = image_grid(torch.zeros(4, 3, 8, 8))
+    tracker.log_image(grid, key="samples", step=3)
+    tracker.log_text("lr: 0.0003\n", "config.yaml")
+    checkpoint_index = tmp_path / "checkpoints.txt"
+    checkpoint_index.write_text("step 3\n")
+    tracker.log_artifact(checkpoint_index, "checkpoints")
+    tracker.set_tags({"flowmill.note": "hello"})
+    tracker.finish()
+
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "first"
+    assert run.data.params["model.depth"] == "2"
+    assert run.data.tags["flowmill.world_size"] == "2"
+    assert run.data.tags["flowmill.note"] == "hello"
+    for key in STEP_METRICS:
+        history = client.get_metric_history(tracker.run_id, key)
+        assert sorted((point.step, point.value) for point in history) == [(s, step_metrics(s)[key]) for s in (1, 2, 3)]
+    artifact_dir = runs_root / "mlartifacts" / tracker.run_id / "artifacts"
+    assert (artifact_dir / "config.yaml").read_text() == "lr: 0.0003\n"
+    assert (artifact_dir / "checkpoints" / "checkpoints.txt").read_text() == "step 3\n"
+    assert [path.name.split("+")[:3] for path in (artifact_dir / "images").glob("*.png")] == [["samples", "step", "3"]]
+    assert tracker.failures == 0
+
+
+def test_resume_continues_same_run_without_duplicate_steps(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    first = MLflowTracker.start(uri, "resume", "r", system_metrics=False)
+    first.log_params({"lr": "0.1", "depth": "2"})
+    for step in range(1, 6):
+        first.log_metrics(step_metrics(step), step=step)
+    first.finish("KILLED")  # preempted after step 5; the last checkpoint was written at step 3
+
+    resumed = MLflowTracker.start(uri, "resume", "r", run_id=first.run_id, system_metrics=False)
+    assert isinstance(resumed, MLflowTracker)
+    assert resumed.run_id == first.run_id
+    assert resumed.resumed_through_step == 5
+    assert resumed.last_logged_step() == 5
+    client = MlflowClient(uri)
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    resumed.log_params({"lr": "0.2", "depth": "2", "ema": "0.999"})
+    for step in range(4, 9):  # the loop replays steps 4 and 5 from the checkpoint
+        resumed.log_metrics(step_metrics(step), step=step)
+    resumed.finish()
+
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"lr": "0.1", "depth": "2", "ema": "0.999"}
+    assert run.data.tags["resume.changed_param.lr"] == "0.2"
+    assert "resume.changed_param.depth" not in run.data.tags
+    steps = sorted(point.step for point in client.get_metric_history(first.run_id, "train/loss"))
+    assert steps == list(range(1, 9))
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert flowmill_warnings(caplog) == []
+
+
+def test_resume_of_unknown_run_id_starts_a_new_run(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    tracker = MLflowTracker.start(uri, "unknown", "r", run_id="0" * 32, system_metrics=False)
+    assert isinstance(tracker, MLflowTracker)
+    assert tracker.run_id != "0" * 32
+    assert tracker.resumed_through_step == 0
+    tracker.finish()
+    assert len(flowmill_warnings(caplog)) == 1
+    assert "0" * 32 in flowmill_warnings(caplog)[0]
+
+
+def test_system_metrics_are_logged(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    tracker = MLflowTracker.start(uri, "system", "r", system_metrics=True, system_metrics_interval_s=0.3)
+    time.sleep(1.5)
+    tracker.finish()
+    metrics = MlflowClient(uri).get_run(tracker.run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_rejected_call_is_dropped_once_and_later_calls_still_land(
+    uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = MLflowTracker.start(uri, "rejected", "r", system_metrics=False)
+    tracker.log_artifact(tmp_path / "missing.png")
+    tracker.log_artifact(tmp_path / "missing-too.png")
+    tracker.log_metrics(step_metrics(1), step=1)
+    tracker.finish()
+    assert (tracker.failures, tracker.dropped) == (2, 2)
+    warnings = flowmill_warnings(caplog)
+    assert len(warnings) == 1 and "rejected log_artifact" in warnings[0]
+    assert MlflowClient(uri).get_run(tracker.run_id).data.metrics["train/loss"] == 1.0
+
+
+class FlakyClient:
+    """A real MlflowClient whose store can be switched off, failing like an overloaded server (503)."""
+
+    def __init__(self, uri: str) -> None:
+        self.real = MlflowClient(uri)
+        self.down = False
+        self.attempts = 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self.real, name)
+
+        def call(*args, **kwargs):
+            self.attempts += 1
+            if self.down:
+                raise MlflowException("store is down", error_code="TEMPORARILY_UNAVAILABLE")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def flaky_tracker(uri: str, retry_after_s: float, max_queued_calls: int = 100) -> tuple[MLflowTracker, FlakyClient]:
+    client = FlakyClient(uri)
+    run = client.real.create_run(tracking._get_or_create_experiment(client.real, "flaky", None))
+    tracker = MLflowTracker(client, run.info.run_id, run.info.experiment_id, uri, 0, {}, None, retry_after_s,
+                            max_queued_calls)  # fmt: skip
+    return tracker, client
+
+
+def test_outage_queues_calls_and_sends_them_in_order_later(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    tracker, client = flaky_tracker(uri, retry_after_s=60.0)
+    tracker.log_metrics(step_metrics(1), step=1)
+    client.down = True
+    tracker.log_metrics(step_metrics(2), step=2)
+    assert client.attempts == 2
+    tracker.log_metrics(step_metrics(3), step=3)
+    tracker.set_tags({"phase": "down"})
+    assert client.attempts == 2  # within retry_after_s nothing is sent
+    client.down = False
+    tracker.log_metrics(step_metrics(4), step=4)
+    assert client.attempts == 2
+    tracker.finish()  # sends the queue whatever the delay
+    history = client.real.get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(point.step for point in history) == [1, 2, 3, 4]
+    run = client.real.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["phase"] == "down"
+    assert (tracker.failures, tracker.dropped) == (1, 0)
+    warnings = flowmill_warnings(caplog)
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "training continues" in warnings[0]
+
+
+def test_outage_retries_after_delay_and_bounds_the_queue(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    tracker, client = flaky_tracker(uri, retry_after_s=0.0, max_queued_calls=2)
+    client.down = True
+    for step in (1, 2, 3):
+        tracker.log_metrics(step_metrics(step), step=step)
+    assert (client.attempts, tracker.failures, tracker.dropped) == (3, 3, 1)  # each call retried; step 1 evicted
+    client.down = False
+    tracker.log_metrics(step_metrics(4), step=4)  # queued first, evicting step 2, then the queue is sent
+    history = client.real.get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(point.step for point in history) == [3, 4]
+    assert tracker.dropped == 2
+    assert len(flowmill_warnings(caplog)) == 1
+    tracker.finish()
+
+
+def test_unreachable_server_falls_back_fast_with_one_warning(
+    clean_http_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    began = time.monotonic()
+    tracker = MLflowTracker.start("http://127.0.0.1:9", "down", "r", run_id="abc")
+    assert time.monotonic() - began < 10
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert isinstance(tracker, NullTracker)
+    assert tracker.run_id == "abc"  # a later resume can still continue the run the checkpoint names
+    tracker.log_params({"lr": "0.1"})
+    tracker.log_metrics(step_metrics(1), step=1)
+    tracker.finish("FAILED")
+    warnings = flowmill_warnings(caplog)
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "training continues" in warnings[0]
+    assert MLflowTracker.start("http://127.0.0.1:9", "down", "r").run_id is None
+
+
+def test_finish_refuses_unknown_status(uri: str) -> None:
+    with pytest.raises(ValueError, match="choose one of: FINISHED, FAILED, KILLED"):
+        NullTracker().finish("DONE")
+    tracker = MLflowTracker.start(uri, "status", "r", system_metrics=False)
+    with pytest.raises(ValueError, match="choose one of: FINISHED, FAILED, KILLED"):
+        tracker.finish("DONE")
+    tracker.finish("FAILED")
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_run_tags_name_commit_world_size_and_host(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.txt").write_text("a")
+    subprocess.run([*git, "add", "f.txt"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    tags = tracking.run_tags(world_size=4, source_dir=repo)
+    assert tags["flowmill.git_commit"] == tags["mlflow.source.git.commit"] == commit
+    assert tags["flowmill.git_dirty"] == "false"
+    assert tags["flowmill.world_size"] == "4"
+    assert tags["flowmill.host"] == socket.gethostname()
+    (repo / "f.txt").write_text("b")
+    assert tracking.run_tags(world_size=1, source_dir=repo)["flowmill.git_dirty"] == "true"
+    not_git = tmp_path / "plain"
+    not_git.mkdir()
+    assert tracking.run_tags(world_size=1, source_dir=not_git)["flowmill.git_commit"].startswith("unavailable: ")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(runs_root: Path, artifacts: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on the module's store, whose schema already exists (creating it doubles the start time)."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", tracking.default_tracking_uri(runs_root), "--artifacts-destination", str(artifacts),
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    stop_server(server)
+    pytest.skip("mlflow server did not answer within 30 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+def test_real_server_then_outage_keeps_training_going(
+    runs_root: Path, uri: str, tmp_path: Path, clean_http_env: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    MlflowClient(uri).search_experiments()  # the store's schema exists before the server opens it
+    port = free_port()
+    server = start_server(runs_root, tmp_path / "served-artifacts", port)
+    server_uri = f"http://127.0.0.1:{port}"
+    try:
+        tracker = MLflowTracker.start(server_uri, "served", "r", system_metrics=False)
+        assert isinstance(tracker, MLflowTracker)
+        tracker.log_params({"lr": "0.1"})
+        tracker.log_metrics(step_metrics(1), step=1)
+        tracker.log_text("a: 1\n", "config.yaml")
+        client = MlflowClient(server_uri)
+        run = client.get_run(tracker.run_id)
+        config = client.download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
+    finally:
+        stop_server(server)
+    assert run.info.status == "RUNNING" and run.data.params == {"lr": "0.1"}
+    assert run.data.metrics["train/loss"] == 1.0
+    assert Path(config).read_text() == "a: 1\n"
+    assert flowmill_warnings(caplog) == []
+
+    for step in (2, 3):
+        began = time.monotonic()
+        tracker.log_metrics(step_metrics(step), step=step)
+        assert time.monotonic() - began < 5
+    tracker.finish()
+    warnings = flowmill_warnings(caplog)
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "training continues" in warnings[0]
+    assert tracker.failures >= 2

@@ -1,0 +1,145 @@
+"""Sharded checkpoints: DeepSpeed's engine files plus flowmill's run state, and ``latest``.
+
+Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000010/``:
+  DeepSpeed's files (model states, ZeRO optimizer shards: every rank writes its own),
+  ``rank-00000.pt`` ... per-rank flowmill state (data position, RNG, generator),
+  ``ema.safetensors`` (rank 0: full EMA weights, readable without DeepSpeed),
+  ``flowmill.json`` written last, after every rank has finished: the checkpoint is complete.
+``RUN_DIR/latest`` names the newest complete checkpoint; it is replaced atomically only
+after ``flowmill.json`` exists, so a crash mid-save never leaves a half checkpoint as latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowmill.train.distributed import DistEnv, barrier
+
+LATEST = "latest"
+COMPLETE_MARKER = "flowmill.json"
+EMA_FILE = "ema.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says what to do."""
+
+
+def step_tag(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """Every global RNG a step can touch."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and restores everything a run needs to continue exactly."""
+
+    def __init__(self, run_dir: Path, keep_last: int, env: DistEnv):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.env = env
+
+    def save(self, step: int, engine: Any, ema: Any, rank_state: dict, meta: dict) -> Path:
+        """Write checkpoint ``step`` on every rank, then mark it complete and move ``latest``."""
+        tag = step_tag(step)
+        step_dir = self.root / tag
+        if self.env.is_main and step_dir.exists():
+            shutil.rmtree(step_dir)  # a leftover of a save that crashed before completing
+        barrier()
+        # universal_checkpoint_info lets DeepSpeed re-shard the optimizer for another world size.
+        engine.save_checkpoint(
+            str(self.root),
+            tag=tag,
+            client_state={"flowmill_step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}},
+            save_latest=False,
+        )
+        torch.save(rank_state, step_dir / f"rank-{self.env.rank:05d}.pt")
+        if self.env.is_main:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, step_dir / EMA_FILE)
+            torch.save({"num_updates": ema.num_updates}, step_dir / "ema_meta.pt")
+        barrier()
+        if self.env.is_main:
+            write_atomic(step_dir / COMPLETE_MARKER, json.dumps({**meta, "step": step, "world_size": self.env.world_size}))
+            write_atomic(self.run_dir / LATEST, f"checkpoints/{tag}\n")
+            self._prune()
+        barrier()
+        return step_dir
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        complete = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE_MARKER).exists())
+        for old in complete[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest(self) -> Path:
+        """The newest complete checkpoint, or CheckpointError saying what is wrong."""
+        return latest_checkpoint(self.run_dir)
+
+    def load(self, engine: Any, ema: Any) -> tuple[int, dict]:
+        """Restore engine, EMA and this rank's state; returns (step, rank_state)."""
+        step_dir = self.latest()
+        meta = json.loads((step_dir / COMPLETE_MARKER).read_text())
+        if meta["world_size"] != self.env.world_size:
+            raise CheckpointError(
+                f"{step_dir} was saved by {meta['world_size']} processes, this job has {self.env.world_size}; "
+                f"resume with --nproc {meta['world_size']}"
+            )
+        load_path, _ = engine.load_checkpoint(str(self.root), tag=step_dir.name)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {step_dir}; the checkpoint is incomplete or corrupt")
+        from safetensors.torch import load_file
+
+        ema.module.load_state_dict(load_file(step_dir / EMA_FILE))
+        ema.num_updates = torch.load(step_dir / "ema_meta.pt")["num_updates"]
+        rank_state = torch.load(step_dir / f"rank-{self.env.rank:05d}.pt", weights_only=False)
+        return meta["step"], rank_state
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """Resolve ``RUN_DIR/latest`` to a complete checkpoint folder."""
+    pointer = Path(run_dir) / LATEST
+    if not pointer.is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint yet ({pointer} is missing); start a new run with `flowmill train`")
+    target = Path(run_dir) / pointer.read_text().strip()
+    if not target.name.startswith("step-") or not (target / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"{pointer} is corrupt: it names {target}, which is not a complete checkpoint; "
+            f"point it at one of {sorted(p.name for p in (Path(run_dir) / 'checkpoints').glob('step-*'))} "
+            "(write e.g. 'checkpoints/step-00000010' into it)"
+        )
+    return target

@@ -1,0 +1,228 @@
+"""Typed run configuration: YAML file + ``dotted.key=value`` overrides → dataclasses.
+
+One config is one run. The sections shared by every task live here; the task named by
+the top-level ``task`` key contributes its own sections (``model``, ``text``, ``task``...)
+through its ``config_sections``. OmegaConf structured configs do the type checking, so an
+unknown key or a wrong type is refused with the key's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config the run cannot start with; the CLI prints it and exits with code 2."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # run name; also the MLflow run name
+    dir: str | None = None  # run directory; default runs/<name>-<UTC timestamp> under the current directory
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps to train for
+    seed: int = 0  # seeds model init, noise, data order
+    micro_batch_size: int = 32  # samples per process per forward pass
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    sample_every_steps: int = 0  # log a sample grid every N steps (0: only at the end)
+    eval_every_steps: int = 0  # run the task's evaluation every N steps (0: only at the end)
+    num_threads: int = 0  # torch intra-op threads per process (0: cores / processes)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.999  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear warmup from 0 to lr, in optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio after decay_steps
+    decay_steps: int = 0  # optimizer steps of warmup + cosine decay (0: trainer.max_steps); fix it to extend a run on the same curve
+    grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999  # final EMA decay per optimizer step
+    warmup: bool = True  # decay = min(decay, (1 + step) / (10 + step)), so early weights fade fast
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    pipeline_stages: int = 1  # DeepSpeed pipeline stages (must divide the world size)
+    activation_checkpointing: bool = False  # recompute block activations in backward
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # save a sharded checkpoint every N optimizer steps (and at the end)
+    keep_last: int = 3  # keep this many most recent checkpoints (0: keep all)
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; default: SQLite store shared by the runs under runs/
+    experiment: str = "flowmill"  # MLflow experiment name
+    system_metrics: bool = True  # log CPU/memory/GPU usage through MLflow's system metrics
+    system_metrics_interval_s: float = 10.0  # seconds between system-metric samples
+
+
+@dataclass
+class DataConfig:
+    path: str = "datasets/digits"  # dataset: a folder with manifest.json, a manifest, a brace pattern or a glob
+    num_workers: int = 1  # dataloader worker processes per rank
+    shuffle_buffer: int = 256  # samples in the shuffle buffer (0: no sample shuffle)
+    log_keys: bool = False  # write each step's sample keys to logs/keys-rank-R.jsonl (to audit the data order)
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)  # prompts for the sample grids logged during training
+    num_per_prompt: int = 4  # samples per prompt in a grid
+    steps: int = 25  # ODE solver steps
+    cfg_scale: float = 3.0  # classifier-free guidance scale (1: no guidance)
+    sampler: str = "euler"  # ODE solver: euler | heun
+
+
+@dataclass
+class Config:
+    """Sections every task has. Task-specific sections are added by ``schema_for``."""
+
+    task: str = "mmdit"  # what is trained; one of train.tasks.TASKS
+    run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def schema_for(task_name: str) -> type:
+    """The full config dataclass of a task: ``Config`` plus the task's own sections."""
+    from flowmill.train.tasks import get_task_class
+
+    sections = get_task_class(task_name).config_sections
+    fields = [(name, cls, field(default_factory=cls)) for name, cls in sections.items()]
+    return dataclasses.make_dataclass(f"{task_name.title()}Config", fields, bases=(Config,))
+
+
+def _message(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None)
+    first_line = str(error).splitlines()[0]
+    return f"{key}: {first_line}" if key else first_line
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Any:
+    """Read a YAML config (or ``base``, a resolved config dict) and apply overrides.
+
+    Returns the task's config dataclass. Raises ConfigError naming the offending key.
+    """
+    if base is None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    else:
+        raw = base
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+    try:
+        override_cfg = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"bad override: {_message(error)}") from None
+    task_name = OmegaConf.select(override_cfg, "task", default=raw.get("task", Config.task))
+    try:
+        schema = schema_for(task_name)
+    except KeyError as error:
+        raise ConfigError(f"task: {error.args[0]}") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw, override_cfg)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_message(error)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any, world_size: int | None = None) -> None:
+    """Refuse impossible values and combinations; ``world_size`` when it is known."""
+    choices = {
+        "trainer.precision": (cfg.trainer.precision, ("fp32", "bf16")),
+        "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
+        "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
+        "sample.sampler": (cfg.sample.sampler, ("euler", "heun")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, valid))}")
+    positive = {
+        "trainer.max_steps": cfg.trainer.max_steps,
+        "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
+        "trainer.grad_accum_steps": cfg.trainer.grad_accum_steps,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "parallel.pipeline_stages": cfg.parallel.pipeline_stages,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    non_negative = {
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "data.num_workers": cfg.data.num_workers,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.decay_steps": cfg.optim.decay_steps,
+        "trainer.sample_every_steps": cfg.trainer.sample_every_steps,
+        "trainer.eval_every_steps": cfg.trainer.eval_every_steps,
+        "trainer.num_threads": cfg.trainer.num_threads,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
+    if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.zero_stage: ZeRO stage {cfg.parallel.zero_stage} cannot be combined with "
+            f"parallel.pipeline_stages={cfg.parallel.pipeline_stages} (DeepSpeed supports ZeRO 0-1 with pipeline stages)"
+        )
+    if world_size is not None and world_size % cfg.parallel.pipeline_stages:
+        raise ConfigError(
+            f"parallel.pipeline_stages: {cfg.parallel.pipeline_stages} stages do not divide the world size {world_size}"
+        )
+    from flowmill.train.tasks import get_task_class
+
+    get_task_class(cfg.task).validate_config(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain dicts and lists (for config.yaml and MLflow params)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,50 @@
+"""Exponential moving average of a model's weights, kept as a plain fp32 module copy.
+
+The copy is a complete model on every rank (also under ZeRO-3, where the live weights are
+gathered for the update), so samples and exports read it directly.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """EMA weights with a warm-up: decay_t = min(decay, (1 + t) / (10 + t))."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, live: nn.Module, zero_stage: int = 0) -> None:
+        """Move the average toward ``live``'s current weights (call on every rank)."""
+        decay = self.current_decay()
+        params = list(live.parameters())
+        gather = nullcontext()
+        if zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            for avg, param in zip(self.module.parameters(), params):
+                avg.lerp_(param.detach().float(), 1 - decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"num_updates": self.num_updates, "weights": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_updates = state["num_updates"]
+        self.module.load_state_dict(state["weights"])

@@ -1,0 +1,73 @@
+"""Wraps a plain model in DeepSpeed: ZeRO stage, precision, AdamW, schedule, clipping.
+
+Parallelism is applied here, from outside the model (models/ never imports deepspeed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowmill.train.distributed import DistEnv
+
+
+def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
+    """The DeepSpeed JSON config for a run config; the global batch is micro × accum × data-parallel ranks."""
+    data_parallel = env.world_size // cfg.parallel.pipeline_stages
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
+        "gradient_accumulation_steps": cfg.trainer.grad_accum_steps,
+        "train_batch_size": cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * data_parallel,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        "steps_per_print": 10**9,  # flowmill reports progress itself
+        "wall_clock_breakdown": False,
+    }
+    if cfg.parallel.zero_stage == 3:
+        # Small models: gather every parameter at once instead of DeepSpeed's prefetch heuristics.
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return ds
+
+
+def lr_lambda(cfg: Any):
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``decay_steps`` (default max_steps)."""
+    warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+    total = cfg.optim.decay_steps or cfg.trainer.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: nn.Module, cfg: Any, env: DistEnv):
+    """Return a DeepSpeed engine owning the model, AdamW and the LR schedule."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, env),
+    )
+    return engine
+
+
+def autocast_dtype(cfg: Any) -> torch.dtype:
+    return torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32

@@ -1,0 +1,290 @@
+"""The one training loop: data → task loss → DeepSpeed step → EMA → log → checkpoint.
+
+Every process of the job runs ``train``. Rank 0 speaks (progress, MLflow, samples); the
+other ranks get a NullTracker and a disabled progress bar instead of ``if rank == 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from flowmill.data.loader import StreamingLoader
+from flowmill.train import run_dir as rundir
+from flowmill.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from flowmill.train.config import ConfigError, to_dict, validate
+from flowmill.train.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown
+from flowmill.train.ema import EMA
+from flowmill.train.engine import build_engine, lr_lambda
+from flowmill.train.tasks import get_task_class
+from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri, flatten_config, run_tags
+
+log = logging.getLogger("flowmill")
+
+
+class CastInputs:
+    """Calls the engine with floating inputs cast to the weights' dtype (bf16 runs)."""
+
+    def __init__(self, engine: Any, dtype: torch.dtype):
+        self.engine = engine
+        self.dtype = dtype
+
+    def __call__(self, *args: Any) -> Any:
+        return self.engine(*(a.to(self.dtype) if torch.is_floating_point(a) else a for a in args))
+
+
+def setup_logging(env: DistEnv, run_dir: Path | None = None) -> None:
+    """INFO on rank 0 (also into logs/train.log), warnings only elsewhere."""
+    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[flowmill rank {env.rank}] %(message)s"))
+        log.addHandler(handler)
+    if env.is_main and run_dir is not None:
+        file_handler = logging.FileHandler(Path(run_dir) / "logs" / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(file_handler)
+
+
+def agree(env: DistEnv, value: Any) -> Any:
+    """Rank 0's value, on every rank."""
+    if env.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def prepare_run_dir(cfg: Any, env: DistEnv, resume: bool) -> Path:
+    """Rank 0 decides the run dir and creates it; a refusal reaches every rank."""
+    error = None
+    run_dir = Path(cfg.run.dir) if cfg.run.dir else rundir.default_run_dir(cfg.run.name)
+    if env.is_main:
+        try:
+            if resume:
+                rundir.check_resumable(run_dir, cfg)
+            else:
+                rundir.create_run_dir(run_dir, cfg)
+        except ConfigError as exc:
+            error = str(exc)
+    run_dir, error = agree(env, (str(run_dir), error))
+    if error:
+        raise ConfigError(error)
+    cfg.run.dir = run_dir
+    return Path(run_dir)
+
+
+def start_tracker(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, tags: dict):
+    """MLflow on rank 0 (continuing the run's MLflow run on resume); NullTracker elsewhere."""
+    if not env.is_main:
+        return NullTracker()
+    uri = cfg.tracking.uri or default_tracking_uri(run_dir.resolve().parent)
+    previous = rundir.read_run_json(run_dir) if resume else {}
+    tracker = MLflowTracker.start(
+        uri,
+        experiment_name=cfg.tracking.experiment,
+        run_name=cfg.run.name,
+        run_id=previous.get("run_id"),
+        tags={**tags, "flowmill.run_dir": str(run_dir.resolve()), "flowmill.task": cfg.task},
+        system_metrics=cfg.tracking.system_metrics,
+        system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+    )
+    tracker.log_params(flatten_config(to_dict(cfg)))
+    return tracker
+
+
+def train(cfg: Any, resume: bool = False) -> Path:
+    """Run (or continue) the training job described by ``cfg`` in this process."""
+    env = init_distributed(cfg.trainer.device)
+    try:
+        validate(cfg, env.world_size)
+        run_dir = prepare_run_dir(cfg, env, resume)
+        setup_logging(env, run_dir)
+        _train(cfg, env, run_dir, resume)
+        return run_dir
+    except BaseException as error:
+        if not isinstance(error, (ConfigError, KeyboardInterrupt, SystemExit)):
+            print(f"[flowmill rank {env.rank}] fatal: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        shutdown()
+
+
+def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> None:
+    threads = cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // max(1, env_local_world()))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
+    task = get_task_class(cfg.task)(cfg, env, run_dir)
+    if env.is_main and not resume:
+        task.prepare_run_dir()
+    model = task.build_model().to(env.device)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # before DeepSpeed: ZeRO-3 partitions the live weights
+    engine = build_engine(model, cfg, env)
+    forward = CastInputs(engine, next(engine.module.parameters()).dtype)
+    data_parallel = env.world_size // cfg.parallel.pipeline_stages
+    loader = StreamingLoader(
+        cfg.data.path,
+        rank=env.rank // cfg.parallel.pipeline_stages,
+        world_size=data_parallel,
+        batch_size=cfg.trainer.micro_batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.trainer.seed,
+        decode=task.decoder(),
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resampled=True,
+    )
+    generator = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + env.rank)  # noise, timesteps, CFG drops
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env)
+    step = 0
+    if resume:
+        step, rank_state = checkpoints.load(engine, ema)
+        reschedule(engine, cfg)
+        loader.load_state_dict(rank_state["data"])
+        generator.set_state(rank_state["generator"])
+        set_rng_state(rank_state["rng"])
+    tags = run_tags(env.world_size) if env.is_main else {}
+    tracker = start_tracker(cfg, env, run_dir, resume, tags)
+    if env.is_main:
+        rundir.update_run_json(
+            run_dir,
+            tracking_uri=tracker.tracking_uri,
+            experiment_id=tracker.experiment_id,
+            run_id=tracker.run_id,
+            git_commit=tags["flowmill.git_commit"],
+            world_size=env.world_size,
+            status="running",
+            task=cfg.task,
+            step=step,
+        )
+        truncate_step_logs(run_dir / "logs" / "metrics.jsonl", after_step=step)
+        log.info("run dir: %s", run_dir)
+        log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
+    truncate_step_logs(run_dir / "logs" / f"keys-rank-{env.rank}.jsonl", after_step=step)
+    status = "failed"
+    try:
+        step = run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step)
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "killed"
+        raise
+    finally:
+        if env.is_main:
+            rundir.update_run_json(run_dir, status=status, step=step)
+            tracker.finish({"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+
+
+def reschedule(engine: Any, cfg: Any) -> None:
+    """Apply the (possibly extended) schedule to the restored step.
+
+    The optimizer's saved learning rate came from the schedule the run was started with;
+    a resume that changes trainer.max_steps must continue on the new curve.
+    """
+    scheduler = engine.lr_scheduler
+    factor = lr_lambda(cfg)
+    scheduler.lr_lambdas = [factor] * len(scheduler.base_lrs)
+    lrs = [base * factor(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def env_local_world() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step: int) -> int:
+    """Train from ``step`` to ``trainer.max_steps``; returns the last step."""
+    max_steps = cfg.trainer.max_steps
+    global_batch = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * (env.world_size // cfg.parallel.pipeline_stages)
+    progress = tqdm(total=max_steps, initial=step, disable=not env.is_main, desc="train", unit="step", dynamic_ncols=True)
+    metrics_file = run_dir / "logs" / "metrics.jsonl"
+    keys_file = run_dir / "logs" / f"keys-rank-{env.rank}.jsonl"
+    batches = iter(loader)
+    last_saved = step
+    while step < max_steps:
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]
+        losses, keys = [], []
+        for _ in range(cfg.trainer.grad_accum_steps):
+            batch = next(batches)
+            keys.extend(batch["__key__"])
+            loss, extra = task.loss(forward, batch, generator)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        step += 1
+        ema.update(engine.module, cfg.parallel.zero_stage)
+        loss_value = all_reduce_mean(torch.stack(losses).mean()).item()
+        grad_norm = engine.get_global_grad_norm()
+        elapsed = time.perf_counter() - started
+        metrics = {
+            "train/loss": loss_value,
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/samples_per_s": global_batch / elapsed,
+            "data/skipped": float(loader.stats["skipped"]),
+            **{f"train/{k}": float(v) for k, v in extra.items()},
+        }
+        tracker.log_metrics(metrics, step=step)
+        if env.is_main:
+            append_jsonl(metrics_file, {"step": step, **metrics})
+        if cfg.data.log_keys:
+            append_jsonl(keys_file, {"step": step, "keys": keys})
+        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        progress.update(1)
+        if step % cfg.checkpoint.every_steps == 0 or step == max_steps:
+            save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
+            last_saved = step
+        if env.is_main and (step == max_steps or (cfg.trainer.sample_every_steps and step % cfg.trainer.sample_every_steps == 0)):
+            for path in task.log_samples(ema.module, step, run_dir / "samples"):
+                tracker.log_artifact(path, "samples")
+    progress.close()
+    if last_saved != step:
+        save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
+    return step
+
+
+def save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step: int) -> None:
+    rank_state = {"data": loader.state_dict(), "generator": generator.get_state(), "rng": rng_state(), "step": step}
+    checkpoints.save(step, engine, ema, rank_state, meta={"task": cfg.task, "family": get_task_class(cfg.task).family})
+    log.info("checkpoint step %d saved", step)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_step_logs(path: Path, after_step: int) -> None:
+    """Drop JSON lines past the checkpoint being resumed: those steps run again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def run_from_cli(config_path: str | None, overrides: list[str], resume_dir: str | None) -> Path:
+    """Entry of ``flowmill train``: load the config (a resumed run's own one) and train."""
+    from flowmill.train.config import load_config
+
+    if resume_dir:
+        import yaml
+
+        if not rundir.is_run_dir(Path(resume_dir)):
+            raise ConfigError(f"{resume_dir} is not a flowmill run dir (no run.json/config.yaml)")
+        base = yaml.safe_load((Path(resume_dir) / rundir.CONFIG_YAML).read_text())
+        cfg = load_config(None, overrides, base=base)
+        cfg.run.dir = str(resume_dir)
+        return train(cfg, resume=True)
+    cfg = load_config(config_path, overrides)
+    return train(cfg, resume=False)

@@ -1,0 +1,57 @@
+"""``flowmill sample``: images from a run's EMA weights, without DeepSpeed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from flowmill.train import run_dir as rundir
+from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError, latest_checkpoint
+from flowmill.train.config import ConfigError, load_config
+from flowmill.train.distributed import DistEnv, choose_device
+from flowmill.train.images import image_grid, save_images
+from flowmill.train.tasks import get_task_class
+
+
+def resolve_checkpoint(source: Path) -> tuple[Path, Path]:
+    """RUN_DIR or RUN_DIR/checkpoints/step-N → (run_dir, checkpoint dir)."""
+    if rundir.is_run_dir(source):
+        return source, latest_checkpoint(source)
+    if (source / COMPLETE_MARKER).is_file() and rundir.is_run_dir(source.parent.parent):
+        return source.parent.parent, source
+    raise CheckpointError(f"{source} is neither a flowmill run dir nor a complete checkpoint folder (checkpoints/step-*)")
+
+
+def load_task_and_model(source: Path):
+    """The run's task and its model holding the EMA weights, in eval mode."""
+    from safetensors.torch import load_file
+
+    run_dir, checkpoint = resolve_checkpoint(Path(source))
+    cfg = load_config(None, [], base=yaml.safe_load((run_dir / rundir.CONFIG_YAML).read_text()))
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=choose_device(cfg.trainer.device))
+    task = get_task_class(cfg.task)(cfg, env, run_dir)
+    model = task.build_model()
+    model.load_state_dict(load_file(checkpoint / EMA_FILE))
+    return task, model.to(env.device).eval(), checkpoint
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {value}")
+    task, model, checkpoint = load_task_and_model(Path(args.source))
+    images = task.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"{p:03d}-{i:03d}.png" for p in range(len(args.prompt)) for i in range(args.num_samples)]
+    save_images(images, [out / name for name in names])
+    image_grid(images, cols=args.num_samples, upscale=2).save(out / "grid.png")
+    prompts = [prompt for prompt in args.prompt for _ in range(args.num_samples)]
+    with open(out / "samples.jsonl", "w") as handle:
+        for name, prompt in zip(names, prompts):
+            handle.write(json.dumps({"file": name, "prompt": prompt}) + "\n")
+    print(f"wrote {len(names)} samples from {checkpoint} to {out} (grid: {out / 'grid.png'})")
+    return 0

@@ -1,0 +1,22 @@
+"""Tasks: what a run learns. A task builds its model, decodes its data and computes its loss.
+
+Tasks are composed into the one training loop (train/loop.py), not subclassed from a
+trainer. Each registers its config sections here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> "module:Class", imported on first use so that a task's heavy dependencies load only when used.
+TASKS = {
+    "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
+}
+
+
+def get_task_class(name: str) -> type:
+    """The task class registered under ``name``; KeyError listing the valid names."""
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; choose one of: {', '.join(sorted(TASKS))}")
+    module_name, class_name = TASKS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,49 @@
+"""The contract between the training loop and a task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from flowmill.train.distributed import DistEnv
+
+
+class Task:
+    """One learning problem. Subclasses fill in the model, the data decoding and the loss."""
+
+    config_sections: ClassVar[dict[str, type]] = {}
+    family: ClassVar[str] = ""  # model family written into checkpoints and model folders
+
+    def __init__(self, cfg: Any, env: DistEnv, run_dir: Path):
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(run_dir)
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        """Raise ConfigError for values this task cannot train with."""
+
+    def prepare_run_dir(self) -> None:
+        """Rank 0, once per run: copy into the run dir what sampling and resume need."""
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def decode(self, sample: dict) -> dict:
+        """Raw WebDataset sample (field -> bytes) → tensors; raise to reject a bad sample."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Scalar loss of one micro-batch and extra metrics to log."""
+        raise NotImplementedError
+
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
+        """Rank 0: write samples from ``model`` (the EMA weights) into out_dir; return the files."""
+        return []
+
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        """Rank 0: evaluation metrics of ``model`` (the EMA weights)."""
+        return {}

@@ -1,0 +1,495 @@
+"""MLflow tracking of training runs, spoken by rank 0 only.
+
+Rank 0 builds its tracker with ``MLflowTracker.start(...)``; every other rank uses ``NullTracker()``,
+so the training loop calls the same methods everywhere and never tests the rank itself.
+
+Store. By default all runs under one ``runs/`` folder share one embedded store
+(``default_tracking_uri``): a SQLite file ``runs/mlflow.db`` plus the artifact folder
+``runs/mlartifacts``, so nothing has to be started and runs can be compared in ``mlflow ui``.
+Any other URI (an ``http(s)://`` MLflow server) replaces it.
+
+Steps. The MLflow ``step`` of ``train/*`` metrics is the optimizer step, counting from 1.
+System metrics (``system/*``) come from MLflow's own monitor and count its samples instead.
+
+Resume. ``start(..., run_id=...)`` continues that run: same run id, status back to RUNNING.
+Steps already logged are not logged again: the tracker reads the last step of
+``train/loss`` when it starts (``resumed_through_step``) and ``log_metrics`` drops every step at or
+below it, because MLflow cannot delete metric points and a resumed run recomputes the same values.
+Params are immutable in MLflow, so a param whose value changed on resume is written as the
+tag ``resume.changed_param.<key>`` instead.
+
+Failures never stop training. ``start`` gives up after bounded HTTP timeouts and returns a
+``NullTracker`` (one warning). After a successful start every call is guarded: a store that
+cannot be reached (connection error, timeout, 5xx, 429, locked SQLite) prints one warning; the
+call and the ones after it are queued in memory (bounded) and sent again, in order, once
+``retry_after_s`` has passed, so a short outage loses nothing and a dead server costs one
+timeout per ``retry_after_s``, not one per step. A call the store rejects (4xx, a missing local
+file) is dropped; the first rejection prints one warning. Later failures are only counted
+(``failures``, ``dropped``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# MLflow starts its telemetry client when it is imported; this must be set before that.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+import enum  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Literal, Protocol  # noqa: E402
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+from PIL import Image  # noqa: E402
+
+logger = logging.getLogger("flowmill")
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+END_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
+
+# MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+MAX_PARAM_VALUE_CHARS = 6000
+
+# Bounded HTTP behaviour for remote stores, applied unless the user set these variables: one retry,
+# 5 s per attempt, so an unreachable server costs seconds, not MLflow's default of minutes.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
+def default_tracking_uri(runs_root: Path) -> str:
+    """The embedded store shared by every run under ``runs_root``: ``sqlite:///<runs_root>/mlflow.db``.
+
+    Experiments that ``MLflowTracker.start`` creates in it keep their artifacts in
+    ``<runs_root>/mlartifacts``. The path is made absolute so every process resolves the same file.
+    """
+    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
+
+
+def sqlite_artifact_location(uri: str) -> str | None:
+    """Artifact folder URI (``file://.../mlartifacts`` beside the database) for a ``sqlite:///`` URI, else None.
+
+    None means the store decides (an MLflow server has its own artifact root).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+
+
+def flatten_config(config: object) -> dict[str, str]:
+    """Flatten a (nested) dataclass or mapping into MLflow params ``{"model.depth": "24", ...}``.
+
+    Nested dataclasses and mappings become dotted keys; lists and tuples become one JSON value;
+    every value is a string of at most ``MAX_PARAM_VALUE_CHARS`` characters, longer ones are cut
+    and end with ``... [truncated, N chars]`` so the cut is visible.
+    """
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)) and not isinstance(config, Mapping):
+        raise TypeError(f"flatten_config takes a dataclass instance or a mapping, got {type(config).__name__}")
+    flat: dict[str, str] = {}
+    _flatten_into(flat, "", config)
+    return flat
+
+
+def _flatten_into(flat: dict[str, str], prefix: str, node: object) -> None:
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        items = [(field.name, getattr(node, field.name)) for field in dataclasses.fields(node)]
+    elif isinstance(node, Mapping):
+        items = [(str(key), value) for key, value in node.items()]
+    else:
+        flat[prefix] = _param_value(node)
+        return
+    if not items:
+        flat[prefix] = "{}"
+    for key, value in items:
+        _flatten_into(flat, f"{prefix}.{key}" if prefix else key, value)
+
+
+def _param_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        text = json.dumps(_plain(value), default=str)
+    elif isinstance(value, enum.Enum):
+        text = str(value.value)
+    else:
+        text = str(value)
+    if len(text) <= MAX_PARAM_VALUE_CHARS:
+        return text
+    marker = f"... [truncated, {len(text)} chars]"
+    return text[: MAX_PARAM_VALUE_CHARS - len(marker)] + marker
+
+
+def _plain(value: object) -> object:
+    """Dataclasses, enums and paths inside a list turned into JSON-friendly values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_tags(world_size: int, source_dir: Path | None = None) -> dict[str, str]:
+    """Tags every run carries: git commit of the code, world size, host.
+
+    ``source_dir`` is the git checkout to describe (default: the one holding flowmill). When git
+    cannot tell, ``flowmill.git_commit`` says why instead of holding a commit.
+    """
+    source_dir = Path(__file__).resolve().parents[1] if source_dir is None else source_dir
+    tags = {"flowmill.world_size": str(world_size), "flowmill.host": socket.gethostname()}
+    try:
+        commit = _git(source_dir, "rev-parse", "HEAD")
+        dirty = _git(source_dir, "status", "--porcelain", "--untracked-files=no") != ""
+    except (OSError, subprocess.CalledProcessError) as exc:
+        reason = exc.stderr.strip().splitlines()[0] if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        tags["flowmill.git_commit"] = f"unavailable: {reason}"
+        return tags
+    tags["flowmill.git_commit"] = commit
+    tags["flowmill.git_dirty"] = str(dirty).lower()
+    tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI beside the run
+    return tags
+
+
+def _git(source_dir: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-C", str(source_dir), *args], capture_output=True, text=True, check=True, timeout=10)
+    return done.stdout.strip()
+
+
+class Tracker(Protocol):
+    """What the training loop calls; ``MLflowTracker`` on rank 0, ``NullTracker`` elsewhere."""
+
+    run_id: str | None
+    experiment_id: str | None
+    tracking_uri: str | None
+
+    def log_params(self, flat: Mapping[str, str]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_image(self, image: Image.Image | np.ndarray, key: str, step: int) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def finish(self, status: RunStatus = "FINISHED") -> None: ...
+
+    def last_logged_step(self, metric: str = "train/loss") -> int: ...
+
+
+def _check_status(status: str) -> None:
+    if status not in END_STATUSES:
+        raise ValueError(f"unknown run status {status!r}; choose one of: {', '.join(END_STATUSES)}")
+
+
+@dataclasses.dataclass
+class NullTracker:
+    """A tracker that records nothing: ranks other than 0, and rank 0 when MLflow was unreachable at start."""
+
+    run_id: str | None = None  # kept so a checkpoint still names the run a resume should continue
+    experiment_id: str | None = None  # None: nothing was created
+    tracking_uri: str | None = None  # the store that was asked for, if any
+
+    def log_params(self, flat: Mapping[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, image: Image.Image | np.ndarray, key: str, step: int) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        _check_status(status)
+
+    def last_logged_step(self, metric: str = "train/loss") -> int:
+        return 0
+
+
+class MLflowTracker:
+    """One MLflow run driven through ``MlflowClient`` with an explicit run id (no global active run).
+
+    Build it with ``MLflowTracker.start``. Attributes: ``run_id``, ``experiment_id``,
+    ``tracking_uri``; ``resumed_through_step`` (last step logged before this process, 0 for a
+    new run); ``failures`` (failed store calls) and ``dropped`` (calls given up).
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        experiment_id: str,
+        tracking_uri: str,
+        resumed_through_step: int,
+        logged_params: dict[str, str],
+        monitor: SystemMetricsMonitor | None,
+        retry_after_s: float,
+        max_queued_calls: int,
+    ) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = tracking_uri
+        self.resumed_through_step = resumed_through_step
+        self._logged_params = logged_params
+        self._monitor = monitor
+        self._retry_after_s = retry_after_s
+        self._queue: collections.deque[tuple[str, Callable[[], object]]] = collections.deque(maxlen=max_queued_calls)
+        self._retry_at: float | None = None  # set while the store is unreachable
+        self._warned_unreachable = False
+        self._warned_rejected = False
+        self._finished = False
+        self.failures = 0
+        self.dropped = 0
+
+    @classmethod
+    def start(
+        cls,
+        uri: str,
+        experiment_name: str,
+        run_name: str,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        system_metrics: bool = True,
+        system_metrics_interval_s: float = 10.0,
+        retry_after_s: float = 60.0,
+        max_queued_calls: int = 10_000,
+    ) -> Tracker:
+        """Start a new run, or continue ``run_id``, in experiment ``experiment_name`` of store ``uri``.
+
+        Returns an ``MLflowTracker``, or a ``NullTracker`` that keeps ``run_id`` when the store
+        cannot be reached (one warning; training goes on). A ``run_id`` the store does not know
+        starts a new run, with a warning. ``system_metrics`` samples CPU, memory, disk, network
+        (and GPU where present) every ``system_metrics_interval_s`` seconds into ``system/*``.
+        ``retry_after_s`` is how long calls wait in memory (at most ``max_queued_calls``) after the
+        store failed before they are sent again.
+        """
+        if uri.startswith(("http://", "https://")):
+            for name, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        try:
+            return cls._connect(
+                uri, experiment_name, run_name, run_id, dict(tags or {}), system_metrics,
+                system_metrics_interval_s, retry_after_s, max_queued_calls,
+            )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
+            logger.warning(
+                "MLflow tracking at %s is unreachable (%s); training continues without tracking.", uri, _describe(exc)
+            )
+            return NullTracker(run_id=run_id, tracking_uri=uri)
+
+    @classmethod
+    def _connect(
+        cls,
+        uri: str,
+        experiment_name: str,
+        run_name: str,
+        run_id: str | None,
+        tags: dict[str, str],
+        system_metrics: bool,
+        system_metrics_interval_s: float,
+        retry_after_s: float,
+        max_queued_calls: int,
+    ) -> MLflowTracker:
+        artifact_location = sqlite_artifact_location(uri)
+        if artifact_location is not None:
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri=uri)
+        run = None
+        if run_id is not None:
+            try:
+                run = client.get_run(run_id)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                logger.warning("MLflow run %s is not in %s; starting a new run instead.", run_id, uri)
+        resumed = run is not None
+        if not resumed:
+            experiment_id = _get_or_create_experiment(client, experiment_name, artifact_location)
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+            resumed_through_step = 0
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+            resumed_through_step = _last_logged_step(client, run_id, "train/loss")
+            logger.info(
+                "Continuing MLflow run %s; steps up to %d are already logged and are not logged again.",
+                run_id, resumed_through_step,
+            )  # fmt: skip
+        monitor = None
+        if system_metrics:
+            monitor = SystemMetricsMonitor(
+                run.info.run_id, sampling_interval=system_metrics_interval_s, resume_logging=resumed, tracking_uri=uri
+            )
+            monitor.start()
+        return cls(
+            client, run.info.run_id, run.info.experiment_id, uri, resumed_through_step, dict(run.data.params), monitor,
+            retry_after_s, max_queued_calls,
+        )  # fmt: skip
+
+    def last_logged_step(self, metric: str = "train/loss") -> int:
+        """Highest step of ``metric`` in this run's history, 0 if none.
+
+        A query, not a training call: it raises ``MlflowException`` if the store is unreachable.
+        """
+        return _last_logged_step(self._client, self.run_id, metric)
+
+    def log_params(self, flat: Mapping[str, str]) -> None:
+        """Log params once; on a resumed run, values that changed go to ``resume.changed_param.<key>`` tags."""
+        params, tags = [], []
+        for key, value in flat.items():
+            value = str(value)
+            if key not in self._logged_params:
+                params.append(Param(key, value))
+            elif self._logged_params[key] != value:
+                tags.append(RunTag(f"resume.changed_param.{key}", value))
+            self._logged_params[key] = value
+        if params or tags:
+            self._call("log_params", lambda: self._client.log_batch(self.run_id, params=params, tags=tags))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at optimizer ``step`` in one ``log_batch``; steps already logged before a resume are skipped."""
+        if step <= self.resumed_through_step:
+            return
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the file or folder ``path`` under ``artifact_path`` (None: the run's artifact root)."""
+        self._call("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact ``artifact_file`` (e.g. ``config.yaml``)."""
+        self._call("log_text", lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def log_image(self, image: Image.Image | np.ndarray, key: str, step: int) -> None:
+        """Store ``image`` as a PNG artifact of the image series ``key`` at ``step`` (the UI shows it per step)."""
+        self._call("log_image", lambda: self._client.log_image(self.run_id, image, key=key, step=step))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) run tags."""
+        batch = [RunTag(key, str(value)) for key, value in tags.items()]
+        self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=batch))
+
+    def finish(self, status: RunStatus = "FINISHED") -> None:
+        """Stop system metrics, send queued calls (ignoring the retry delay) and end the run with ``status``."""
+        _check_status(status)
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            self._monitor.finish()
+        self._call("finish", lambda: self._client.set_terminated(self.run_id, status), ignore_retry_delay=True)
+        if self.failures or self.dropped:
+            logger.info(
+                "MLflow run %s ended with %d failed calls and %d dropped calls.", self.run_id, self.failures, self.dropped
+            )
+
+    def _call(self, what: str, operation: Callable[[], object], ignore_retry_delay: bool = False) -> None:
+        """Queue ``operation`` and send the queue in order unless the store failed less than ``retry_after_s`` ago."""
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1  # the deque evicts the oldest call
+        self._queue.append((what, operation))
+        if self._retry_at is not None and not ignore_retry_delay and time.monotonic() < self._retry_at:
+            return
+        while self._queue:
+            queued_what, queued_operation = self._queue[0]
+            try:
+                queued_operation()
+            except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
+                self.failures += 1
+                if _is_transient(exc):
+                    self._on_unreachable(exc)
+                    return
+                self._queue.popleft()
+                self.dropped += 1
+                self._on_rejected(queued_what, exc)
+                continue
+            self._queue.popleft()
+        if self._retry_at is not None:
+            self._retry_at = None
+            logger.info("MLflow tracking at %s is reachable again; queued calls were sent.", self.tracking_uri)
+
+    def _on_unreachable(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + self._retry_after_s
+        if not self._warned_unreachable:
+            self._warned_unreachable = True
+            logger.warning(
+                "MLflow tracking at %s is unreachable (%s); training continues, calls are kept in memory and "
+                "retried every %.0f s. Further failures are counted silently.",
+                self.tracking_uri, _describe(exc), self._retry_after_s,
+            )  # fmt: skip
+
+    def _on_rejected(self, what: str, exc: BaseException) -> None:
+        if not self._warned_rejected:
+            self._warned_rejected = True
+            logger.warning(
+                "MLflow rejected %s (%s); the call is dropped and training continues. "
+                "Further rejected calls are counted silently.",
+                what, _describe(exc),
+            )  # fmt: skip
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as exc:
+        # Another run created it between our two calls.
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _last_logged_step(client: MlflowClient, run_id: str, metric: str) -> int:
+    return max((point.step for point in client.get_metric_history(run_id, metric)), default=0)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True for failures worth retrying: store unreachable, timed out, overloaded (5xx, 429) or locked."""
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+    elif isinstance(exc, requests.RequestException):
+        status = exc.response.status_code if exc.response is not None else 503
+    else:
+        return False
+    return status == 429 or status >= 500
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
