@@ -11,7 +11,7 @@ PROMPTS := zero one two three four five six seven eight nine
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_BUILD_OPS := 0
 
-.PHONY: run test install data clean
+.PHONY: run test install data clean slurm-up slurm-down slurm-status
 
 # Installs once; a second make does nothing until pyproject.toml or the lock changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -37,8 +37,19 @@ run: data
 	@echo "samples:      $(RUN_DIR)/samples/final/grid.png"
 	@echo "MLflow store: $(abspath runs)/mlflow.db (artifacts in $(abspath runs)/mlartifacts); browse with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath runs)/mlflow.db"
 
-test: $(STAMP)
+# The test suite includes real multi-node SLURM jobs, so it brings the local cluster up first.
+test: $(STAMP) slurm-up
 	$(PY) -m pytest -q tests
+
+# A real SLURM cluster on this machine (munge, MariaDB + slurmdbd, slurmctld, two slurmd nodes n1 n2).
+slurm-up:
+	launchers/slurm_cluster/up.sh
+
+slurm-down:
+	launchers/slurm_cluster/down.sh
+
+slurm-status:
+	launchers/slurm_cluster/status.sh
 
 clean:
 	rm -rf runs datasets

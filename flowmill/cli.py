@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--nproc", type=int, default=1, help="number of processes (default 1)")
     local.add_argument("config", help="YAML config, e.g. configs/mmdit_digits.yaml")
     add_overrides(local)
+    from flowmill.launchers.slurm import register as register_slurm
+    from flowmill.launchers.slurm import register_runs_logs
+
+    register_slurm(where)
 
     resume = commands.add_parser(
         "resume",
@@ -83,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     from flowmill.data.cli import register as register_data
 
     register_data(commands)
+
+    from flowmill.train.runs import register as register_runs
+    from flowmill.train.runs import register_ui
+
+    runs = commands.add_parser(
+        "runs",
+        help="list and compare runs tracked in MLflow",
+        description="Inspect runs: `runs list` tables an experiment's runs, `runs compare` puts some runs side by side.",
+    )
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    register_runs(runs_commands)
+    register_runs_logs(runs_commands)
+    register_ui(commands)
     return parser
 
 
@@ -117,7 +134,7 @@ def dispatch(args: argparse.Namespace) -> int:
             raise ConfigError("pass a CONFIG file (or --resume RUN_DIR)")
         run_from_cli(config, overrides, args.resume)
         return 0
-    if args.command == "launch":
+    if args.command == "launch" and args.where == "local":
         from flowmill.launchers.local import launch_local
 
         return launch_local(args.config, args.overrides, args.nproc)

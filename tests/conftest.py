@@ -20,3 +20,18 @@ def digits_dir(tmp_path_factory) -> Path:
     pack_builtin_digits(out, shard_size=225, progress=False)
     train_tokenizer(digit_captions(), out / "tokenizer", vocab_size=32)
     return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(digits_dir, tmp_path_factory) -> Path:
+    """A 4-step single-process tiny run with checkpoints at steps 2 and 4 (treat as read-only)."""
+    from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
+
+    root = tmp_path_factory.mktemp("finished")
+    run_dir = root / "run"
+    result = flowmill(
+        "train", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 4, "checkpoint.every_steps": 2}),
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

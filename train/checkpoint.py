@@ -105,29 +105,66 @@ class CheckpointManager:
         complete = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE_MARKER).exists())
         for old in complete[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_dir(old), ignore_errors=True)
 
     def latest(self) -> Path:
         """The newest complete checkpoint, or CheckpointError saying what is wrong."""
         return latest_checkpoint(self.run_dir)
 
-    def load(self, engine: Any, ema: Any) -> tuple[int, dict]:
-        """Restore engine, EMA and this rank's state; returns (step, rank_state)."""
+    def latest_meta(self) -> dict:
+        """What the newest complete checkpoint records (step, world_size, global_batch, ...)."""
+        return json.loads((self.latest() / COMPLETE_MARKER).read_text())
+
+    def load(self, engine: Any, ema: Any) -> tuple[int, list[dict]]:
+        """Restore engine and EMA; returns (step, the per-rank states of the saving job).
+
+        On the world size it was saved with, DeepSpeed's own files load directly. On another
+        world size, the ZeRO partitions are re-sharded through DeepSpeed's universal
+        checkpoint format (converted once, next to the checkpoint); the engine must then
+        have been built with ``load_universal`` (see ``engine.build_engine``).
+        """
         step_dir = self.latest()
-        meta = json.loads((step_dir / COMPLETE_MARKER).read_text())
+        meta = self.latest_meta()
+        tag = step_dir.name
         if meta["world_size"] != self.env.world_size:
-            raise CheckpointError(
-                f"{step_dir} was saved by {meta['world_size']} processes, this job has {self.env.world_size}; "
-                f"resume with --nproc {meta['world_size']}"
-            )
-        load_path, _ = engine.load_checkpoint(str(self.root), tag=step_dir.name)
+            self._convert_to_universal(step_dir)
+            tag = universal_dir(step_dir).name
+        load_path, _ = engine.load_checkpoint(str(self.root), tag=tag)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {step_dir}; the checkpoint is incomplete or corrupt")
         from safetensors.torch import load_file
 
         ema.module.load_state_dict(load_file(step_dir / EMA_FILE))
         ema.num_updates = torch.load(step_dir / "ema_meta.pt")["num_updates"]
-        rank_state = torch.load(step_dir / f"rank-{self.env.rank:05d}.pt", weights_only=False)
-        return meta["step"], rank_state
+        rank_states = [torch.load(step_dir / f"rank-{rank:05d}.pt", weights_only=False) for rank in range(meta["world_size"])]
+        return meta["step"], rank_states
+
+    def _convert_to_universal(self, step_dir: Path) -> None:
+        """Rank 0 converts ``step_dir`` to DeepSpeed's universal format once; every rank waits."""
+        target = universal_dir(step_dir)
+        error = None
+        if self.env.is_main and not (target / COMPLETE_MARKER).exists():
+            import subprocess
+            import sys
+
+            shutil.rmtree(target, ignore_errors=True)
+            done = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+                 "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                capture_output=True, text=True,
+            )
+            if done.returncode != 0:
+                error = f"converting {step_dir} for a new world size failed: {done.stderr.strip().splitlines()[-1:]}"
+            else:
+                write_atomic(target / COMPLETE_MARKER, (step_dir / COMPLETE_MARKER).read_text())
+        barrier()
+        if not (target / COMPLETE_MARKER).exists():
+            raise CheckpointError(error or f"{target} was not written; see rank 0's error")
+
+
+def universal_dir(step_dir: Path) -> Path:
+    """Where the universal-format copy of a checkpoint goes."""
+    return step_dir.with_name(step_dir.name + "_universal")
 
 
 def latest_checkpoint(run_dir: Path) -> Path:

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = "run"  # run name; also the MLflow run name
     dir: str | None = None  # run directory; default runs/<name>-<UTC timestamp> under the current directory
+    sweep_id: str | None = None  # id shared by the runs of one sweep (set by `flowmill launch slurm --sweep`)
 
 
 @dataclass
@@ -90,12 +91,42 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    path: str | None = None  # held-out dataset for validation (default: the first samples of data.path)
+    num_samples: int = 256  # validation samples, fixed for the whole run
+    timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fixed time grid of the validation loss
+
+
+@dataclass
 class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # prompts for the sample grids logged during training
     num_per_prompt: int = 4  # samples per prompt in a grid
     steps: int = 25  # ODE solver steps
     cfg_scale: float = 3.0  # classifier-free guidance scale (1: no guidance)
     sampler: str = "euler"  # ODE solver: euler | heun
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None  # SLURM partition (None: the cluster's default partition)
+    nodes: int = 1  # nodes of the job
+    tasks_per_node: int = 1  # training processes per node (one per GPU)
+    time_min: int = 60  # wall-clock limit of one attempt, in minutes; the job checkpoints and requeues itself before it
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    constraint: str | None = None  # sbatch --constraint (node features)
+    mem: str | None = None  # memory per node in sbatch syntax, e.g. 64G (None: the partition's default)
+    cpus_per_task: int | None = None  # CPU cores per process (None: the partition's default)
+    gpus_per_node: int = 0  # GPUs per node
+    extra: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {reservation: r1, exclusive: true}
+    max_retries: int = 2  # requeues after a crash before the job fails for good (preemptions and time limits do not count)
+    signal_delay_s: int = 120  # seconds before the time limit at which SLURM sends USR2 (checkpoint and requeue)
+    folder: str | None = None  # submitit folder (scripts, pickles, logs); default <run dir parent>/slurm/<run dir name>
+
+
+@dataclass
+class LauncherConfig:
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `flowmill launch slurm` options (CLI flags override them)
 
 
 @dataclass
@@ -111,7 +142,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 def schema_for(task_name: str) -> type:
@@ -202,6 +235,10 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.eval.num_samples < 1:
+        raise ConfigError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
+    if not cfg.eval.timesteps or not all(0.0 <= t <= 1.0 for t in cfg.eval.timesteps):
+        raise ConfigError(f"eval.timesteps: need at least one time in [0, 1], got {cfg.eval.timesteps}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:

@@ -14,7 +14,7 @@ from torch import nn
 from flowmill.train.distributed import DistEnv
 
 
-def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
+def deepspeed_config(cfg: Any, env: DistEnv, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for a run config; the global batch is micro × accum × data-parallel ranks."""
     data_parallel = env.world_size // cfg.parallel.pipeline_stages
     ds = {
@@ -27,6 +27,8 @@ def deepspeed_config(cfg: Any, env: DistEnv) -> dict:
         "steps_per_print": 10**9,  # flowmill reports progress itself
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}  # re-shard a checkpoint saved on another world size
     if cfg.parallel.zero_stage == 3:
         # Small models: gather every parameter at once instead of DeepSpeed's prefetch heuristics.
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -47,7 +49,7 @@ def lr_lambda(cfg: Any):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: Any, env: DistEnv):
+def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool = False):
     """Return a DeepSpeed engine owning the model, AdamW and the LR schedule."""
     import deepspeed
 
@@ -64,7 +66,7 @@ def build_engine(model: nn.Module, cfg: Any, env: DistEnv):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env),
+        config=deepspeed_config(cfg, env, load_universal),
     )
     return engine
 

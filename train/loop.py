@@ -24,6 +24,7 @@ from flowmill.train.checkpoint import CheckpointManager, rng_state, set_rng_stat
 from flowmill.train.config import ConfigError, to_dict, validate
 from flowmill.train.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown
 from flowmill.train.ema import EMA
+from flowmill.train.preemption import StopRequest
 from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri, flatten_config, run_tags
@@ -32,14 +33,18 @@ log = logging.getLogger("flowmill")
 
 
 class CastInputs:
-    """Calls the engine with floating inputs cast to the weights' dtype (bf16 runs)."""
+    """Calls the engine with floating inputs in the weights' dtype; bf16 runs under autocast so
+    that fp32 islands inside a model (norms, embeddings) meet bf16 weights safely."""
 
-    def __init__(self, engine: Any, dtype: torch.dtype):
+    def __init__(self, engine: Any, dtype: torch.dtype, device: torch.device):
         self.engine = engine
         self.dtype = dtype
+        self.device_type = device.type
 
     def __call__(self, *args: Any) -> Any:
-        return self.engine(*(a.to(self.dtype) if torch.is_floating_point(a) else a for a in args))
+        args = tuple(a.to(self.dtype) if torch.is_floating_point(a) else a for a in args)
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.engine(*args)
 
 
 def setup_logging(env: DistEnv, run_dir: Path | None = None) -> None:
@@ -103,15 +108,19 @@ def start_tracker(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, tags: dic
     return tracker
 
 
-def train(cfg: Any, resume: bool = False) -> Path:
-    """Run (or continue) the training job described by ``cfg`` in this process."""
+def train(cfg: Any, resume: bool = False, stop: StopRequest | None = None) -> tuple[Path, str]:
+    """Run (or continue) the training job described by ``cfg`` in this process.
+
+    Returns the run dir and the outcome: ``finished``, or ``preempted`` when ``stop`` was
+    requested (a checkpoint of the last step was saved first).
+    """
     env = init_distributed(cfg.trainer.device)
     try:
         validate(cfg, env.world_size)
         run_dir = prepare_run_dir(cfg, env, resume)
         setup_logging(env, run_dir)
-        _train(cfg, env, run_dir, resume)
-        return run_dir
+        outcome = _train(cfg, env, run_dir, resume, stop or StopRequest())
+        return run_dir, outcome
     except BaseException as error:
         if not isinstance(error, (ConfigError, KeyboardInterrupt, SystemExit)):
             print(f"[flowmill rank {env.rank}] fatal: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
@@ -120,7 +129,7 @@ def train(cfg: Any, resume: bool = False) -> Path:
         shutdown()
 
 
-def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> None:
+def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopRequest) -> str:
     threads = cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // max(1, env_local_world()))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
@@ -129,13 +138,18 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> None:
         task.prepare_run_dir()
     model = task.build_model().to(env.device)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # before DeepSpeed: ZeRO-3 partitions the live weights
-    engine = build_engine(model, cfg, env)
-    forward = CastInputs(engine, next(engine.module.parameters()).dtype)
-    data_parallel = env.world_size // cfg.parallel.pipeline_stages
+    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env)
+    saved = checkpoints.latest_meta() if resume else {}
+    reshard = resume and saved["world_size"] != env.world_size
+    if reshard:
+        keep_global_batch(cfg, saved["global_batch"], env)
+        log.info("resuming a %d-process checkpoint on %d processes", saved["world_size"], env.world_size)
+    engine = build_engine(model, cfg, env, load_universal=reshard)
+    forward = CastInputs(engine, next(engine.module.parameters()).dtype, env.device)
     loader = StreamingLoader(
         cfg.data.path,
-        rank=env.rank // cfg.parallel.pipeline_stages,
-        world_size=data_parallel,
+        rank=data_rank(cfg, env),
+        world_size=data_world_size(cfg, env),
         batch_size=cfg.trainer.micro_batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.trainer.seed,
@@ -144,14 +158,20 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> None:
         resampled=True,
     )
     generator = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + env.rank)  # noise, timesteps, CFG drops
-    checkpoints = CheckpointManager(run_dir, cfg.checkpoint.keep_last, env)
     step = 0
     if resume:
-        step, rank_state = checkpoints.load(engine, ema)
+        step, rank_states = checkpoints.load(engine, ema)
         reschedule(engine, cfg)
-        loader.load_state_dict(rank_state["data"])
-        generator.set_state(rank_state["generator"])
-        set_rng_state(rank_state["rng"])
+        if reshard:
+            # Another world size: the data position is re-split over the new ranks; the noise
+            # streams of the new ranks start afresh (they have no saved counterpart).
+            loader.load_resharded([state["data"] for state in rank_states])
+            generator.manual_seed(cfg.trainer.seed * 100_003 + env.rank + 7919 * step)
+            torch.manual_seed(cfg.trainer.seed + env.rank + 7919 * step)
+        else:
+            loader.load_state_dict(rank_states[env.rank]["data"])
+            generator.set_state(rank_states[env.rank]["generator"])
+            set_rng_state(rank_states[env.rank]["rng"])
     tags = run_tags(env.world_size) if env.is_main else {}
     tracker = start_tracker(cfg, env, run_dir, resume, tags)
     if env.is_main:
@@ -168,19 +188,46 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> None:
         )
         truncate_step_logs(run_dir / "logs" / "metrics.jsonl", after_step=step)
         log.info("run dir: %s", run_dir)
-        log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
+        if tracker.experiment_id is not None:
+            log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
     truncate_step_logs(run_dir / "logs" / f"keys-rank-{env.rank}.jsonl", after_step=step)
     status = "failed"
     try:
-        step = run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step)
-        status = "finished"
+        step, status = run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step, stop)
     except KeyboardInterrupt:
         status = "killed"
         raise
     finally:
         if env.is_main:
             rundir.update_run_json(run_dir, status=status, step=step)
-            tracker.finish({"finished": "FINISHED", "killed": "KILLED"}.get(status, "FAILED"))
+            # A preempted run is continued later under the same MLflow run id.
+            tracker.finish({"finished": "FINISHED", "killed": "KILLED", "preempted": "KILLED"}.get(status, "FAILED"))
+    return status
+
+
+def data_world_size(cfg: Any, env: DistEnv) -> int:
+    """Data-parallel replicas: pipeline stages of one replica read the same batches."""
+    return env.world_size // cfg.parallel.pipeline_stages
+
+
+def data_rank(cfg: Any, env: DistEnv) -> int:
+    return env.rank // cfg.parallel.pipeline_stages
+
+
+def global_batch_size(cfg: Any, env: DistEnv) -> int:
+    return cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * data_world_size(cfg, env)
+
+
+def keep_global_batch(cfg: Any, global_batch: int, env: DistEnv) -> None:
+    """Adapt accumulation (then the micro-batch) so a resumed run keeps its global batch size."""
+    replicas = data_world_size(cfg, env)
+    for micro in range(cfg.trainer.micro_batch_size, 0, -1):
+        if global_batch % (micro * replicas) == 0:
+            cfg.trainer.micro_batch_size, cfg.trainer.grad_accum_steps = micro, global_batch // (micro * replicas)
+            log.info("global batch %d kept: micro-batch %d x accumulation %d x %d replicas",
+                     global_batch, micro, cfg.trainer.grad_accum_steps, replicas)
+            return
+    raise ConfigError(f"trainer.micro_batch_size: the global batch {global_batch} cannot be split over {replicas} replicas")
 
 
 def reschedule(engine: Any, cfg: Any) -> None:
@@ -202,15 +249,14 @@ def env_local_world() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
-def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step: int) -> int:
-    """Train from ``step`` to ``trainer.max_steps``; returns the last step."""
+def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step: int, stop: StopRequest) -> tuple[int, str]:
+    """Train from ``step`` to ``trainer.max_steps``; returns the last step and the outcome."""
     max_steps = cfg.trainer.max_steps
-    global_batch = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * (env.world_size // cfg.parallel.pipeline_stages)
+    global_batch = global_batch_size(cfg, env)
     progress = tqdm(total=max_steps, initial=step, disable=not env.is_main, desc="train", unit="step", dynamic_ncols=True)
     metrics_file = run_dir / "logs" / "metrics.jsonl"
     keys_file = run_dir / "logs" / f"keys-rank-{env.rank}.jsonl"
     batches = iter(loader)
-    last_saved = step
     while step < max_steps:
         started = time.perf_counter()
         lr = engine.get_lr()[0]
@@ -235,6 +281,8 @@ def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, 
             "data/skipped": float(loader.stats["skipped"]),
             **{f"train/{k}": float(v) for k, v in extra.items()},
         }
+        if env.is_main and (step == max_steps or (cfg.trainer.eval_every_steps and step % cfg.trainer.eval_every_steps == 0)):
+            metrics.update(task.evaluate(ema.module, step))
         tracker.log_metrics(metrics, step=step)
         if env.is_main:
             append_jsonl(metrics_file, {"step": step, **metrics})
@@ -242,21 +290,26 @@ def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, 
             append_jsonl(keys_file, {"step": step, "keys": keys})
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
-        if step % cfg.checkpoint.every_steps == 0 or step == max_steps:
+        saved = step % cfg.checkpoint.every_steps == 0 or step == max_steps
+        if saved:
             save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
-            last_saved = step
+        if step < max_steps and stop.agreed():
+            log.info("stop requested (%s): saving step %d and leaving", stop.reason, step)
+            if not saved:
+                save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
+            progress.close()
+            return step, "preempted"
         if env.is_main and (step == max_steps or (cfg.trainer.sample_every_steps and step % cfg.trainer.sample_every_steps == 0)):
             for path in task.log_samples(ema.module, step, run_dir / "samples"):
                 tracker.log_artifact(path, "samples")
     progress.close()
-    if last_saved != step:
-        save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
-    return step
+    return step, "finished"
 
 
 def save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step: int) -> None:
     rank_state = {"data": loader.state_dict(), "generator": generator.get_state(), "rng": rng_state(), "step": step}
-    checkpoints.save(step, engine, ema, rank_state, meta={"task": cfg.task, "family": get_task_class(cfg.task).family})
+    meta = {"task": cfg.task, "family": get_task_class(cfg.task).family, "global_batch": global_batch_size(cfg, env)}
+    checkpoints.save(step, engine, ema, rank_state, meta=meta)
     log.info("checkpoint step %d saved", step)
 
 
@@ -285,6 +338,6 @@ def run_from_cli(config_path: str | None, overrides: list[str], resume_dir: str 
         base = yaml.safe_load((Path(resume_dir) / rundir.CONFIG_YAML).read_text())
         cfg = load_config(None, overrides, base=base)
         cfg.run.dir = str(resume_dir)
-        return train(cfg, resume=True)
+        return train(cfg, resume=True)[0]
     cfg = load_config(config_path, overrides)
-    return train(cfg, resume=False)
+    return train(cfg, resume=False)[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from flowmill.models.samplers import build_sampler
 from flowmill.train import run_dir as rundir
 from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError, latest_checkpoint
 from flowmill.train.config import ConfigError, load_config
@@ -42,6 +43,10 @@ def sample_command(args: argparse.Namespace) -> int:
     for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
         if value < 1:
             raise ConfigError(f"{name}: must be at least 1, got {value}")
+    try:
+        build_sampler(args.sampler)
+    except ValueError as error:
+        raise ConfigError(f"--sampler: {error}") from None
     task, model, checkpoint = load_task_and_model(Path(args.source))
     images = task.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
     out = Path(args.out)

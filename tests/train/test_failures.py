@@ -16,19 +16,6 @@ from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def finished_run(digits_dir, tmp_path_factory):
-    """A 4-step single-process run with a checkpoint, shared by the refusal tests."""
-    root = tmp_path_factory.mktemp("finished")
-    run_dir = root / "run"
-    result = flowmill(
-        "train", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 4, "checkpoint.every_steps": 2}),
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
-
-
 def test_no_shards_is_a_config_error(tmp_path, digits_dir):
     result = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, tmp_path / "r", **{"data.path": str(tmp_path / "empty")}), cwd=tmp_path, timeout=120)
     assert result.returncode == 2
@@ -84,13 +71,29 @@ def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
     while not (metrics.exists() and metrics.stat().st_size > 0):
         assert launcher.poll() is None and time.time() < deadline, "the job never started training"
         time.sleep(0.5)
-    workers = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "train" in " ".join(p.cmdline())]
-    rank1 = [p for p in workers if p.environ().get("RANK") == "1"]
-    assert len(rank1) == 1
+    # The launcher's direct children are the ranks; their own children are dataloader workers.
+    ranks = [p for p in psutil.Process(launcher.pid).children() if "train" in " ".join(p.cmdline())]
+    everything = ranks + [child for p in ranks for child in p.children(recursive=True)]
+    rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
+    assert len(ranks) == 2 and len(rank1) == 1
     rank1[0].send_signal(signal.SIGKILL)
     _, stderr = launcher.communicate(timeout=120)
     assert launcher.returncode != 0
     assert "rank 1 failed" in stderr
     time.sleep(1)
-    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
+
+
+def test_unreachable_tracking_server_does_not_stop_training(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = flowmill(
+        "train", str(TINY_CONFIG),
+        *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 3, "tracking.uri": "http://127.0.0.1:9"}),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert len((run_dir / "logs" / "metrics.jsonl").read_text().splitlines()) == 3
+    warnings = [line for line in result.stderr.splitlines() if "is unreachable" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]

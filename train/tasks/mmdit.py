@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import ImageTextDecoder
+from flowmill.data.loader import StreamingLoader
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
 from flowmill.models.mmdit import MMDiT, MMDiTConfig
@@ -82,6 +83,7 @@ class MMDiTTask(Task):
         self.text_encoder.to(env.device)
         self.path = FlowPath()
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
+        self._val_batch = None
         null_ids, null_mask = self.tokenizer.encode_padded([""], cfg.text.max_length)
         self.null_txt, self.null_vec = self.text_encoder(null_ids.to(env.device), null_mask.to(env.device))
 
@@ -121,6 +123,33 @@ class MMDiTTask(Task):
         velocity = model(sample.x_t, t, txt, vec)
         loss = F.mse_loss(velocity.float(), sample.target.float())
         return loss, {}
+
+    def validation_batch(self) -> dict:
+        """The fixed held-out batch: the first eval.num_samples samples in shard order."""
+        if self._val_batch is None:
+            source = self.cfg.eval.path or self.cfg.data.path
+            loader = StreamingLoader(
+                source, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples, num_workers=0,
+                seed=0, decode=self.decoder(), shuffle_buffer=0, resampled=False,
+            )
+            self._val_batch = next(iter(loader))
+        return self._val_batch
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        """Validation loss on a fixed time grid with fixed noise: ``val/loss`` and ``val/loss_t{t}``."""
+        batch = self.validation_batch()
+        device = next(model.parameters()).device
+        x0 = batch["img"].to(device)
+        txt, vec = self.text_encoder(batch["txt_ids"].to(device), batch["txt_mask"].to(device))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).to(device)
+        metrics = {}
+        for value in self.cfg.eval.timesteps:
+            t = torch.full((x0.shape[0],), value, device=device)
+            sample = self.path.sample(x0, noise, t)
+            metrics[f"val/loss_t{value:g}"] = F.mse_loss(model(sample.x_t, t, txt, vec).float(), sample.target.float()).item()
+        metrics["val/loss"] = sum(metrics.values()) / len(metrics)
+        return metrics
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, sampler: str, seed: int) -> torch.Tensor:
