@@ -28,19 +28,37 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, live: nn.Module, zero_stage: int = 0) -> None:
-        """Move the average toward ``live``'s current weights (call on every rank)."""
+    def update(self, live: nn.Module, zero_stage: int = 0, local: set[int] | None = None) -> None:
+        """Move the average toward ``live``'s current weights (call on every rank).
+
+        ``local``: ids of the parameters this rank trains (its pipeline stage); the others
+        are left alone here and filled in by ``sync_stages``.
+        """
         decay = self.current_decay()
-        params = list(live.parameters())
+        pairs = [(avg, p) for avg, p in zip(self.module.parameters(), live.parameters()) if local is None or id(p) in local]
         gather = nullcontext()
         if zero_stage == 3:
             import deepspeed
 
-            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            gather = deepspeed.zero.GatheredParameters([p for _, p in pairs], modifier_rank=None)
         with gather:
-            for avg, param in zip(self.module.parameters(), params):
+            for avg, param in pairs:
                 avg.lerp_(param.detach().float(), 1 - decay)
         self.num_updates += 1
+
+    @torch.no_grad()
+    def sync_stages(self, live: nn.Module, local: set[int]) -> None:
+        """Pipeline runs: gather every stage's share of the average onto every rank (collective)."""
+        import torch.distributed as dist
+
+        names = [name for name, p in live.named_parameters() if id(p) in local]
+        mine = {name: tensor for name, tensor in self.module.named_parameters() if name in names}
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, {name: tensor.cpu() for name, tensor in mine.items()})
+        params = dict(self.module.named_parameters())
+        for share in shares:
+            for name, tensor in share.items():
+                params[name].copy_(tensor)
 
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "weights": self.module.state_dict()}

@@ -49,10 +49,48 @@ def lr_lambda(cfg: Any):
     return factor
 
 
-def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool = False):
-    """Return a DeepSpeed engine owning the model, AdamW and the LR schedule."""
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing from outside the model: each of ``model.blocks`` recomputes
+    its activations in backward instead of storing them (same values, less memory)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint")
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = checkpoint_wrapper(block)
+
+
+def pipeline_module(model: nn.Module, cfg: Any, loss_fn: Any) -> nn.Module:
+    """Cut ``model.pipeline_layers()`` into ``parallel.pipeline_stages`` DeepSpeed stages.
+
+    The layers share the model's parameter tensors, so the stage a rank holds updates the
+    same objects as ``model``'s (the EMA relies on it).
+    """
+    from deepspeed.pipe import PipelineModule
+
+    if not hasattr(model, "pipeline_layers"):
+        raise ValueError(f"{type(model).__name__} cannot be cut into pipeline stages (no pipeline_layers())")
+    return PipelineModule(
+        layers=model.pipeline_layers(),
+        num_stages=cfg.parallel.pipeline_stages,
+        loss_fn=loss_fn,
+        partition_method="parameters",
+        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+    )
+
+
+def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool = False, loss_fn: Any = None):
+    """Return a DeepSpeed engine owning the model (or its pipeline stage), AdamW and the LR schedule.
+
+    With ``parallel.pipeline_stages > 1`` the engine is a PipelineEngine trained through
+    ``train_batch``; ``loss_fn(output, target)`` is then applied on the last stage.
+    """
     import deepspeed
 
+    if cfg.parallel.pipeline_stages > 1:
+        model = pipeline_module(model, cfg, loss_fn)
+    elif cfg.parallel.activation_checkpointing:
+        checkpoint_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,

@@ -11,11 +11,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from flowmill.data.loader import StreamingLoader
@@ -24,8 +26,8 @@ from flowmill.train.checkpoint import CheckpointManager, rng_state, set_rng_stat
 from flowmill.train.config import ConfigError, to_dict, validate
 from flowmill.train.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown
 from flowmill.train.ema import EMA
-from flowmill.train.preemption import StopRequest
 from flowmill.train.engine import build_engine, lr_lambda
+from flowmill.train.preemption import StopRequest
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri, flatten_config, run_tags
 
@@ -45,6 +47,29 @@ class CastInputs:
         args = tuple(a.to(self.dtype) if torch.is_floating_point(a) else a for a in args)
         with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.engine(*args)
+
+
+@dataclass
+class Parts:
+    """What one training job is made of, built once by ``_train`` and used by the step loop."""
+
+    cfg: Any
+    env: DistEnv
+    run_dir: Path
+    task: Any
+    model: nn.Module  # the plain model (its parameters are the engine's, or a pipeline stage's share)
+    engine: Any
+    forward: CastInputs
+    ema: EMA
+    loader: StreamingLoader
+    generator: torch.Generator
+    checkpoints: CheckpointManager
+    tracker: Any
+    local: set[int] | None  # ids of the parameters a pipeline stage trains; None without pipeline
+
+    @property
+    def pipeline(self) -> bool:
+        return self.local is not None
 
 
 def setup_logging(env: DistEnv, run_dir: Path | None = None) -> None:
@@ -144,7 +169,10 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
     if reshard:
         keep_global_batch(cfg, saved["global_batch"], env)
         log.info("resuming a %d-process checkpoint on %d processes", saved["world_size"], env.world_size)
-    engine = build_engine(model, cfg, env, load_universal=reshard)
+    pipeline = cfg.parallel.pipeline_stages > 1
+    engine = build_engine(model, cfg, env, load_universal=reshard, loss_fn=task.criterion if pipeline else None)
+    # The parameters this rank trains: a pipeline stage holds only its share of the model.
+    local = {id(p) for p in engine.module.parameters()} if pipeline else None
     forward = CastInputs(engine, next(engine.module.parameters()).dtype, env.device)
     loader = StreamingLoader(
         cfg.data.path,
@@ -157,7 +185,9 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
         shuffle_buffer=cfg.data.shuffle_buffer,
         resampled=True,
     )
-    generator = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + env.rank)  # noise, timesteps, CFG drops
+    # Noise, timesteps, CFG drops: seeded per data-parallel replica, so that the stages of one
+    # pipeline draw the same values.
+    generator = torch.Generator().manual_seed(cfg.trainer.seed * 100_003 + data_rank(cfg, env))
     step = 0
     if resume:
         step, rank_states = checkpoints.load(engine, ema)
@@ -191,9 +221,10 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
         if tracker.experiment_id is not None:
             log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
     truncate_step_logs(run_dir / "logs" / f"keys-rank-{env.rank}.jsonl", after_step=step)
+    parts = Parts(cfg, env, run_dir, task, model, engine, forward, ema, loader, generator, checkpoints, tracker, local)
     status = "failed"
     try:
-        step, status = run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step, stop)
+        step, status = run_steps(parts, step, stop)
     except KeyboardInterrupt:
         status = "killed"
         raise
@@ -249,67 +280,93 @@ def env_local_world() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
-def run_steps(cfg, env, run_dir, task, engine, forward, ema, loader, generator, checkpoints, tracker, step: int, stop: StopRequest) -> tuple[int, str]:
+def micro_batches(parts: Parts, batches: Any, keys: list[str]):
+    """Pipeline runs: (inputs, target) per micro-batch, as DeepSpeed's train_batch reads them."""
+    dtype = parts.forward.dtype
+    while True:
+        batch = next(batches)
+        keys.extend(batch["__key__"])
+        inputs, target = parts.task.inputs_and_target(batch, parts.generator)
+        yield tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in inputs), target
+
+
+def train_step(parts: Parts, batches: Any, keys: list[str]) -> torch.Tensor:
+    """One optimizer step (all micro-batches); returns the mean loss over micro-batches on this rank."""
+    if parts.pipeline:
+        return parts.engine.train_batch(data_iter=micro_batches(parts, batches, keys)).detach().float()
+    losses = []
+    for _ in range(parts.cfg.trainer.grad_accum_steps):
+        batch = next(batches)
+        keys.extend(batch["__key__"])
+        loss, _ = parts.task.loss(parts.forward, batch, parts.generator)
+        parts.engine.backward(loss)
+        parts.engine.step()
+        losses.append(loss.detach().float())
+    return torch.stack(losses).mean()
+
+
+def due(every: int, step: int, max_steps: int) -> bool:
+    return step == max_steps or (every > 0 and step % every == 0)
+
+
+def run_steps(parts: Parts, step: int, stop: StopRequest) -> tuple[int, str]:
     """Train from ``step`` to ``trainer.max_steps``; returns the last step and the outcome."""
+    cfg, env, run_dir = parts.cfg, parts.env, parts.run_dir
     max_steps = cfg.trainer.max_steps
     global_batch = global_batch_size(cfg, env)
     progress = tqdm(total=max_steps, initial=step, disable=not env.is_main, desc="train", unit="step", dynamic_ncols=True)
     metrics_file = run_dir / "logs" / "metrics.jsonl"
     keys_file = run_dir / "logs" / f"keys-rank-{env.rank}.jsonl"
-    batches = iter(loader)
+    batches = iter(parts.loader)
     while step < max_steps:
         started = time.perf_counter()
-        lr = engine.get_lr()[0]
-        losses, keys = [], []
-        for _ in range(cfg.trainer.grad_accum_steps):
-            batch = next(batches)
-            keys.extend(batch["__key__"])
-            loss, extra = task.loss(forward, batch, generator)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
+        lr = parts.engine.get_lr()[0]
+        keys: list[str] = []
+        loss = train_step(parts, batches, keys)
         step += 1
-        ema.update(engine.module, cfg.parallel.zero_stage)
-        loss_value = all_reduce_mean(torch.stack(losses).mean()).item()
-        grad_norm = engine.get_global_grad_norm()
-        elapsed = time.perf_counter() - started
+        parts.ema.update(parts.model, cfg.parallel.zero_stage, parts.local)
+        loss_value = all_reduce_mean(loss).item()
+        grad_norm = parts.engine.get_global_grad_norm()
         metrics = {
             "train/loss": loss_value,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "train/samples_per_s": global_batch / elapsed,
-            "data/skipped": float(loader.stats["skipped"]),
-            **{f"train/{k}": float(v) for k, v in extra.items()},
+            "train/samples_per_s": global_batch / (time.perf_counter() - started),
+            "data/skipped": float(parts.loader.stats["skipped"]),
         }
-        if env.is_main and (step == max_steps or (cfg.trainer.eval_every_steps and step % cfg.trainer.eval_every_steps == 0)):
-            metrics.update(task.evaluate(ema.module, step))
-        tracker.log_metrics(metrics, step=step)
+        evaluate = due(cfg.trainer.eval_every_steps, step, max_steps)
+        sample = due(cfg.trainer.sample_every_steps, step, max_steps)
+        save = due(cfg.checkpoint.every_steps, step, max_steps)
+        stopping = step < max_steps and stop.agreed()
+        if parts.pipeline and (evaluate or sample or save or stopping):
+            parts.ema.sync_stages(parts.model, parts.local)
+        if env.is_main and evaluate:
+            metrics.update(parts.task.evaluate(parts.ema.module, step))
+        parts.tracker.log_metrics(metrics, step=step)
         if env.is_main:
             append_jsonl(metrics_file, {"step": step, **metrics})
         if cfg.data.log_keys:
             append_jsonl(keys_file, {"step": step, "keys": keys})
         progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
-        saved = step % cfg.checkpoint.every_steps == 0 or step == max_steps
-        if saved:
-            save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
-        if step < max_steps and stop.agreed():
-            log.info("stop requested (%s): saving step %d and leaving", stop.reason, step)
-            if not saved:
-                save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step)
+        if save or stopping:
+            save_checkpoint(parts, step)
+        if stopping:
+            log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
             progress.close()
             return step, "preempted"
-        if env.is_main and (step == max_steps or (cfg.trainer.sample_every_steps and step % cfg.trainer.sample_every_steps == 0)):
-            for path in task.log_samples(ema.module, step, run_dir / "samples"):
-                tracker.log_artifact(path, "samples")
+        if env.is_main and sample:
+            for path in parts.task.log_samples(parts.ema.module, step, run_dir / "samples"):
+                parts.tracker.log_artifact(path, "samples")
     progress.close()
     return step, "finished"
 
 
-def save_checkpoint(cfg, env, engine, ema, loader, generator, checkpoints, step: int) -> None:
-    rank_state = {"data": loader.state_dict(), "generator": generator.get_state(), "rng": rng_state(), "step": step}
+def save_checkpoint(parts: Parts, step: int) -> None:
+    cfg, env = parts.cfg, parts.env
+    rank_state = {"data": parts.loader.state_dict(), "generator": parts.generator.get_state(), "rng": rng_state(), "step": step}
     meta = {"task": cfg.task, "family": get_task_class(cfg.task).family, "global_batch": global_batch_size(cfg, env)}
-    checkpoints.save(step, engine, ema, rank_state, meta=meta)
+    parts.checkpoints.save(step, parts.engine, parts.ema, rank_state, meta=meta)
     log.info("checkpoint step %d saved", step)
 
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
 
-from flowmill.models.samplers import build_sampler
 from flowmill.train import run_dir as rundir
 from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError, latest_checkpoint
 from flowmill.train.config import ConfigError, load_config
 from flowmill.train.distributed import DistEnv, choose_device
-from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks import get_task_class
 
 
@@ -40,23 +37,9 @@ def load_task_and_model(source: Path):
 
 
 def sample_command(args: argparse.Namespace) -> int:
+    """``flowmill sample``: the run's task writes its own kind of samples (images, text...)."""
     for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
         if value < 1:
             raise ConfigError(f"{name}: must be at least 1, got {value}")
-    try:
-        build_sampler(args.sampler)
-    except ValueError as error:
-        raise ConfigError(f"--sampler: {error}") from None
     task, model, checkpoint = load_task_and_model(Path(args.source))
-    images = task.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f"{p:03d}-{i:03d}.png" for p in range(len(args.prompt)) for i in range(args.num_samples)]
-    save_images(images, [out / name for name in names])
-    image_grid(images, cols=args.num_samples, upscale=2).save(out / "grid.png")
-    prompts = [prompt for prompt in args.prompt for _ in range(args.num_samples)]
-    with open(out / "samples.jsonl", "w") as handle:
-        for name, prompt in zip(names, prompts):
-            handle.write(json.dumps({"file": name, "prompt": prompt}) + "\n")
-    print(f"wrote {len(names)} samples from {checkpoint} to {out} (grid: {out / 'grid.png'})")
-    return 0
+    return task.sample_command(model, checkpoint, args)

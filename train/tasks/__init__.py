@@ -11,6 +11,8 @@ import importlib
 # name -> "module:Class", imported on first use so that a task's heavy dependencies load only when used.
 TASKS = {
     "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
+    "flm": "flowmill.train.tasks.flm:FLMTask",
+    "fmlm": "flowmill.train.tasks.flm:FMLMTask",
 }
 
 

@@ -36,13 +36,30 @@ class Task:
         """Raw WebDataset sample (field -> bytes) → tensors; raise to reject a bad sample."""
         raise NotImplementedError
 
+    def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.
+
+        Random draws (noise, timesteps, condition dropout) come from ``generator`` only, so a
+        pipeline's first and last stage, given the same generator state, agree.
+        """
+        raise NotImplementedError
+
+    def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of the model's output (used on a pipeline's last stage too)."""
+        raise NotImplementedError
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """Scalar loss of one micro-batch and extra metrics to log."""
-        raise NotImplementedError
+        inputs, target = self.inputs_and_target(batch, generator)
+        return self.criterion(model(*inputs), target), {}
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """Rank 0: write samples from ``model`` (the EMA weights) into out_dir; return the files."""
         return []
+
+    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+        """``flowmill sample`` for this task's models (``args`` as parsed by the CLI); returns the exit code."""
+        raise NotImplementedError
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
         """Rank 0: evaluation metrics of ``model`` (the EMA weights)."""

@@ -5,6 +5,7 @@ t = 0 is data, t = 1 is noise: x_t = (1 - t)·x0 + t·noise, the model predicts 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from flowmill.models.mmdit import MMDiT, MMDiTConfig
 from flowmill.models.samplers import build_sampler, cfg_velocity
 from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
 from flowmill.train.config import ConfigError
-from flowmill.train.images import image_grid
+from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -108,7 +109,8 @@ class MMDiTTask(Task):
             max_len=self.cfg.text.max_length,
         )
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(x_t, t, txt, vec) with prompts dropped to the empty prompt at cfg_drop_prob, and v = noise - x0."""
         device = self.env.device
         x0 = batch["img"].to(device)
         txt, vec = self.text_encoder(batch["txt_ids"].to(device), batch["txt_mask"].to(device))
@@ -120,9 +122,10 @@ class MMDiTTask(Task):
         t = shift_time(t, self.cfg.flow.shift).to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         sample = self.path.sample(x0, noise, t)
-        velocity = model(sample.x_t, t, txt, vec)
-        loss = F.mse_loss(velocity.float(), sample.target.float())
-        return loss, {}
+        return (sample.x_t, t, txt, vec), sample.target
+
+    def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output.float(), target.float())
 
     def validation_batch(self) -> dict:
         """The fixed held-out batch: the first eval.num_samples samples in shard order."""
@@ -163,6 +166,27 @@ class MMDiTTask(Task):
         noise = torch.randn((len(repeated), channels, size, size), generator=generator).to(device)
         velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, cfg_scale)
         return build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift).clamp(-1, 1)
+
+    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+        """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``."""
+        if not args.prompt:
+            raise ConfigError("--prompt: an MMDiT run needs at least one --prompt TEXT")
+        try:
+            build_sampler(args.sampler)
+        except ValueError as error:
+            raise ConfigError(f"--sampler: {error}") from None
+        images = self.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        names = [f"{p:03d}-{i:03d}.png" for p in range(len(args.prompt)) for i in range(args.num_samples)]
+        save_images(images, [out / name for name in names])
+        image_grid(images, cols=args.num_samples, upscale=2).save(out / "grid.png")
+        prompts = [prompt for prompt in args.prompt for _ in range(args.num_samples)]
+        with open(out / "samples.jsonl", "w") as handle:
+            for name, prompt in zip(names, prompts):
+                handle.write(json.dumps({"file": name, "prompt": prompt}) + "\n")
+        print(f"wrote {len(names)} samples from {checkpoint} to {out} (grid: {out / 'grid.png'})")
+        return 0
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         s = self.cfg.sample

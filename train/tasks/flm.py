@@ -1,0 +1,512 @@
+"""Flow language models: FLM training (``task: flm``) and its flow-map distillation (``task: fmlm``).
+
+The model and the objectives are ``flowmill.models.flow_lm`` and ``flowmill.train.flm_objective``
+(t = 0 is data, t = 1 is noise, x_t = (1 - t)·onehot(tokens) + t·noise). Data are token
+sequences packed by ``flowmill data pack text``; their manifest names the tokenizer (sha256),
+its vocabulary and the sequence length, which are checked against the model before the first step.
+
+FMLM distillation has two stages, each its own run of ``task: fmlm`` (``distill.stage``):
+
+1. ``corrector``: a flow-map network g, initialised from the teacher with a zero head, learns the
+   second-order term of the teacher's flow map (sampling uses teacher + corrector, two calls a jump);
+2. ``student``: one flow-map network, initialised from the teacher, regresses the corrected map of
+   stage 1; it samples in 1, 2 or 4 calls.
+
+A run copies what it depends on into its run dir (tokenizer; the teacher's and corrector's EMA
+weights and configs), so sampling and resume need neither the teacher's nor the corrector's run.
+
+Every evaluation logs ``val/ce`` (and ``val/ce_tau{tau}``) on held-out text over a fixed grid of
+the discrete clock (``lm_eval.val_clock``), ``val/distill_error`` for distillation runs, and, from
+``sample.num_per_prompt`` samples of ``sample.steps`` steps, ``sample/entropy`` and, with a judge
+(``judge.cache_dir``), ``sample/gen_ppl``. The samples of every evaluation go to MLflow as text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from flowmill.data.decode import TokenDecoder
+from flowmill.data.loader import StreamingLoader
+from flowmill.data.shards import sha256_file
+from flowmill.data.tokenizer import Tokenizer
+from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time
+from flowmill.train import flm_objective as objective
+from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError
+from flowmill.train.config import ConfigError, EvalConfig
+from flowmill.train.judge import JudgeConfig, TextDataInfo, load_or_train_judge, text_data_info
+from flowmill.train.tasks.base import Task
+from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
+
+TOKENIZER_FILE = "tokenizer.model"
+CONFIG_FILE = "config.yaml"
+SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
+TEACHER_DIR = "teacher"
+CORRECTOR_DIR = "corrector"
+SAMPLE_CHUNK = 64  # samples generated per sampler call; fixed so a seed gives the same samples for any count
+EVAL_CHUNK = 64  # validation sequences per forward pass
+STAGES = ("corrector", "student")
+FAMILY = "flow_lm"
+
+
+@dataclass
+class TextConfig:
+    tokenizer: str = "datasets/shakespeare/tokenizer.model"  # sentencepiece model the data was packed with (copied into the run dir)
+
+
+@dataclass
+class LMEvalConfig:
+    val_clock: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # discrete-clock values tau (0 data, 1 noise) of the validation cross-entropy grid
+
+
+@dataclass
+class DistillConfig:
+    stage: str = "corrector"  # corrector (stage 1: learns the teacher map's second-order term) | student (stage 2: one network, 1-4 steps)
+    teacher: str | None = None  # the FLM run dir (or one of its checkpoints/step-* folders) to distil
+    corrector: str | None = None  # stage student only: the finished corrector run distilled from the same teacher
+
+
+class Trainee:
+    """The engine's forward as the objectives see a model: callable, with the live model's plain attributes."""
+
+    def __init__(self, forward: Any, module: FlowLM):
+        self._forward = forward
+        self.vocab_size = module.vocab_size
+        self.seq_len = module.seq_len
+        self.loss_weight = module.loss_weight  # DeepSpeed hooks every submodule, so a direct call sees its weights
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self._forward(*args)
+
+
+class JumpToData(nn.Module):
+    """A flow-map model read as an FLM: ``forward(x_t, t)`` = logits of its jump from t straight to data (s = 0)."""
+
+    def __init__(self, flow_map: FlowLM):
+        super().__init__()
+        self.flow_map = flow_map
+        self.vocab_size = flow_map.vocab_size
+        self.seq_len = flow_map.seq_len
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.flow_map(x_t, t, torch.zeros_like(t))
+
+
+def write_atomic_copy(source: Path, target: Path) -> None:
+    """Copy a file so that readers see no file or the whole one (other ranks may look meanwhile)."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.copyfile(source, partial)
+    os.replace(partial, target)
+
+
+def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
+    """The manifest facts of packed text at ``path``; ConfigError (naming ``key``) unless it fits the model.
+
+    The data must have been packed with this very tokenizer (sha256 in its manifest) and hold
+    sequences of exactly the model's length: longer ones do not fit its learned positions, shorter
+    ones would train positions the sampler never fills.
+    """
+    try:
+        info = text_data_info(path)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise ConfigError(f"{key}: {error}; flow LMs read token sequences packed by `flowmill data pack text`") from None
+    if info.tokenizer_sha256 != sha256_file(tokenizer_path):
+        raise ConfigError(
+            f"{key}: {path} was packed with another tokenizer ({info.vocab_size} pieces) than {tokenizer_path} "
+            f"({tokenizer.vocab_size} pieces); pack the text with this tokenizer or use the one it was packed with"
+        )
+    if info.seq_len > model.seq_len:
+        raise ConfigError(
+            f"{key}: {path} holds sequences of {info.seq_len} tokens, longer than the model's maximum "
+            f"{model_key}={model.seq_len}; repack with --seq-len {model.seq_len} or raise {model_key}"
+        )
+    if info.seq_len < model.seq_len:
+        raise ConfigError(
+            f"{key}: {path} holds sequences of {info.seq_len} tokens but {model_key}={model.seq_len} "
+            f"(samples are {model.seq_len} tokens long); set {model_key}={info.seq_len} or repack with --seq-len {model.seq_len}"
+        )
+    return info
+
+
+class TextFlowTask(Task):
+    """What FLM and FMLM share: tokenizer, data checks, validation text, samples, metrics, ``flowmill sample``.
+
+    A subclass sets ``self.tokenizer_path``, ``self.tokenizer`` and ``self.model_config`` in its
+    ``__init__`` and provides the loss, the sampler and its validation metrics.
+    """
+
+    family = FAMILY
+    model_key = "model.seq_len"  # the config key of the model's sequence length, for error messages
+
+    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+        super().__init__(cfg, env, run_dir)
+        self.tokenizer_path: Path
+        self.tokenizer: Tokenizer
+        self.model_config: FlowLMConfig
+        self.live: FlowLM | None = None  # the model being trained (build_model), for its plain attributes
+        self._checked: dict[str, TextDataInfo] = {}
+        self._val_tokens: torch.Tensor | None = None
+        self._judge: nn.Module | None = None
+        self._samples: tuple[int, torch.Tensor] | None = None  # (step, tokens) of the last evaluation
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        if cfg.sample.prompts:
+            raise ConfigError(f"sample.prompts: {cfg.task} models are unconditional; remove the prompts")
+        if cfg.sample.sampler != "euler":
+            raise ConfigError(f"sample.sampler: {cfg.task} samples with Euler jumps on the clock grid; {cfg.sample.sampler!r} is not available, use euler")
+        for key, value in (("sample.steps", cfg.sample.steps), ("sample.num_per_prompt", cfg.sample.num_per_prompt)):
+            if value < 1:
+                raise ConfigError(f"{key}: must be at least 1, got {value}")
+        if cfg.eval.timesteps != EvalConfig().timesteps:
+            raise ConfigError(f"eval.timesteps: {cfg.task} validates on a grid of the discrete clock; set lm_eval.val_clock instead")
+        clock = cfg.lm_eval.val_clock
+        if not clock or not all(0.0 <= tau <= 1.0 for tau in clock):
+            raise ConfigError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
+
+    def checked_data(self, path: str, key: str) -> TextDataInfo:
+        """``check_text_data`` once per path."""
+        if path not in self._checked:
+            self._checked[path] = check_text_data(path, key, self.tokenizer_path, self.tokenizer, self.model_config, self.model_key)
+        return self._checked[path]
+
+    def decoder(self) -> TokenDecoder:
+        """Raw sample → ``{"tokens": long (L,)}``, after checking that data.path fits the model."""
+        self.checked_data(self.cfg.data.path, "data.path")
+        return TokenDecoder(seq_len=self.model_config.seq_len, vocab_size=self.model_config.vocab_size)
+
+    def validation_tokens(self) -> torch.Tensor:
+        """The fixed held-out text (N, L): the first eval.num_samples sequences of eval.path (default data.path)."""
+        if self._val_tokens is None:
+            path, key = (self.cfg.eval.path, "eval.path") if self.cfg.eval.path else (self.cfg.data.path, "data.path")
+            self.checked_data(path, key)
+            loader = StreamingLoader(
+                path, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples, num_workers=0, seed=0,
+                decode=self.decoder(), shuffle_buffer=0, resampled=False,
+            )
+            self._val_tokens = next(iter(loader))["tokens"]
+        return self._val_tokens
+
+    def val_times(self) -> torch.Tensor:
+        """Flowmill times t (G,) of the clock values lm_eval.val_clock."""
+        clock = torch.tensor(self.cfg.lm_eval.val_clock, dtype=torch.float64)
+        return continuous_time(clock, self.model_config.vocab_size).float()
+
+    def judge(self) -> nn.Module | None:
+        """The cached judge of data.path (trained on first use), or None without judge.cache_dir."""
+        if self.cfg.judge.cache_dir is None:
+            return None
+        if self._judge is None:
+            self.checked_data(self.cfg.data.path, "data.path")
+            model, _ = load_or_train_judge(self.cfg.data.path, self.cfg.judge, val_path=self.cfg.eval.path)
+            self._judge = model.to(self.env.device)
+        return self._judge
+
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+        """Tokens (N, L) from ``model`` (EMA weights) in ``steps`` steps."""
+        raise NotImplementedError
+
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
+        """Metrics of ``model`` on held-out tokens (N, L)."""
+        raise NotImplementedError
+
+    def generate(self, model: nn.Module, num_samples: int, steps: int, seed: int) -> torch.Tensor:
+        """Tokens (num_samples, L) on the CPU, generated SAMPLE_CHUNK at a time from one seeded generator."""
+        generator = torch.Generator().manual_seed(seed)
+        chunks = [
+            self.sample_tokens(model, min(SAMPLE_CHUNK, num_samples - start), steps, generator).cpu()
+            for start in range(0, num_samples, SAMPLE_CHUNK)
+        ]
+        return torch.cat(chunks)
+
+    def samples_at(self, model: nn.Module, step: int) -> torch.Tensor:
+        """The evaluation samples of ``step`` (sample.num_per_prompt of sample.steps steps), made once per step."""
+        if self._samples is None or self._samples[0] != step:
+            tokens = self.generate(model, self.cfg.sample.num_per_prompt, self.cfg.sample.steps, self.cfg.trainer.seed)
+            self._samples = (step, tokens)
+        return self._samples[1]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)  # the same noise at every evaluation
+        metrics = self.validation_metrics(model, self.validation_tokens(), generator)
+        samples = self.samples_at(model, step)
+        metrics["sample/entropy"] = unigram_entropy(samples)
+        judge = self.judge()
+        if judge is not None:
+            metrics["sample/gen_ppl"] = generative_perplexity(judge, samples)
+        return metrics
+
+    def texts(self, tokens: torch.Tensor) -> list[str]:
+        return [self.tokenizer.decode(row.tolist()) for row in tokens]
+
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
+        """``text-{step}.txt``: the evaluation samples of this step, detokenized, one block each."""
+        texts = self.texts(self.samples_at(model, step))
+        path = Path(out_dir) / f"text-{step:08d}.txt"
+        header = f"{len(texts)} samples of {self.cfg.sample.steps} steps at training step {step}\n"
+        path.write_text(header + "".join(f"\n=== sample {i} ===\n{text}\n" for i, text in enumerate(texts)))
+        return [path]
+
+    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+        """``args.num_samples`` samples of ``args.steps`` steps into the JSON-lines file ``args.out``: {"text": ...} each."""
+        if args.prompt:
+            raise ConfigError(f"--prompt: {self.cfg.task} runs generate unconditionally; drop --prompt")
+        if args.sampler != "euler":
+            raise ConfigError(f"--sampler: {self.cfg.task} runs sample with Euler jumps; {args.sampler!r} is not available")
+        out = Path(args.out)
+        if out.suffix != ".jsonl":
+            raise ConfigError(f"--out: a text run writes a .jsonl file (one {{\"text\": ...}} per line), got {out}")
+        texts = self.texts(self.generate(model, args.num_samples, args.steps, args.seed))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+        for index, text in enumerate(texts[:3]):
+            print(f"--- sample {index} ---\n{text}")
+        print(f"wrote {len(texts)} samples ({args.steps} steps, seed {args.seed}) from {checkpoint} to {out}")
+        return 0
+
+
+class FLMTask(TextFlowTask):
+    """``task: flm``: a flow language model trained with cross-entropy on the clean tokens."""
+
+    config_sections = {"model": FlowLMConfig, "text": TextConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
+
+    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+        super().__init__(cfg, env, run_dir)
+        own = self.run_dir / TOKENIZER_FILE
+        self.tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
+        if not self.tokenizer_path.is_file():
+            raise ConfigError(
+                f"text.tokenizer: {self.tokenizer_path} does not exist; train one with "
+                "`flowmill data tokenizer PREFIX --text FILE --vocab-size N --newlines` and pack the text with it"
+            )
+        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        if self.tokenizer.vocab_size != cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.tokenizer_path} has "
+                f"{self.tokenizer.vocab_size} pieces; set model.vocab_size={self.tokenizer.vocab_size}"
+            )
+        self.model_config = cfg.model
+
+    def prepare_run_dir(self) -> None:
+        if self.tokenizer_path != self.run_dir / TOKENIZER_FILE:
+            write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+
+    def build_model(self) -> nn.Module:
+        self.live = FlowLM(self.model_config)
+        return self.live
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return objective.flm_loss(Trainee(model, self.live), batch["tokens"].to(self.env.device), generator)
+
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+        return objective.sample_flm(model, num_samples, steps, generator)
+
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
+        return clock_ce_metrics(model, tokens, self.val_times(), self.cfg.lm_eval.val_clock, generator)
+
+
+def clock_ce_metrics(model: nn.Module, tokens: torch.Tensor, times: torch.Tensor, clock: list[float], generator: torch.Generator) -> dict:
+    """``val/ce`` (mean over the grid) and ``val/ce_tau{tau}`` of an FLM-like model on tokens (N, L)."""
+    device = next(model.parameters()).device
+    chunks = tokens.split(EVAL_CHUNK)
+    per_time = sum(objective.validation_ce(model, chunk.to(device), times.to(device), generator) * len(chunk) for chunk in chunks)
+    per_time = (per_time / len(tokens)).tolist()
+    metrics = {f"val/ce_tau{tau:g}": value for tau, value in zip(clock, per_time)}
+    metrics["val/ce"] = sum(per_time) / len(per_time)
+    return metrics
+
+
+class FMLMTask(TextFlowTask):
+    """``task: fmlm``: one stage of flow-map distillation of an FLM run (``distill.stage``)."""
+
+    config_sections = {"distill": DistillConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
+    model_key = "the teacher's model.seq_len"
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
+        distill = cfg.distill
+        if distill.stage not in STAGES:
+            raise ConfigError(f"distill.stage: {distill.stage!r} is not one of {', '.join(STAGES)}")
+        if not distill.teacher:
+            raise ConfigError("distill.teacher: give the FLM run to distil, e.g. distill.teacher=runs/flm-shakespeare")
+        if distill.stage == "student" and not distill.corrector:
+            raise ConfigError("distill.corrector: the student stage needs the corrector run of stage 1, e.g. distill.corrector=runs/fmlm-corrector")
+        if distill.stage == "corrector" and distill.corrector:
+            raise ConfigError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
+
+    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+        super().__init__(cfg, env, run_dir)
+        self.stage = cfg.distill.stage
+        own_teacher, own_corrector = self.run_dir / TEACHER_DIR, self.run_dir / CORRECTOR_DIR
+        if (own_teacher / SOURCE_FILE).is_file():  # resume or sample: the run's own copies
+            refuse_changed_distill(cfg, self.run_dir)
+            self.teacher_files = ModelFiles.copied(own_teacher)
+            self.tokenizer_path = self.run_dir / TOKENIZER_FILE
+        else:
+            self.teacher_files, self.tokenizer_path = teacher_source(cfg.distill.teacher)
+        teacher_config = FlowLMConfig(**read_yaml(self.teacher_files.config)["model"])
+        self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False), self.teacher_files.weights, env.device)
+        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        self.model_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=self.stage == "corrector")
+        self.corrector_files = self.corrector = None
+        if self.stage == "student":
+            if (own_corrector / SOURCE_FILE).is_file():
+                self.corrector_files = ModelFiles.copied(own_corrector)
+            else:
+                self.corrector_files = corrector_source(cfg.distill.corrector, self.teacher_files.weights)
+            corrector_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=True)
+            self.corrector = load_flow_lm(corrector_config, self.corrector_files.weights, env.device)
+
+    def prepare_run_dir(self) -> None:
+        own_teacher = self.run_dir / TEACHER_DIR
+        if self.teacher_files.folder != own_teacher:
+            self.teacher_files.copy_to(own_teacher)
+            write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+        if self.corrector_files is not None and self.corrector_files.folder != self.run_dir / CORRECTOR_DIR:
+            self.corrector_files.copy_to(self.run_dir / CORRECTOR_DIR)
+
+    def build_model(self) -> nn.Module:
+        """The flow map, starting as the teacher (the corrector with a zero head: g = 0)."""
+        self.live = FlowLM(self.model_config)
+        self.live.init_from_teacher(self.teacher, zero_head=self.stage == "corrector")
+        return self.live
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        tokens = batch["tokens"].to(self.env.device)
+        trainee = Trainee(model, self.live)
+        if self.stage == "corrector":
+            return objective.fmlm_corrector_loss(trainee, self.teacher, tokens, generator)
+        return objective.fmlm_distill_loss(trainee, self.teacher, self.corrector, tokens, generator)
+
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+        if self.stage == "corrector":
+            return objective.sample_corrected(self.teacher, model, num_samples, steps, generator)
+        return objective.sample_fmlm(model, num_samples, steps, generator)
+
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
+        """``val/distill_error`` on whole noise → data jumps; for the student also ``val/ce`` of its jump to data."""
+        device = next(model.parameters()).device
+        errors = []
+        for chunk in tokens.split(EVAL_CHUNK):
+            chunk = chunk.to(device)
+            if self.stage == "corrector":
+                _, extra = objective.fmlm_corrector_loss(model, self.teacher, chunk, generator, boundary_prob=1.0)
+            else:
+                _, extra = objective.fmlm_distill_loss(model, self.teacher, self.corrector, chunk, generator, boundary_prob=1.0)
+            errors.append(extra["distill_error"].item() * len(chunk))
+        metrics = {"val/distill_error": sum(errors) / len(tokens)}
+        if self.stage == "student":
+            metrics.update(clock_ce_metrics(JumpToData(model), tokens, self.val_times(), self.cfg.lm_eval.val_clock, generator))
+        return metrics
+
+
+def read_yaml(path: Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def load_flow_lm(config: FlowLMConfig, weights: Path, device: torch.device) -> FlowLM:
+    """A frozen FlowLM in eval mode with the weights of ``weights`` (a learned loss weight there is dropped if
+    ``config`` has none: distillation never reads a teacher's)."""
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    if not config.learned_loss_weight:
+        state = {k: v for k, v in state.items() if not k.startswith("loss_weight.")}
+    model = FlowLM(config)
+    model.load_state_dict(state)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@dataclass
+class ModelFiles:
+    """A trained model another run depends on: its run's config and its EMA weights."""
+
+    config: Path  # config.yaml of the run that trained it (its model section builds it)
+    weights: Path  # ema.safetensors of one of its checkpoints
+    origin: str  # where it came from, recorded in the copy's source.json
+
+    @property
+    def folder(self) -> Path:
+        return self.weights.parent
+
+    @classmethod
+    def copied(cls, folder: Path) -> ModelFiles:
+        """The copy ``copy_to`` made in ``folder``."""
+        origin = json.loads((folder / SOURCE_FILE).read_text())["origin"]
+        return cls(folder / CONFIG_FILE, folder / EMA_FILE, origin)
+
+    def copy_to(self, folder: Path) -> None:
+        """Copy config and weights into ``folder``; source.json, written last, marks the copy complete."""
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic_copy(self.config, folder / CONFIG_FILE)
+        write_atomic_copy(self.weights, folder / EMA_FILE)
+        record = {"origin": self.origin, "weights_sha256": sha256_file(folder / EMA_FILE)}
+        (folder / f".{SOURCE_FILE}.partial").write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(folder / f".{SOURCE_FILE}.partial", folder / SOURCE_FILE)
+
+
+def refuse_changed_distill(cfg: Any, run_dir: Path) -> None:
+    """A resumed (or sampled) distillation run keeps its teacher, corrector and stage."""
+    saved = read_yaml(run_dir / CONFIG_FILE).get("distill") or {}
+    for key, value in dataclasses.asdict(cfg.distill).items():
+        if saved.get(key) != value:
+            raise ConfigError(
+                f"distill.{key}: {run_dir} was distilled with distill.{key}={saved.get(key)}, not {value}; "
+                "start a new run to change what is distilled"
+            )
+
+
+def resolve_run(source: str, key: str) -> tuple[Path, Path, dict, dict]:
+    """(run dir, checkpoint dir, run config, checkpoint meta) of a run dir or checkpoint folder named by config key ``key``."""
+    from flowmill.train.sample import resolve_checkpoint
+
+    try:
+        run_dir, checkpoint = resolve_checkpoint(Path(source))
+    except CheckpointError as error:
+        raise ConfigError(f"{key}: {error}") from None
+    meta = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    return run_dir, checkpoint, read_yaml(run_dir / CONFIG_FILE), meta
+
+
+def teacher_source(source: str) -> tuple[ModelFiles, Path]:
+    """The teacher's files and its tokenizer.model, from the FLM run (or checkpoint) ``source``.
+
+    ConfigError unless it is an FLM run: another model family, or a flow-map run given as the
+    teacher, is refused.
+    """
+    run_dir, checkpoint, config, meta = resolve_run(source, "distill.teacher")
+    task, family = config.get("task"), meta.get("family")
+    if family != FAMILY:
+        raise ConfigError(
+            f"distill.teacher: {source} holds a {family} model (task {task}); FMLM distils a flow language model, a run of task flm"
+        )
+    if task != "flm":
+        raise ConfigError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
+    origin = f"{run_dir.resolve()} {checkpoint.name}"
+    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, origin), run_dir / TOKENIZER_FILE
+
+
+def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
+    """The files of the stage-1 run ``source``; ConfigError unless it is a corrector run distilled from
+    the teacher whose weights are ``teacher_weights``."""
+    run_dir, checkpoint, config, _ = resolve_run(source, "distill.corrector")
+    stage = (config.get("distill") or {}).get("stage")
+    if config.get("task") != "fmlm" or stage != "corrector":
+        raise ConfigError(
+            f"distill.corrector: {source} is a {config.get('task')} run{f' of stage {stage}' if stage else ''}; "
+            "it must be an fmlm run with distill.stage=corrector"
+        )
+    if sha256_file(run_dir / TEACHER_DIR / EMA_FILE) != sha256_file(teacher_weights):
+        raise ConfigError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
+    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, f"{run_dir.resolve()} {checkpoint.name}")

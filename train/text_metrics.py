@@ -1,0 +1,57 @@
+"""Quality metrics of generated token sequences: generative perplexity under a judge, unigram entropy.
+
+Both follow the FLM paper's evaluation (github.com/david3684/flm, ``metrics.py``): the
+generative perplexity is exp of the judge's mean next-token negative log-likelihood over
+every token after the first; the entropy is the entropy of each sample's own token
+frequencies, averaged over samples. A sampler that collapses into repeating a few tokens
+gets a low perplexity and a low entropy, so the two are read together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """Mean over samples of the entropy (nats) of each sample's token frequencies; tokens (N, L) integer.
+
+    A sample of L distinct tokens scores log L, one token repeated scores 0.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be (N, L) with L >= 1, got shape {tuple(tokens.shape)}")
+    entropies = []
+    for sample in tokens:
+        _, counts = torch.unique(sample, return_counts=True)
+        entropies.append(torch.special.entr(counts.double() / counts.sum()).sum())
+    return torch.stack(entropies).mean().item()
+
+
+@torch.no_grad()
+def mean_nll(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token negative log-likelihood (nats) of tokens (N, L), L >= 2, under a causal LM.
+
+    ``judge(tokens)`` must return next-token logits (N, L, V); every token but the first is scored.
+    """
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be (N, L) with L >= 2, got shape {tuple(tokens.shape)}")
+    device = next(judge.parameters()).device
+    was_training = judge.training
+    judge.eval()
+    total, count = 0.0, 0
+    for chunk in tokens.split(batch_size):
+        chunk = chunk.to(device)
+        logits = judge(chunk[:, :-1]).float()  # (n, L - 1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="sum")
+        total += nll.item()
+        count += chunk[:, 1:].numel()
+    judge.train(was_training)
+    return total / count
+
+
+def generative_perplexity(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> float:
+    """exp(mean next-token NLL) of generated tokens (N, L) under the judge; lower reads as more fluent."""
+    return math.exp(mean_nll(judge, tokens, batch_size))
