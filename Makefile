@@ -11,7 +11,7 @@ PROMPTS := zero one two three four five six seven eight nine
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_BUILD_OPS := 0
 
-.PHONY: run test install data clean slurm-up slurm-down slurm-status
+.PHONY: run test install data clean slurm-up slurm-down slurm-status chromium
 
 # Installs once; a second make does nothing until pyproject.toml or the lock changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -37,9 +37,13 @@ run: data
 	@echo "samples:      $(RUN_DIR)/samples/final/grid.png"
 	@echo "MLflow store: $(abspath runs)/mlflow.db (artifacts in $(abspath runs)/mlartifacts); browse with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath runs)/mlflow.db"
 
-# The test suite includes real multi-node SLURM jobs, so it brings the local cluster up first.
-test: $(STAMP) slurm-up
+# The test suite includes real multi-node SLURM jobs and a headless-browser check of the MLflow UI,
+# so it brings the local cluster up and installs Chromium first.
+test: $(STAMP) slurm-up chromium
 	$(PY) -m pytest -q tests
+
+chromium:
+	tools/install_chromium.sh
 
 # A real SLURM cluster on this machine (munge, MariaDB + slurmdbd, slurmctld, two slurmd nodes n1 n2).
 slurm-up:

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   flowmill launch local --nproc 2 configs/mmdit_digits.yaml
   flowmill resume runs/mmdit-digits-20260101-120000 trainer.max_steps=400
   flowmill sample runs/mmdit-digits-20260101-120000 --prompt "a handwritten digit seven" --out samples/
+  flowmill sample runs/flm-shakespeare-20260101-120000 --steps 32 --num-samples 8 --out samples.jsonl
 """
 
 
@@ -71,18 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser(
         "sample",
-        help="generate images from a run or checkpoint (EMA weights)",
-        description="Generate N images per prompt with the EMA weights of RUN_DIR's latest checkpoint (or of the "
-        "checkpoint folder CKPT). Writes one PNG per sample, grid.png (one row per prompt) and samples.jsonl.",
+        help="generate samples from a run or checkpoint (EMA weights)",
+        description="Generate samples with the EMA weights of RUN_DIR's latest checkpoint (or of the checkpoint "
+        "folder CKPT). Image runs (MMDiT): N images per --prompt, one PNG each, grid.png (one row per prompt) "
+        "and samples.jsonl in --out DIR. Text runs (flm, fmlm): N sequences of --steps steps, detokenized, "
+        'one {"text": ...} per line of --out FILE.jsonl; a few are printed.',
     )
-    sample.add_argument("source", metavar="RUN_DIR|CKPT", help="a run directory or one of its checkpoints/step-* folders")
-    sample.add_argument("--prompt", action="append", required=True, help="a text prompt; repeat for several")
-    sample.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default 4)")
-    sample.add_argument("--steps", type=int, default=25, help="ODE solver steps (default 25)")
+    sample.add_argument("source", metavar="RUN_DIR|CKPT|MODEL_DIR",
+                        help="a run directory, one of its checkpoints/step-* folders, or a model folder (with --text-from)")
+    sample.add_argument("--prompt", action="append", default=[], help="a text prompt (image runs); repeat for several")
+    sample.add_argument("--num-samples", type=int, default=4, help="samples per prompt (image runs) or in all (text runs) (default 4)")
+    sample.add_argument("--steps", type=int, default=25, help="ODE solver steps (jumps for an fmlm flow map, e.g. 1) (default 25)")
     sample.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (default 3.0; 1 disables)")
     sample.add_argument("--sampler", default="euler", help="ODE solver: euler or heun (default euler)")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    sample.add_argument("--out", required=True, help="output folder")
+    sample.add_argument("--out", required=True, help="output: a folder for images, a FILE.jsonl for text")
+    sample.add_argument("--text-from", metavar="RUN_DIR",
+                        help="model folders (image models) only: the run whose text encoder, tokenizer and timestep shift to use")
+
+    from flowmill.train.model_io import register as register_model_io
+
+    register_model_io(commands)
 
     from flowmill.data.cli import register as register_data
 
@@ -94,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser(
         "runs",
         help="list and compare runs tracked in MLflow",
-        description="Inspect runs: `runs list` tables an experiment's runs, `runs compare` puts some runs side by side.",
+        description="Inspect runs: `runs list` tables an experiment's runs, `runs compare` puts some runs side by "
+        "side, `runs logs` shows a run's SLURM output.",
     )
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
     register_runs(runs_commands)
@@ -143,8 +154,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return resume_local(args.run_dir, args.overrides, args.nproc)
     if args.command == "sample":
+        from flowmill.train.config import ConfigError
+        from flowmill.train.model_io import is_model_folder, sample_model_folder
         from flowmill.train.sample import sample_command
 
+        if is_model_folder(args.source):
+            return sample_model_folder(args)
+        if args.text_from:
+            raise ConfigError("--text-from: only a model folder needs it; a run samples with its own text encoder")
         return sample_command(args)
     return args.func(args)
 

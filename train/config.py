@@ -88,6 +88,8 @@ class DataConfig:
     num_workers: int = 1  # dataloader worker processes per rank
     shuffle_buffer: int = 256  # samples in the shuffle buffer (0: no sample shuffle)
     log_keys: bool = False  # write each step's sample keys to logs/keys-rank-R.jsonl (to audit the data order)
+    max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples read is bad
+    verify_shards: bool = True  # check each shard against the manifest's sha256 before reading it
 
 
 @dataclass
@@ -235,6 +237,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.eval.num_samples < 1:
         raise ConfigError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
     if not cfg.eval.timesteps or not all(0.0 <= t <= 1.0 for t in cfg.eval.timesteps):

@@ -122,7 +122,8 @@ def load_or_train_judge(data_path: str | Path, config: JudgeConfig, val_path: st
         return load_judge(folder)
     log.info("training the judge for %s (%d steps; cached in %s)", data_path, config.steps, folder)
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG stream stays as it was
+    # The caller's global RNG stream stays as it was; evaluations run under no_grad.
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(config.seed)
         model, train_ppl = train_judge(data_path, config)
     info = text_data_info(data_path)

@@ -154,7 +154,11 @@ def train(cfg: Any, resume: bool = False, stop: StopRequest | None = None) -> tu
         shutdown()
 
 
-def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopRequest) -> str:
+def build_parts(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> tuple[Parts, int]:
+    """Build the job (task, model, engine, EMA, loader, tracker) and restore it when resuming.
+
+    Returns the parts and the step to continue from.
+    """
     threads = cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // max(1, env_local_world()))
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
@@ -184,6 +188,8 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
         decode=task.decoder(),
         shuffle_buffer=cfg.data.shuffle_buffer,
         resampled=True,
+        verify=cfg.data.verify_shards,
+        max_skip_fraction=cfg.data.max_skip_fraction,
     )
     # Noise, timesteps, CFG drops: seeded per data-parallel replica, so that the stages of one
     # pipeline draw the same values.
@@ -222,6 +228,11 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
             log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
     truncate_step_logs(run_dir / "logs" / f"keys-rank-{env.rank}.jsonl", after_step=step)
     parts = Parts(cfg, env, run_dir, task, model, engine, forward, ema, loader, generator, checkpoints, tracker, local)
+    return parts, step
+
+
+def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopRequest) -> str:
+    parts, step = build_parts(cfg, env, run_dir, resume)
     status = "failed"
     try:
         step, status = run_steps(parts, step, stop)
@@ -232,7 +243,7 @@ def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopReques
         if env.is_main:
             rundir.update_run_json(run_dir, status=status, step=step)
             # A preempted run is continued later under the same MLflow run id.
-            tracker.finish({"finished": "FINISHED", "killed": "KILLED", "preempted": "KILLED"}.get(status, "FAILED"))
+            parts.tracker.finish({"finished": "FINISHED", "killed": "KILLED", "preempted": "KILLED"}.get(status, "FAILED"))
     return status
 
 
@@ -290,19 +301,33 @@ def micro_batches(parts: Parts, batches: Any, keys: list[str]):
         yield tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in inputs), target
 
 
-def train_step(parts: Parts, batches: Any, keys: list[str]) -> torch.Tensor:
-    """One optimizer step (all micro-batches); returns the mean loss over micro-batches on this rank."""
+def train_step(parts: Parts, batches: Any, keys: list[str]) -> tuple[torch.Tensor, float]:
+    """One optimizer step (all micro-batches); returns the mean loss over micro-batches on this
+    rank and the global gradient norm before clipping."""
+    engine = parts.engine
     if parts.pipeline:
-        return parts.engine.train_batch(data_iter=micro_batches(parts, batches, keys)).detach().float()
-    losses = []
-    for _ in range(parts.cfg.trainer.grad_accum_steps):
+        loss = engine.train_batch(data_iter=micro_batches(parts, batches, keys)).detach().float()
+        return loss, grad_norm_of(engine)
+    # Plain fp32 DeepSpeed (no ZeRO, no bf16 optimizer) keeps no gradient norm: measure it here.
+    measure = parts.cfg.parallel.zero_stage == 0 and parts.cfg.trainer.precision == "fp32"
+    losses, norm = [], float("nan")
+    for micro in range(parts.cfg.trainer.grad_accum_steps):
         batch = next(batches)
         keys.extend(batch["__key__"])
         loss, _ = parts.task.loss(parts.forward, batch, parts.generator)
-        parts.engine.backward(loss)
-        parts.engine.step()
+        engine.backward(loss)
+        if measure and micro == parts.cfg.trainer.grad_accum_steps - 1:
+            # After the boundary's backward the gradients are averaged over ranks, not yet clipped.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads).item() if grads else float("nan")
+        engine.step()
         losses.append(loss.detach().float())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).mean(), norm if measure else grad_norm_of(engine)
+
+
+def grad_norm_of(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
 
 
 def due(every: int, step: int, max_steps: int) -> bool:
@@ -322,15 +347,14 @@ def run_steps(parts: Parts, step: int, stop: StopRequest) -> tuple[int, str]:
         started = time.perf_counter()
         lr = parts.engine.get_lr()[0]
         keys: list[str] = []
-        loss = train_step(parts, batches, keys)
+        loss, grad_norm = train_step(parts, batches, keys)
         step += 1
         parts.ema.update(parts.model, cfg.parallel.zero_stage, parts.local)
         loss_value = all_reduce_mean(loss).item()
-        grad_norm = parts.engine.get_global_grad_norm()
         metrics = {
             "train/loss": loss_value,
             "train/lr": lr,
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "train/grad_norm": grad_norm,
             "train/samples_per_s": global_batch / (time.perf_counter() - started),
             "data/skipped": float(parts.loader.stats["skipped"]),
         }

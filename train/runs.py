@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -57,6 +58,7 @@ MAX_LISTED_RUNS = 50
 MAX_COMPARED_RUNS = 10
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 SERVER_LOG = "mlflow-server.log"
+SERVER_STARTUP_S = 120  # a loaded 2-core machine needs ~40 s to import MLflow twice and open the store
 NONE = "—"
 
 
@@ -111,11 +113,11 @@ def summarize_metric(key: str, history: Sequence[tuple[int, float]]) -> MetricSu
     final = [value for step, value in history if step == final_step][-1]
     direction = best_direction(key)
     best = best_step = None
-    finite = [(step, value) for step, value in history if value == value]
-    if direction is not None and finite:
+    numbers = [(step, value) for step, value in history if not math.isnan(value)]
+    if direction is not None and numbers:
         pick = min if direction == "min" else max
-        best = pick(value for _, value in finite)
-        best_step = min(step for step, value in finite if value == best)
+        best = pick(value for _, value in numbers)
+        best_step = min(step for step, value in numbers if value == best)
     return MetricSummary(final, final_step, direction, best, best_step)
 
 
@@ -157,7 +159,7 @@ def load_runs(names: Sequence[str], tracking_uri: str, metrics: Sequence[str] | 
 
     ``metrics`` picks the metric keys to summarise (default: every metric of these runs but ``system/*``).
     """
-    resolved: dict[str, tuple[MlflowClient, Path | None, Run]] = {}
+    resolved: dict[str, tuple[str, Path | None, Run]] = {}
     clients: dict[str, MlflowClient] = {}
     for name in names:
         uri, run_id, run_dir = resolve_run(name, tracking_uri)
@@ -171,15 +173,15 @@ def load_runs(names: Sequence[str], tracking_uri: str, metrics: Sequence[str] | 
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise RunsError(f"{name}: no run {run_id} in the MLflow store {uri}; pass --tracking-uri for another store") from exc
-        resolved[run_id] = (clients[uri], run_dir, run)
+        resolved[run_id] = (uri, run_dir, run)
     keys = _metric_keys([run for _, _, run in resolved.values()], metrics, defaults=None)
-    names_of: dict[tuple[int, str], str] = {}
+    experiment_names: dict[tuple[str, str], str] = {}
     summaries = []
-    for client, run_dir, run in resolved.values():
-        experiment_id = run.info.experiment_id
-        if (id(client), experiment_id) not in names_of:
-            names_of[id(client), experiment_id] = client.get_experiment(experiment_id).name
-        summaries.append(summarize_run(client, run, names_of[id(client), experiment_id], keys, run_dir))
+    for uri, run_dir, run in resolved.values():
+        experiment = (uri, run.info.experiment_id)
+        if experiment not in experiment_names:
+            experiment_names[experiment] = clients[uri].get_experiment(run.info.experiment_id).name
+        summaries.append(summarize_run(clients[uri], run, experiment_names[experiment], keys, run_dir))
     return summaries
 
 
@@ -326,8 +328,8 @@ def list_table(runs: Sequence[RunSummary], now_ms: int | None = None) -> Table:
         table.add_column(f"{key}\n{kind}", justify="right")
     for run in runs:
         table.add_row(
-            run.name, run.run_id[:8], run.experiment, run.status, format_time(run.start_ms), format_duration(run.duration_s(now_ms)),
-            run.slurm_job_id or NONE, *(run.params.get(key, NONE) for key in params),
+            run.name, run.run_id[:8], run.experiment, run.status, format_time(run.start_ms),
+            format_duration(run.duration_s(now_ms)), run.slurm_job_id or NONE, *(run.params.get(key, NONE) for key in params),
             *(metric_cell(run, key, kind) for key, kind in columns),
         )  # fmt: skip
     return table
@@ -370,8 +372,8 @@ def print_table(table: Table) -> None:
 
 def compare_url(base_url: str, runs: Sequence[RunSummary]) -> str:
     """The MLflow UI's compare page of ``runs``: ``<base>/#/compare-runs?runs=[ids]&experiments=[ids]`` (URL-encoded)."""
-    run_ids = json.dumps([run.run_id for run in runs])
-    experiment_ids = json.dumps(sorted({run.experiment_id for run in runs}, key=int))
+    run_ids = json.dumps([run.run_id for run in runs], separators=(",", ":"))
+    experiment_ids = json.dumps(sorted({run.experiment_id for run in runs}), separators=(",", ":"))
     return f"{base_url}/#/compare-runs?runs={quote(run_ids, safe='')}&experiments={quote(experiment_ids, safe='')}"
 
 
@@ -384,16 +386,15 @@ class MlflowServer:
     """A lean ``mlflow server`` on the store of a runs root, bound to 127.0.0.1, as a context manager.
 
     Backend ``sqlite:///<root>/mlflow.db``, served artifacts in ``<root>/mlartifacts``, one worker,
-    job execution and telemetry off. Its output goes to ``log_path``. Entering starts it and
+    job execution and telemetry off. Its output goes to ``<root>/mlflow-server.log``. Entering starts it and
     returns once ``/health`` answers; leaving stops its whole process group.
     """
 
-    def __init__(self, runs_root: Path, port: int, log_path: Path | None = None, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, runs_root: Path, port: int) -> None:
         self.runs_root = Path(runs_root).resolve()
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(log_path) if log_path is not None else self.runs_root / SERVER_LOG
-        self.startup_timeout_s = startup_timeout_s
+        self.log_path = self.runs_root / SERVER_LOG
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> MlflowServer:
@@ -427,17 +428,19 @@ class MlflowServer:
         self.stop()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
+        deadline = time.monotonic() + SERVER_STARTUP_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RunsError(f"mlflow server exited with code {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}")
+                raise RunsError(
+                    f"mlflow server exited with code {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 if requests.get(f"{self.url}/health", timeout=2).ok:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.25)
-        raise RunsError(f"mlflow server did not answer on {self.url} within {self.startup_timeout_s:.0f} s; see {self.log_path}")
+        raise RunsError(f"mlflow server did not answer on {self.url} within {SERVER_STARTUP_S} s; see {self.log_path}")
 
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the server wrote."""
@@ -475,21 +478,31 @@ def ui_runs(runs_root: Path, names: Sequence[str]) -> list[RunSummary]:
 
 
 def serve_ui(runs_root: Path, port: int, names: Sequence[str] = ()) -> int:
-    """``flowmill ui``: serve the store of ``runs_root`` in the foreground until Ctrl-C; exit code."""
+    """``flowmill ui``: serve the store of ``runs_root`` in the foreground until Ctrl-C, SIGTERM or SIGHUP; exit code."""
     runs = ui_runs(runs_root, names)
-    with MlflowServer(runs_root, port) as server:
-        print(f"MLflow UI on {server.url} (server pid {server.process.pid}, store {server.runs_root / 'mlflow.db'}, log {server.log_path})")
-        print(f"experiments: {experiments_url(server.url)}")
-        if runs:
-            which = "" if names or len(runs) < MAX_COMPARED_RUNS else " (the newest; name runs to compare others)"
-            print(f"compare {len(runs)} run{'' if len(runs) == 1 else 's'}{which}: {compare_url(server.url, runs)}")
-        print("Press Ctrl-C to stop.", flush=True)
-        try:
+    # The server runs in its own session, so a closed terminal or a `kill` must reach it through us.
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with MlflowServer(runs_root, port) as server:
+            store = server.runs_root / "mlflow.db"
+            print(f"MLflow UI on {server.url} (server pid {server.process.pid}, store {store}, log {server.log_path})")
+            print(f"experiments: {experiments_url(server.url)}")
+            if runs:
+                which = "" if names or len(runs) < MAX_COMPARED_RUNS else " (the newest; name runs to compare others)"
+                print(f"compare {len(runs)} run{'' if len(runs) == 1 else 's'}{which}: {compare_url(server.url, runs)}")
+            print("Press Ctrl-C to stop.", flush=True)
             code = server.wait()
-        except KeyboardInterrupt:
-            print("stopping the MLflow server", flush=True)
-            return 0
+    except KeyboardInterrupt:
+        print("stopped the MLflow server", flush=True)
+        return 0
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     raise RunsError(f"mlflow server exited with code {code}; see {server.log_path}:\n{server.log_tail()}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _default_uri() -> str:
@@ -497,6 +510,8 @@ def _default_uri() -> str:
 
 
 def _list_command(args: argparse.Namespace) -> int:
+    if args.max_runs < 1:
+        raise RunsError(f"--max-runs must be at least 1, got {args.max_runs}")
     runs = list_runs(args.tracking_uri or _default_uri(), args.experiment, args.metric, args.max_runs)
     if not runs:
         print(f"no runs in {args.experiment or 'any experiment'} of {args.tracking_uri or _default_uri()}")
@@ -511,6 +526,8 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _ui_command(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise RunsError(f"--port must be between 1 and 65535, got {args.port}")
     return serve_ui(Path(args.runs_root), args.port, args.runs)
 
 
@@ -532,7 +549,7 @@ def _reporting_errors(handler):
 
 def _add_store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--tracking-uri", metavar="URI", help="MLflow store for run ids (default: sqlite:///runs/mlflow.db under the current folder)"
+        "--tracking-uri", metavar="URI", help="MLflow store for run ids (default: runs/mlflow.db in the current folder)"
     )
     parser.add_argument(
         "--metric", action="append", metavar="KEY", help="a metric to summarise, e.g. val/loss; repeat for several"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,8 @@ def test_resume_continues_exactly(digits_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected, got = losses(full), losses(part)
+    rows = [json.loads(line) for line in (part / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row["train/grad_norm"]) and row["train/grad_norm"] > 0 for row in rows)
     assert sorted(got) == list(range(1, 21))
     for step in range(11, 21):
         assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])

@@ -121,7 +121,8 @@ def test_compare_command_prints_differing_params_metrics_status_duration_job(
 ) -> None:
     code, out, err = run_cli(capsys, "runs", "compare", str(store["run_dir"]), store["b"], "--tracking-uri", store["uri"])
     assert (code, err) == (0, "")
-    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]] for line in out.splitlines() if line.count("│") == 4}
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if line.count("│") == 4]
+    rows = {row[0]: row[1:] for row in cells}
     assert rows["run id"] == [store["a"], store["b"]]
     assert rows["status"] == ["preempted", "finished"]
     assert rows["duration"] == ["2m 05s", "1h 01m"]
@@ -155,7 +156,10 @@ def test_list_command_one_row_per_run_of_the_experiment(store: dict, capsys: pyt
     ("argv", "message"),
     [
         (["runs", "list", "nope"], "no experiment 'nope' in sqlite:///{root}/mlflow.db; choose one of: Default, digits, other"),
-        (["runs", "list", "--metric", "val/loss"], "no metric val/loss in these runs; choose from: system/cpu_utilization_percentage, train/loss"),
+        (["runs", "list", "--metric", "val/loss"],
+         "no metric val/loss in these runs; choose from: system/cpu_utilization_percentage, train/loss, train/lr, "
+         "train/samples_per_s"),
+        (["runs", "list", "--max-runs", "0"], "--max-runs must be at least 1, got 0"),
         (["runs", "compare", "{root}"], "is a folder but not a flowmill run dir (no run.json)"),
         (["runs", "compare", "not-a-run"], "not-a-run is neither a run dir nor an MLflow run id (32 hex digits)"),
         (["runs", "compare", "0" * 32], f"{'0' * 32}: no run {'0' * 32} in the MLflow store"),
@@ -168,13 +172,22 @@ def test_cli_errors_name_what_to_pass(store: dict, capsys: pytest.CaptureFixture
     assert err.startswith("flowmill: error: ") and message.format(root=store["root"]) in err
 
 
-def test_missing_store_is_refused_not_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_missing_store_is_refused_not_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "runs", "list")
     assert code == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}" in err
     assert not (tmp_path / "runs").exists()
     with pytest.raises(RunsError, match="no MLflow store"):
         runs.MlflowServer(tmp_path, port=5999).__enter__()
+
+
+def test_ui_refuses_a_bad_port_before_starting_anything(store: dict, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_cli(capsys, "ui", "--runs-root", str(store["root"]), "--port", "70000")
+    assert (code, out) == (2, "")
+    assert "--port must be between 1 and 65535, got 70000" in err
+    assert not (store["root"] / runs.SERVER_LOG).exists()
 
 
 def test_compare_url_names_runs_and_experiments(store: dict) -> None:
@@ -184,7 +197,7 @@ def test_compare_url_names_runs_and_experiments(store: dict) -> None:
     assert url.startswith(prefix)
     run_part, experiment_part = url.removeprefix(prefix).split("&experiments=")
     assert json.loads(unquote(run_part)) == [store["c"], store["a"]]
-    assert json.loads(unquote(experiment_part)) == sorted({s.experiment_id for s in summaries}, key=int)
+    assert json.loads(unquote(experiment_part)) == sorted({s.experiment_id for s in summaries})
 
 
 def test_ui_runs_newest_by_default_named_runs_from_this_store_only(store: dict, tmp_path: Path) -> None:

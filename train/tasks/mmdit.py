@@ -5,7 +5,10 @@ t = 0 is data, t = 1 is noise: x_t = (1 - t)·x0 + t·noise, the model predicts 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,19 +18,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmill.data.decode import ImageTextDecoder
+from flowmill.data.decode import ImageTextDecoder, field, npy_array
 from flowmill.data.loader import StreamingLoader
+from flowmill.data.shards import read_manifest
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
 from flowmill.models.mmdit import MMDiT, MMDiTConfig
 from flowmill.models.samplers import build_sampler, cfg_velocity
-from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
+from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, TextEncoder, TextEncoderConfig, text_widths
+from flowmill.train.checkpoint import LATEST
 from flowmill.train.config import ConfigError
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
 
+log = logging.getLogger("flowmill")
+
 TOKENIZER_FILE = "tokenizer.model"
 TEXT_ENCODER_FILE = "text_encoder.safetensors"
+# Fields `flowmill data encode` (flowmill.data.encode:text_encoder) writes per sample: txt (L, D), vec (D,).
+CACHED_TXT, CACHED_VEC = "txt_emb.npy", "vec_emb.npy"
+
+
+@dataclass
+class MMDiTModelConfig(MMDiTConfig):
+    """The MMDiT's architecture (the MMDiTConfig fields) plus how a run builds it."""
+
+    init_from: str | None = None  # fine-tuning: start from this flowmill model folder or run dir (EMA weights); same architecture required
+    compile: bool = False  # torch.compile the joint blocks for training steps (inductor): same function, faster after a one-off compile
+
+    def architecture(self) -> MMDiTConfig:
+        """The plain MMDiTConfig: what defines the model's function and its weights."""
+        return MMDiTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MMDiTConfig)})
+
+
+def architecture_differences(ours: MMDiTConfig, theirs: MMDiTConfig) -> list[str]:
+    """``key: ours vs theirs`` for each MMDiTConfig field where two architectures differ."""
+    return [f"{f.name}: {getattr(ours, f.name)!r} vs {getattr(theirs, f.name)!r}"
+            for f in dataclasses.fields(MMDiTConfig) if getattr(ours, f.name) != getattr(theirs, f.name)]
+
+
+@dataclass
+class CachedTextDecoder:
+    """Image + caption + the caption's cached text embeddings: ImageTextDecoder's output plus
+    ``txt_emb`` float (L, txt_dim) and ``vec_emb`` float (vec_dim,) from the shard's .npy fields."""
+
+    images: ImageTextDecoder  # decodes the image and the caption
+    txt_dim: int  # expected width of the cached sequence embedding
+    vec_dim: int  # expected width of the cached pooled embedding
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.images(sample)
+        txt = npy_array(field(sample, CACHED_TXT))
+        vec = npy_array(field(sample, CACHED_VEC))
+        if txt.ndim != 2 or txt.shape[1] != self.txt_dim or vec.shape != (self.vec_dim,):
+            raise ValueError(f"cached embeddings are txt {txt.shape}, vec {vec.shape}; the model takes "
+                             f"txt (L, {self.txt_dim}) and vec ({self.vec_dim},)")
+        out["txt_emb"] = torch.from_numpy(txt.astype("float32"))
+        out["vec_emb"] = torch.from_numpy(vec.astype("float32"))
+        return out
 
 
 @dataclass
@@ -42,7 +90,7 @@ class RectifiedFlowConfig:
 
 
 class MMDiTTask(Task):
-    config_sections = {"model": MMDiTConfig, "text": TextEncoderConfig, "flow": RectifiedFlowConfig}
+    config_sections = {"model": MMDiTModelConfig, "text": TextEncoderConfig, "flow": RectifiedFlowConfig}
     family = "mmdit"
 
     @classmethod
@@ -53,67 +101,144 @@ class MMDiTTask(Task):
             raise ConfigError(f"flow.timesteps: {error}") from None
         if not 0.0 <= cfg.flow.cfg_drop_prob < 1.0:
             raise ConfigError(f"flow.cfg_drop_prob: must be in [0, 1), got {cfg.flow.cfg_drop_prob}")
-        if cfg.model.txt_dim != cfg.text.dim or cfg.model.vec_dim != cfg.text.dim:
+        try:
+            txt_dim, vec_dim = text_widths(cfg.text)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if (cfg.model.txt_dim, cfg.model.vec_dim) != (txt_dim, vec_dim):
             raise ConfigError(
-                f"model.txt_dim: the MMDiT's txt_dim ({cfg.model.txt_dim}) and vec_dim ({cfg.model.vec_dim}) "
-                f"must equal text.dim ({cfg.text.dim})"
+                f"model.txt_dim: the MMDiT takes txt_dim={cfg.model.txt_dim}, vec_dim={cfg.model.vec_dim}; the "
+                f"{cfg.text.kind} text encoder gives txt width {txt_dim} and vec width {vec_dim} (set both to match)"
             )
+        if cfg.model.compile and cfg.parallel.zero_stage == 3:
+            raise ConfigError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
+                              "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
 
     def __init__(self, cfg: Any, env: Any, run_dir: Path):
         super().__init__(cfg, env, run_dir)
-        own_tokenizer = self.run_dir / TOKENIZER_FILE
-        self.tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(cfg.text.tokenizer))
-        if not Path(self.tokenizer_path).is_file():
-            raise ConfigError(
-                f"text.tokenizer: {self.tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
-                "(make run does it for the digits)"
-            )
-        self.tokenizer = Tokenizer.load(self.tokenizer_path)
-        self.text_encoder = TextEncoder(
-            cfg.text,
-            vocab_size=self.tokenizer.vocab_size,
-            pad_id=self.tokenizer.pad_id,
-            bos_id=self.tokenizer.bos_id,
-            eos_id=self.tokenizer.eos_id,
-        )
-        weights = self.run_dir / TEXT_ENCODER_FILE
-        if weights.exists():
-            from safetensors.torch import load_file
+        text = cfg.text
+        if text.pretrained is None:
+            own_tokenizer = self.run_dir / TOKENIZER_FILE
+            self.tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
+            if not Path(self.tokenizer_path).is_file():
+                raise ConfigError(
+                    f"text.tokenizer: {self.tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
+                    "(make run does it for the digits)"
+                )
+            tokenizer = Tokenizer.load(self.tokenizer_path)
+            self.text_encoder = TextEncoder(text, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+            weights = self.run_dir / TEXT_ENCODER_FILE
+            if weights.exists():
+                from safetensors.torch import load_file
 
-            self.text_encoder.load_state_dict(load_file(weights))
+                self.text_encoder.load_state_dict(load_file(weights))
+            # Random-weight encoders share flowmill's one tokenizer (clip+t5 feeds it to both).
+            tokenizers = [tokenizer] * self.text_encoder.num_tokenizers
+        else:
+            self.text_encoder = TextEncoder(text)
+            tokenizers = [PretrainedTokenizer(folder) for folder in (text.pretrained, text.t5_pretrained) if folder]
         self.text_encoder.to(env.device)
+        self.prompts = PromptEncoder(self.text_encoder, tokenizers, text.max_length)
+        if text.cached:
+            for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
+                self.check_cached(source)
         self.path = FlowPath()
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         self._val_batch = None
-        null_ids, null_mask = self.tokenizer.encode_padded([""], cfg.text.max_length)
-        self.null_txt, self.null_vec = self.text_encoder(null_ids.to(env.device), null_mask.to(env.device))
+        self.null_txt, self.null_vec = self.prompts([""], env.device)
+
+    def text_encoder_sha256(self) -> str:
+        """sha256 of the text encoder's weights as ``text_encoder.safetensors`` stores them."""
+        from safetensors.torch import save
+
+        return hashlib.sha256(save(self.text_encoder_state())).hexdigest()
+
+    def text_encoder_state(self) -> dict:
+        return {k: v.detach().cpu().contiguous() for k, v in self.text_encoder.state_dict().items()}
+
+    def check_cached(self, source: str) -> None:
+        """Refuse cached embeddings that are missing or were made by another text encoder."""
+        try:
+            manifest = read_manifest(source)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"text.cached: cannot check the cached embeddings of {source}: {error}") from None
+        missing = [name for name in (CACHED_TXT, CACHED_VEC) if name not in manifest.get("fields", [])]
+        if missing:
+            raise ConfigError(
+                f"text.cached: {source} has no {', '.join(missing)} fields; cache them with `flowmill data encode "
+                f"{source} OUT --encoder flowmill.data.encode:text_encoder --arg run_dir=RUN --keep png txt`"
+            )
+        made_with = manifest.get("made", {}).get("params", {}).get("args", {}).get("description", {}).get("weights_sha256")
+        if made_with is None:
+            raise ConfigError(f"text.cached: {source}'s manifest does not say which text encoder weights made it "
+                              "(description.weights_sha256)")
+        if made_with != self.text_encoder_sha256():
+            raise ConfigError(f"text.cached: {source} was encoded by other text encoder weights than this run's "
+                              f"(sha256 {made_with[:12]}... vs {self.text_encoder_sha256()[:12]}...); re-encode it or "
+                              "use the text section of the run that encoded it")
 
     def prepare_run_dir(self) -> None:
         from safetensors.torch import save_file
 
+        if self.cfg.text.pretrained is not None:
+            return  # the run's config names the pretrained folders; they are not copied
         if Path(self.tokenizer_path) != self.run_dir / TOKENIZER_FILE:
             shutil.copyfile(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
         if not (self.run_dir / TEXT_ENCODER_FILE).exists():
-            state = {k: v.contiguous() for k, v in self.text_encoder.state_dict().items()}
-            save_file(state, self.run_dir / TEXT_ENCODER_FILE)
+            save_file(self.text_encoder_state(), self.run_dir / TEXT_ENCODER_FILE)
 
     def build_model(self) -> nn.Module:
-        return MMDiT(self.cfg.model)
+        """The MMDiT, from ``model.init_from``'s weights when a fresh run fine-tunes."""
+        arch = self.cfg.model.architecture()
+        model = MMDiT(arch)
+        # Only a fresh run reads init_from: a resumed or sampled run's checkpoint replaces the
+        # weights anyway, and must not depend on the base model folder still being there.
+        if self.cfg.model.init_from and not (self.run_dir / LATEST).exists():
+            model.load_state_dict(self.init_weights(self.cfg.model.init_from, arch))
+        if self.cfg.model.compile:
+            model.compile_blocks()
+        return model
 
-    def decoder(self) -> ImageTextDecoder:
-        return ImageTextDecoder(
+    def init_weights(self, source: str, arch: MMDiTConfig) -> dict:
+        """The state dict of a model folder or run dir (EMA), refused unless it is an MMDiT of this architecture."""
+        from flowmill.train.model_io import load_weights
+
+        try:
+            family, theirs, state_dict = load_weights(source)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"model.init_from: {error}") from None
+        if family != self.family:
+            raise ConfigError(f"model.init_from: {source} holds a {family!r} model; an mmdit run starts only from an "
+                              f"{self.family!r} one")
+        differences = architecture_differences(arch, theirs)
+        if differences:
+            raise ConfigError(f"model.init_from: {source}'s architecture differs from model.* (this run vs the folder): "
+                              + "; ".join(differences))
+        return state_dict
+
+    def decoder(self) -> ImageTextDecoder | CachedTextDecoder:
+        images = ImageTextDecoder(
             image_field=self.cfg.flow.image_field,
             channels=self.cfg.model.in_channels,
             size=self.cfg.model.sample_size,
-            tokenizer=self.tokenizer,
+            tokenizer=None,  # captions are tokenized with the text encoder, in the training process
             max_len=self.cfg.text.max_length,
         )
+        if self.cfg.text.cached:
+            return CachedTextDecoder(images, self.cfg.model.txt_dim, self.cfg.model.vec_dim)
+        return images
+
+    def text_inputs(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """txt (B, L, txt_dim), vec (B, vec_dim) of a batch: its cached embeddings or its encoded captions."""
+        if self.cfg.text.cached:
+            return batch["txt_emb"].to(device), batch["vec_emb"].to(device)
+        return self.prompts(batch["txt"], device)
 
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(x_t, t, txt, vec) with prompts dropped to the empty prompt at cfg_drop_prob, and v = noise - x0."""
         device = self.env.device
         x0 = batch["img"].to(device)
-        txt, vec = self.text_encoder(batch["txt_ids"].to(device), batch["txt_mask"].to(device))
+        txt, vec = self.text_inputs(batch, device)
         batch_size = x0.shape[0]
         drop = (torch.rand(batch_size, generator=generator) < self.cfg.flow.cfg_drop_prob).to(device)
         txt = torch.where(drop[:, None, None], self.null_txt.expand_as(txt), txt)
@@ -144,7 +269,7 @@ class MMDiTTask(Task):
         batch = self.validation_batch()
         device = next(model.parameters()).device
         x0 = batch["img"].to(device)
-        txt, vec = self.text_encoder(batch["txt_ids"].to(device), batch["txt_mask"].to(device))
+        txt, vec = self.text_inputs(batch, device)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).to(device)
         metrics = {}
         for value in self.cfg.eval.timesteps:
@@ -156,12 +281,15 @@ class MMDiTTask(Task):
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, sampler: str, seed: int) -> torch.Tensor:
-        """Images (len(prompts)·num_per_prompt, C, H, W) in [-1, 1], prompt-major order."""
+        """Images (len(prompts)·num_per_prompt, C, H, W) in [-1, 1], prompt-major order, at the
+        model's own sample_size (``model.config``: a model folder may be sampled with a run's text encoder)."""
         device = self.env.device
+        for prompt, count in self.prompts.too_long(prompts):
+            log.warning("prompt %r has %d tokens, more than text.max_length=%d: it is truncated",
+                        prompt, count, self.cfg.text.max_length)
         repeated = [p for p in prompts for _ in range(num_per_prompt)]
-        ids, mask = self.tokenizer.encode_padded(repeated, self.cfg.text.max_length)
-        txt, vec = self.text_encoder(ids.to(device), mask.to(device))
-        size, channels = self.cfg.model.sample_size, self.cfg.model.in_channels
+        txt, vec = self.prompts(repeated, device)
+        size, channels = model.config.sample_size, model.config.in_channels
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(repeated), channels, size, size), generator=generator).to(device)
         velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, cfg_scale)
@@ -171,6 +299,9 @@ class MMDiTTask(Task):
         """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``."""
         if not args.prompt:
             raise ConfigError("--prompt: an MMDiT run needs at least one --prompt TEXT")
+        if model.config.in_channels not in (1, 3):
+            raise ConfigError(f"{checkpoint}: the model makes {model.config.in_channels}-channel latents, not 1- or "
+                              "3-channel images; flowmill has no latent decoder (SD3 latents need SD3's VAE, in diffusers)")
         try:
             build_sampler(args.sampler)
         except ValueError as error:
