@@ -1,10 +1,17 @@
 """flowmill.data: WebDataset shards for training.
 
 - ``pack``: write samples as tar shards + manifest.json (idempotent).
-- ``shards``: name a dataset (manifest, folder, brace pattern, glob) and read manifests.
+- ``parallel``: make pack samples on all cores, in an order independent of the process count.
+- ``builtin``: datasets that need no download (digits, moving digits, tinyshakespeare).
+- ``images``, ``text``, ``video``: pack a folder of captioned images, text files as token
+  sequences, videos (.mp4 or frame folders) as clips.
+- ``shards``: name a dataset (manifest, folder, brace pattern, glob, pipe:, fsspec URL).
+- ``tario``: read a tar shard as samples with webdataset, checking its manifest sha256.
+- ``streams``: which raw samples each rank and worker reads per epoch; re-sharding.
 - ``loader``: ``StreamingLoader``, the resumable streaming loader training reads from.
-- ``decode``: raw samples → tensors (``ImageTextDecoder`` for image+caption data).
+- ``decode``: raw samples → tensors (image+caption, clips, token sequences, any field).
+- ``audit``: which keys each rank reads in an epoch (``flowmill data inspect``).
+- ``encode``: cache a frozen encoder's outputs as shards (``flowmill data encode``).
 - ``tokenizer``: train and use sentencepiece tokenizers.
-- ``builtin``: datasets that need no download (scikit-learn digits).
 - ``cli``: the ``flowmill data`` commands.
 """

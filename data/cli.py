@@ -1,4 +1,4 @@
-"""``flowmill data ...`` commands: pack shards, train a tokenizer, inspect what each rank reads.
+"""``flowmill data ...`` commands: pack shards, train a tokenizer, inspect what each rank reads, cache encoders.
 
 ``register(subparsers)`` adds the ``data`` group to the main parser; each command sets
 ``func`` on the parsed namespace, a callable ``func(args) -> int`` (the exit code).
@@ -14,6 +14,7 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from flowmill.data.builtin import (
     DIGITS_SOURCE,
@@ -97,7 +98,7 @@ def _pack(args: argparse.Namespace) -> int:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     for where, manifest in manifests.items():
-        rejected = len(manifest["made"]["notes"].get("rejected", []))
+        rejected = len(manifest["made"].get("notes", {}).get("rejected", []))  # manifests before notes have none
         print(
             f"{where}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
             f"{', '.join(manifest['fields'])}" + (f"; {rejected} inputs skipped (listed in manifest.json)" if rejected else "")
@@ -182,7 +183,6 @@ def _print_inspection(result: dict) -> None:
 
 def _inspect(args: argparse.Namespace) -> int:
     from flowmill.data.audit import inspect_epoch
-    from flowmill.data.tario import ShardChecksumError
 
     try:
         result = inspect_epoch(
@@ -190,7 +190,7 @@ def _inspect(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, drop_last=args.drop_last,
             resampled=args.resampled, verify=not args.no_verify,
         )
-    except (FileNotFoundError, ValueError, ShardChecksumError) as exn:
+    except (FileNotFoundError, ValueError, RuntimeError) as exn:  # RuntimeError: checksum mismatch, nothing decodable
         print(f"error: {exn}", file=sys.stderr)
         return 2
     if args.json:
@@ -198,6 +198,75 @@ def _inspect(args: argparse.Namespace) -> int:
     else:
         _print_inspection(result)
     return 0
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"key=value"`` → (key, value), value read as JSON when it parses (numbers, true, lists), else a string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from flowmill.data.encode import encode_dataset, load_encoder
+
+    shard_samples = 1000 if args.shard_samples is None and args.shard_bytes is None else args.shard_samples
+    encoder_args = dict(args.arg)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        encoder = load_encoder(args.encoder, encoder_args)
+        manifest = encode_dataset(
+            args.dataset, args.out_dir, encoder, encoder_spec=args.encoder, encoder_args=encoder_args,
+            batch_size=args.batch_size, keep=tuple(args.keep), dtype=args.dtype, shard_samples=shard_samples,
+            shard_bytes=args.shard_bytes, progress=not args.quiet, overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    rejected = len(manifest["made"]["notes"]["rejected"])
+    print(
+        f"{args.out_dir}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
+        f"{', '.join(manifest['fields'])}" + (f"; {rejected} samples skipped (listed in manifest.json)" if rejected else "")
+    )
+    return 0
+
+
+def _add_encode(commands: argparse._SubParsersAction) -> None:
+    encode = commands.add_parser(
+        "encode",
+        help="run a frozen encoder over a dataset once and write its outputs as new shards",
+        description=(
+            "Cache a frozen encoder's outputs (text embeddings, latents) so training does not recompute them every "
+            "step. The encoder is MODULE:CALLABLE, called with the --arg keywords; it returns an object with "
+            "decode(sample), __call__(batch) and description (see flowmill.data.encode). Each output becomes a "
+            "NAME.npy field of a sample with the source key; --keep copies source fields (e.g. txt) along."
+        ),
+        epilog=(
+            "example: flowmill data encode datasets/digits datasets/digits-txt-emb "
+            "--encoder flowmill.data.encode:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
+        ),
+    )
+    encode.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern or glob")
+    encode.add_argument("out_dir", metavar="OUT_DIR", help="folder for the encoded shards and manifest.json")
+    encode.add_argument("--encoder", required=True, metavar="MODULE:CALLABLE", help="factory of the frozen encoder")
+    encode.add_argument("--arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword for the factory (JSON values: numbers, true, lists; else a string); repeat")
+    encode.add_argument("--batch-size", type=int, default=64, help="samples per encoder call (default 64)")
+    encode.add_argument("--keep", nargs="+", default=[], metavar="FIELD", help="source fields copied to each output sample")
+    encode.add_argument("--dtype", choices=("float32", "float16"), help="store floating outputs in this type")
+    encode.add_argument("--threads", type=int, help="torch CPU threads for the encoder (default: torch's choice)")
+    encode.add_argument("--shard-samples", type=int, help="close a shard after this many samples (default 1000)")
+    encode.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes")
+    encode.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
+    encode.add_argument("--quiet", action="store_true", help="no progress bar")
+    encode.set_defaults(func=_encode)
 
 
 def _add_pack(commands: argparse._SubParsersAction) -> None:
@@ -310,13 +379,14 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``data`` command group (``pack``, ``tokenizer``, ``inspect``) to the main parser's ``subparsers``."""
+    """Add the ``data`` command group (``pack``, ``tokenizer``, ``inspect``, ``encode``) to the main parser's ``subparsers``."""
     data = subparsers.add_parser(
         "data",
-        help="make and check datasets: pack WebDataset shards, train tokenizers, inspect the data order",
+        help="make and check datasets: pack WebDataset shards, train tokenizers, inspect the data order, cache encoders",
         description="Dataset tools. Start with: flowmill data pack builtin:digits data/digits",
     )
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     _add_pack(commands)
     _add_tokenizer(commands)
     _add_inspect(commands)
+    _add_encode(commands)

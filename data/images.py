@@ -83,7 +83,8 @@ def _caption(image: Path) -> dict:
     return fields
 
 
-def _square(image: Image.Image, size: int) -> Image.Image:
+def square(image: Image.Image, size: int) -> Image.Image:
+    """``image`` resized (shorter side → ``size``, bicubic, antialiased) and centre-cropped to size × size."""
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.BICUBIC)
@@ -101,7 +102,7 @@ def image_sample(job: ImageJob) -> list[dict]:
             image.load()  # decodes fully: a truncated file fails here, not in training
             if job.size is not None:
                 buffer = io.BytesIO()
-                _square(image.convert("RGB") if image.mode not in ("L", "RGB") else image, job.size).save(
+                square(image.convert("RGB") if image.mode not in ("L", "RGB") else image, job.size).save(
                     buffer, format=PIL_FORMAT[field]
                 )
                 data = buffer.getvalue()

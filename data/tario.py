@@ -1,30 +1,42 @@
 """Reading one tar shard as a stream of raw WebDataset samples, checking its sha256 on the way.
 
-A sample is the run of consecutive tar members sharing a key: ``dir/key.field.ext`` gives
-key ``dir/key`` and field ``field.ext`` (split at the first dot of the file name, field
-lower-cased, as webdataset does). Samples are dicts ``{"__key__", "__url__", field: bytes}``.
+The tar reading and the grouping of members into samples are webdataset's
+(``tar_file_iterator``, ``group_by_keys``): ``dir/key.field.ext`` gives key ``dir/key`` and
+field ``field.ext`` (lower-cased), and members webdataset treats as metadata (``__name__``)
+are no sample. Samples are dicts ``{"__key__", "__url__", field: bytes}``. Shards are opened
+with webdataset's ``gopen`` (``pipe:COMMAND``, ``http(s)://``, ``gs://``, ...), local paths with
+``open`` and the schemes ``gopen`` has no handler for (``s3://``, ...) with fsspec.
 
-Errors inside a shard (truncated or corrupt tar, a field twice in one sample) are appended
-to a ``reports`` list as ``{"key", "shard", "reason"}`` (key None when the rest of the shard
-is lost) and reading goes on with what can be read; a shard that does not exist is raised.
+Errors inside a shard (truncated or corrupt tar, a field twice in one sample, fewer samples
+than its manifest lists) are appended to a ``reports`` list as ``{"key", "shard", "reason"}``
+(key None when the rest of the shard is lost) and reading goes on with what can be read; a
+shard that does not exist is raised.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from typing import BinaryIO
+from urllib.parse import urlparse
 
 import fsspec
-from webdataset.gopen import gopen
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from flowmill.data.shards import Shard, is_local
-from flowmill.data.tarstream import tar_members
 
 _READ_BYTES = 1 << 20
-# (url, sha256) pairs whose bytes this process has already hashed: a shard is hashed on its
-# first read only, resampled epochs re-read it at full speed.
-_verified: set[tuple[str, str]] = set()
+_TAR_BLOCK = 512  # an uncompressed tar is whole 512-byte blocks; a shorter tail means it was cut
+# Shards (see _identity) whose bytes this process has already hashed: a shard is hashed on
+# its first read only, resampled epochs re-read it at full speed.
+_verified: set[tuple] = set()
+
+
+def forget_verified() -> None:
+    """Forget which shards this process has verified: the next read of each is hashed again."""
+    _verified.clear()
 
 
 class ShardChecksumError(RuntimeError):
@@ -32,46 +44,54 @@ class ShardChecksumError(RuntimeError):
 
 
 def open_shard(url: str) -> BinaryIO:
-    """Open a shard for reading: local path, ``pipe:COMMAND`` or any fsspec URL."""
-    if url.startswith("pipe:"):
-        return gopen(url, "rb")
+    """Open a shard for reading: local path, ``pipe:COMMAND``, a URL ``gopen`` handles, or any fsspec URL."""
     if is_local(url):
         return open(url, "rb", buffering=_READ_BYTES)
+    if url.startswith("pipe:") or urlparse(url).scheme in gopen_schemes:
+        return gopen(url, "rb")
     return fsspec.open(url, "rb").open()
 
 
-class _Hashing:
-    """A read-only stream that hashes everything read through it."""
+class _Source:
+    """The read-only stream tarfile reads a shard through: counts its bytes, hashes them when
+    asked, and is named by the shard's URL in webdataset's error messages."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, url: str, hashing: bool):
         self.stream = stream
-        self.digest = hashlib.sha256()
+        self.url = url
+        self.digest = hashlib.sha256() if hashing else None
+        self.size = 0
+        self.head = b""  # the first block, to tell a plain tar from a compressed one
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        self.digest.update(data)
+        if self.size < _TAR_BLOCK:
+            self.head = (self.head + data)[:_TAR_BLOCK]
+        self.size += len(data)
+        if self.digest is not None:
+            self.digest.update(data)
         return data
 
-    def hexdigest_to_end(self) -> str:
-        """Read what the tar reader left unread (end-of-archive padding) and return the digest of the whole file."""
+    def read_to_end(self) -> None:
+        """Read what tarfile left unread (end-of-archive padding), so size and digest cover the whole file."""
         while self.read(_READ_BYTES):
             pass
-        return self.digest.hexdigest()
+
+    def cut(self) -> bool:
+        """Whether the stream, read to its end, is a plain tar that stops inside a 512-byte block."""
+        return self.head[257:262] == b"ustar" and self.size % _TAR_BLOCK != 0
+
+    def __str__(self) -> str:
+        return self.url
 
 
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``"dir/key.field.ext"`` → ``("dir/key", "field.ext")``; None for a name without a dot."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, suffix = base.partition(".")
-    if not dot or not stem:
-        return None
-    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
-
-
-def _is_meta(name: str) -> bool:
-    # webdataset keeps dataset metadata in members named __...__; they are no sample.
-    base = name.rpartition("/")[2]
-    return base.startswith("__") and base.partition(".")[0].endswith("__")
+def _identity(shard: Shard) -> tuple:
+    """What a verified shard is remembered by: for a local file also its size and modification
+    time, so a file rewritten since it was hashed is hashed again."""
+    if not is_local(shard.url):
+        return shard.url, shard.sha256
+    stat = os.stat(shard.url)
+    return shard.url, shard.sha256, stat.st_size, stat.st_mtime_ns
 
 
 def _exception_text(exn: BaseException) -> str:
@@ -84,57 +104,86 @@ def read_samples(shard: Shard, reports: list[dict], verify: bool = True) -> Iter
     With ``verify`` and a manifest sha256, the shard's bytes are hashed on this process's
     first read of it and ``ShardChecksumError`` is raised after its last sample if they differ.
     """
-    url = shard.url
-    check = verify and shard.sha256 is not None and (url, shard.sha256) not in _verified
-    stream = open_shard(url)
+    identity = _identity(shard) if verify and shard.sha256 is not None else None
+    check = identity is not None and identity not in _verified
+    stream = open_shard(shard.url)
     try:
-        yield from _samples(shard, stream, reports, check)
+        yield from _samples(shard, _Source(stream, shard.url, hashing=check), reports)
     finally:
         stream.close()
+    if check:
+        _verified.add(identity)
 
 
-def _samples(shard: Shard, stream: BinaryIO, reports: list[dict], check: bool) -> Iterator[dict]:
+class _Members:
+    """webdataset's member stream of one shard, as ``group_by_keys`` gets it.
+
+    It ends with webdataset's end-of-shard marker ``{}`` even when reading fails, so that
+    ``group_by_keys`` hands out the sample it holds before the error (kept in ``error``) is
+    raised; and it remembers the member handed on last, so that the error ``group_by_keys``
+    raises for a field seen twice in one sample can be pinned to that sample's key.
+    """
+
+    def __init__(self, source: _Source, url: str, reports: list[dict]):
+        self.source = source
+        self.url = url
+        self.reports = reports
+        self.last: dict | None = None
+        self.error: Exception | None = None
+        self.repeated: set[str] = set()  # keys of samples rejected for a repeated field
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            for member in tar_file_iterator(self.source):
+                member["__url__"] = self.url
+                self.last = member
+                yield member
+        except Exception as exn:  # raised by _samples once group_by_keys has handed out the last whole sample
+            self.error = exn
+        yield {}
+
+    def handler(self, exn: Exception) -> bool:
+        # group_by_keys raises ValueError only for a file name repeated within a sample.
+        if not isinstance(exn, ValueError) or self.last is None:
+            raise exn
+        key, suffix = base_plus_ext(self.last["fname"])
+        self.repeated.add(key)
+        self.reports.append({"key": key, "shard": self.url, "reason": f"field {suffix.lower()!r} appears twice in the sample"})
+        return True
+
+
+def _samples(shard: Shard, source: _Source, reports: list[dict]) -> Iterator[dict]:
     url = shard.url
-    source = _Hashing(stream) if check else stream
-    current: dict | None = None
     count = 0
-    duplicate = None
+    expected = f" of {shard.samples}" if shard.samples is not None else ""
+    members = _Members(source, url, reports)
     try:
-        for name, data in tar_members(source):
-            split = _split_name(name)
-            if split is None or _is_meta(name):
-                continue
-            key, suffix = split
-            if current is not None and key != current["__key__"]:
-                if duplicate is None:
-                    count += 1
-                    yield current
-                current = None
-            if current is None:
-                current, duplicate = {"__key__": key, "__url__": url}, None
-            if suffix in current:
-                duplicate = suffix
-                reports.append({"key": key, "shard": url, "reason": f"field {suffix!r} appears twice in the sample"})
-            current[suffix] = data
-        if current is not None and duplicate is None:
-            count += 1
-            yield current
+        for sample in group_by_keys(members, handler=members.handler):
+            if sample["__key__"] not in members.repeated:
+                count += 1
+                yield sample
+        if members.error is not None:
+            raise members.error
     except FileNotFoundError:
         raise
     except Exception as exn:  # a corrupt shard must not stop training: report and keep what was read
-        if current is not None and duplicate is None:
-            count += 1
-            yield current
-        expected = f" of {shard.samples}" if shard.samples is not None else ""
         reports.append({
             "key": None, "shard": url,
             "reason": f"unreadable after {count}{expected} samples, the rest of the shard is lost ({_exception_text(exn)})",
         })
-    if check:
-        actual = source.hexdigest_to_end()
+    else:
+        source.read_to_end()
+        # tarfile takes a tar cut at a header for a complete one; the block size and the manifest tell.
+        if source.cut() or (shard.samples is not None and count + len(members.repeated) < shard.samples):
+            reports.append({
+                "key": None, "shard": url,
+                "reason": f"truncated: the tar ends after {count}{expected} samples, the rest of the shard is lost",
+            })
+    if source.digest is not None:
+        source.read_to_end()
+        actual = source.digest.hexdigest()
         if actual != shard.sha256:
             raise ShardChecksumError(
                 f"shard {url} does not match its manifest: sha256 {actual}, manifest says {shard.sha256}; "
                 "the file changed or is damaged (repack it, or read it unverified with verify=False)"
             )
-        _verified.add((url, shard.sha256))

@@ -80,7 +80,7 @@ class _Encode:
 
 def token_stream(texts: list[str], tokenizer: Tokenizer, processes: int) -> np.ndarray:
     """Ids of every text followed by eos, concatenated: int32 (N,)."""
-    jobs = [(index, piece) for index, text in enumerate(texts) for piece in chunks(text)]
+    jobs = [(index, piece) for index, text in enumerate(texts) for piece in chunks(text, CHUNK_CHARS)]
     encoded = parallel_map(_Encode(tokenizer), [piece for _, piece in jobs], processes)
     ids: list[int] = []
     for position, piece_ids in enumerate(encoded):

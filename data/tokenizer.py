@@ -33,8 +33,9 @@ def train_tokenizer(
     ``hard_vocab_limit=False`` it is an upper bound: a tiny corpus (the 10 digit captions)
     yields fewer pieces than asked instead of failing. The same texts and arguments give
     a byte-identical model (one training thread, fixed seed). With ``newlines`` the model
-    gets a piece for ``"\\n"`` and keeps runs of spaces, so multi-line text (a language-model
-    corpus) decodes back with its line breaks.
+    gets a piece for ``"\\n"``, keeps runs of spaces and adds no space before the first word,
+    so multi-line text (a language-model corpus) decodes back exactly, also when it was
+    encoded in pieces cut after line breaks.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown tokenizer model_type {model_type!r}; choose one of: {', '.join(MODEL_TYPES)}")
@@ -56,7 +57,8 @@ def train_tokenizer(
         eos_id=EOS_ID,
         num_threads=1,
         minloglevel=2,
-        **({"user_defined_symbols": ["\n"], "remove_extra_whitespaces": False} if newlines else {}),
+        # No dummy "▁" before the first word either: text encoded in pieces then joins back exactly.
+        **({"user_defined_symbols": ["\n"], "remove_extra_whitespaces": False, "add_dummy_prefix": False} if newlines else {}),
     )
     path = Path(f"{out_prefix}.model")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,10 @@ import av
 import numpy as np
 from PIL import Image
 
+from flowmill.data.images import IMAGE_SUFFIXES, square
 from flowmill.data.pack import input_fingerprint, write_shards
 from flowmill.data.parallel import BadInput, parallel_samples, warn
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4",)
 MP4_CODEC = "libx264"  # H.264 in the PyAV wheels; reads back in any player
 VIDEO_SOURCE = "video"
@@ -72,12 +72,7 @@ def read_frames_folder(folder: str | Path) -> np.ndarray:
 
 def fit_frame(frame: np.ndarray, size: int) -> np.ndarray:
     """One uint8 (H, W, 3) frame resized (shorter side → ``size``, antialiased) and centre-cropped to (size, size, 3)."""
-    height, width = frame.shape[:2]
-    scale = size / min(height, width)
-    resized_w, resized_h = max(size, round(width * scale)), max(size, round(height * scale))
-    image = Image.fromarray(frame).resize((resized_w, resized_h), Image.BICUBIC)
-    left, top = (resized_w - size) // 2, (resized_h - size) // 2
-    return np.asarray(image.crop((left, top, left + size, top + size)))
+    return np.asarray(square(Image.fromarray(frame), size))
 
 
 def clip_starts(num_frames: int, frames: int, stride: int) -> range:

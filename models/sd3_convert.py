@@ -251,6 +251,7 @@ def load_diffusers_folder(path: str | Path):
     """A diffusers SD3 transformer folder → (MMDiTConfig, flowmill state dict)."""
     folder = Path(path)
     config = _read_json(folder / DIFFUSERS_CONFIG)
+    config_from_diffusers(config)  # refuse what is not an SD3 transformer before reading gigabytes of weights
     if (folder / DIFFUSERS_WEIGHTS).is_file():
         state_dict = load_file(str(folder / DIFFUSERS_WEIGHTS))
     elif (folder / DIFFUSERS_INDEX).is_file():

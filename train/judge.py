@@ -181,6 +181,8 @@ def train_judge(data_path: str | Path, config: JudgeConfig) -> tuple[CausalLM, f
         schedule.step()
         if step >= config.steps - max(1, config.steps // 20):
             tail.append(loss.item())
+        if (step + 1) % max(1, config.steps // 10) == 0:
+            log.info("judge step %d/%d: loss %.3f", step + 1, config.steps, loss.item())
     return model.eval(), math.exp(sum(tail) / len(tail))
 
 
@@ -198,3 +200,32 @@ def save_judge(model: CausalLM, record: dict, folder: Path) -> None:
         os.rename(partial, folder)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)  # an identical judge got there first
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flowmill.train.judge CONFIG [key=value ...]``: train (or find) the judge of a text config."""
+    import argparse
+
+    from flowmill.train.config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flowmill.train.judge",
+        description="Train the judge of an flm/fmlm config's data.path with its judge section, once; "
+        "later calls (and the runs' evaluations) find it in judge.cache_dir.",
+    )
+    parser.add_argument("config", help="an flm or fmlm config, e.g. configs/flm_shakespeare.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. judge.steps=500")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if not hasattr(cfg, "judge"):
+        raise SystemExit(f"{args.config}: task {cfg.task} has no judge section; give an flm or fmlm config")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+    _, record = load_or_train_judge(cfg.data.path, cfg.judge, val_path=cfg.eval.path)
+    print(json.dumps(record, indent=1))
+    print(f"judge: {judge_dir(cfg.data.path, cfg.judge)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

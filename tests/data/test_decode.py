@@ -1,13 +1,15 @@
-"""Tests for flowmill.data.decode through the loader on the built-in digits."""
+"""Tests for flowmill.data.decode: image+caption batches of the digits, npy, generic, clip and token decoding."""
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from flowmill.data.builtin import digit_captions, pack_builtin_digits
-from flowmill.data.decode import ImageTextDecoder
+from flowmill.data.decode import ClipDecoder, GenericDecoder, ImageTextDecoder, TokenDecoder, npy_array
+from flowmill.data.video import encode_mp4
 from flowmill.data.loader import StreamingLoader
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -43,3 +45,61 @@ def test_wrong_size_and_missing_fields_raise():
         decode({"__key__": "k", "txt": b"a"})
     with pytest.raises(UnidentifiedImageError):
         decode({"png": b"not an image", "txt": b"a"})
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.int32), np.zeros((2, 3, 4), np.uint8), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+    np.ones((), np.float16),
+])
+def test_npy_array_reads_what_numpy_wrote(array):
+    decoded = npy_array(npy(array))
+    assert decoded.dtype == array.dtype and decoded.shape == array.shape and (decoded == array).all()
+
+
+def test_npy_array_refuses_objects_and_garbage():
+    with pytest.raises(ValueError, match="Python objects"):
+        npy_array(npy(np.array([{"a": 1}], dtype=object)))
+    with pytest.raises(ValueError, match="bad magic"):
+        npy_array(b"PK\x03\x04 not numpy")
+
+
+def test_generic_decoder_decodes_every_known_field():
+    grey = png(8)
+    rgb = io.BytesIO()
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(rgb, format="JPEG")
+    sample = {
+        "__key__": "k", "__url__": "u", "png": grey, "jpg": rgb.getvalue(), "npy": npy(np.eye(2)), "txt": b"hi",
+        "json": b'{"a": [1, 2]}', "cls": b" 7\n", "tokens.npy": npy(np.array([5, 6], np.int32)), "bin": b"\x00\x01",
+        "mp4": encode_mp4(np.full((3, 16, 16, 3), 90, np.uint8)),
+    }
+    out = GenericDecoder()(sample)
+    assert out["png"].shape == (1, 8, 8) and out["png"].dtype == torch.uint8
+    assert out["jpg"].shape == (3, 4, 6) and out["jpg"][0].float().mean() > 200
+    assert (out["npy"] == np.eye(2)).all() and out["tokens.npy"].tolist() == [5, 6]
+    assert out["txt"] == "hi" and out["json"] == {"a": [1, 2]} and out["cls"] == 7 and out["bin"] == b"\x00\x01"
+    assert out["mp4"].shape == (3, 16, 16, 3) and abs(float(out["mp4"].mean()) - 90) < 4
+    assert "__key__" not in out
+    with pytest.raises(ValueError, match="field 'jpg' does not decode"):
+        GenericDecoder()({"__key__": "k", "jpg": b"not a jpeg"})
+    with pytest.raises(ValueError, match="field 'mp4' does not decode"):
+        GenericDecoder()({"__key__": "k", "mp4": b"not a video"})
+
+
+def test_clip_and_token_decoders_check_shapes():
+    clip = np.full((4, 8, 8, 3), 255, np.uint8)
+    video = ClipDecoder(frames=4, size=8)({"npy": npy(clip)})["video"]
+    assert video.shape == (4, 3, 8, 8) and video.dtype == torch.float32 and torch.all(video == 1.0)
+    with pytest.raises(ValueError, match=r"expected uint8 \(16, 8, 8, 3\)"):
+        ClipDecoder(frames=16, size=8)({"npy": npy(clip)})
+    tokens = TokenDecoder(seq_len=3, vocab_size=10)({"tokens.npy": npy(np.array([1, 2, 9], np.int32))})["tokens"]
+    assert tokens.dtype == torch.long and tokens.tolist() == [1, 2, 9]
+    with pytest.raises(ValueError, match="outside the vocabulary of 10"):
+        TokenDecoder(seq_len=3, vocab_size=10)({"tokens.npy": npy(np.array([1, 2, 10], np.int32))})
+    with pytest.raises(ValueError, match=r"expected integers \(4,\)"):
+        TokenDecoder(seq_len=4)({"tokens.npy": npy(np.array([1, 2, 3], np.int32))})

@@ -50,3 +50,15 @@ def test_bad_arguments_are_explained(tmp_path):
         train_tokenizer(["", "  "], tmp_path / "t", vocab_size=32)
     with pytest.raises(FileNotFoundError, match="missing.model"):
         Tokenizer.load(tmp_path / "missing.model")
+
+
+def test_newlines_tokenizer_keeps_layout_exactly(tmp_path):
+    lines = ["First Citizen:", "  Before we proceed any further, hear me speak.", "", "All:", "Speak, speak."]
+    tokenizer = Tokenizer.load(train_tokenizer(lines, tmp_path / "t", vocab_size=60, newlines=True))
+    text = "First Citizen:\n  Before we proceed,  hear me.\n\nAll:\nSpeak.\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    pieces = text.split("\n", 2)
+    joined = tokenizer.encode(pieces[0] + "\n", add_eos=False) + tokenizer.encode("\n".join(pieces[1:]), add_eos=False)
+    assert tokenizer.decode(joined) == text
+    plain = Tokenizer.load(train_tokenizer(lines, tmp_path / "p", vocab_size=60))
+    assert plain.decode(plain.encode(text)) != text  # without newlines, line breaks are lost

@@ -12,7 +12,9 @@ def test_yaml_and_overrides_load_into_typed_sections():
     cfg = load_config(TINY_CONFIG, ["trainer.max_steps=7", "optim.lr=3e-4", "model.depth=3", "run.name=abc"])
     assert cfg.trainer.max_steps == 7 and cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.model.depth == 3 and cfg.run.name == "abc"
-    assert type(cfg.model).__name__ == "MMDiTConfig"
+    from flowmill.models.mmdit import MMDiTConfig
+
+    assert isinstance(cfg.model, MMDiTConfig)
 
 
 @pytest.mark.parametrize(

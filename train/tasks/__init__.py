@@ -12,7 +12,7 @@ import importlib
 TASKS = {
     "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
     "flm": "flowmill.train.tasks.flm:FLMTask",
-    "fmlm": "flowmill.train.tasks.flm:FMLMTask",
+    "fmlm": "flowmill.train.tasks.fmlm:FMLMTask",
 }
 
 

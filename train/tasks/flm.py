@@ -1,29 +1,20 @@
-"""Flow language models: FLM training (``task: flm``) and its flow-map distillation (``task: fmlm``).
+"""Flow language models (``task: flm``) and what the FLM and FMLM tasks share.
 
 The model and the objectives are ``flowmill.models.flow_lm`` and ``flowmill.train.flm_objective``
 (t = 0 is data, t = 1 is noise, x_t = (1 - t)·onehot(tokens) + t·noise). Data are token
 sequences packed by ``flowmill data pack text``; their manifest names the tokenizer (sha256),
-its vocabulary and the sequence length, which are checked against the model before the first step.
-
-FMLM distillation has two stages, each its own run of ``task: fmlm`` (``distill.stage``):
-
-1. ``corrector``: a flow-map network g, initialised from the teacher with a zero head, learns the
-   second-order term of the teacher's flow map (sampling uses teacher + corrector, two calls a jump);
-2. ``student``: one flow-map network, initialised from the teacher, regresses the corrected map of
-   stage 1; it samples in 1, 2 or 4 calls.
-
-A run copies what it depends on into its run dir (tokenizer; the teacher's and corrector's EMA
-weights and configs), so sampling and resume need neither the teacher's nor the corrector's run.
+its vocabulary and the sequence length, which are checked against the model before the first
+step. The run dir keeps a copy of the tokenizer, so sampling and resume need only the run dir.
 
 Every evaluation logs ``val/ce`` (and ``val/ce_tau{tau}``) on held-out text over a fixed grid of
-the discrete clock (``lm_eval.val_clock``), ``val/distill_error`` for distillation runs, and, from
-``sample.num_per_prompt`` samples of ``sample.steps`` steps, ``sample/entropy`` and, with a judge
-(``judge.cache_dir``), ``sample/gen_ppl``. The samples of every evaluation go to MLflow as text.
+the discrete clock (``lm_eval.val_clock``) and, from ``sample.num_per_prompt`` samples of
+``sample.steps`` steps, ``sample/entropy`` and, with a judge (``judge.cache_dir``, see
+``flowmill.train.judge``), ``sample/gen_ppl``. The samples of every evaluation go to MLflow as
+text (``samples/text-{step}.txt``). The distillation task is in ``flowmill.train.tasks.fmlm``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from flowmill.data.decode import TokenDecoder
@@ -41,20 +31,14 @@ from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time
 from flowmill.train import flm_objective as objective
-from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError
 from flowmill.train.config import ConfigError, EvalConfig
 from flowmill.train.judge import JudgeConfig, TextDataInfo, load_or_train_judge, text_data_info
 from flowmill.train.tasks.base import Task
 from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
 
 TOKENIZER_FILE = "tokenizer.model"
-CONFIG_FILE = "config.yaml"
-SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
-TEACHER_DIR = "teacher"
-CORRECTOR_DIR = "corrector"
 SAMPLE_CHUNK = 64  # samples generated per sampler call; fixed so a seed gives the same samples for any count
 EVAL_CHUNK = 64  # validation sequences per forward pass
-STAGES = ("corrector", "student")
 FAMILY = "flow_lm"
 
 
@@ -68,13 +52,6 @@ class LMEvalConfig:
     val_clock: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # discrete-clock values tau (0 data, 1 noise) of the validation cross-entropy grid
 
 
-@dataclass
-class DistillConfig:
-    stage: str = "corrector"  # corrector (stage 1: learns the teacher map's second-order term) | student (stage 2: one network, 1-4 steps)
-    teacher: str | None = None  # the FLM run dir (or one of its checkpoints/step-* folders) to distil
-    corrector: str | None = None  # stage student only: the finished corrector run distilled from the same teacher
-
-
 class Trainee:
     """The engine's forward as the objectives see a model: callable, with the live model's plain attributes."""
 
@@ -86,19 +63,6 @@ class Trainee:
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         return self._forward(*args)
-
-
-class JumpToData(nn.Module):
-    """A flow-map model read as an FLM: ``forward(x_t, t)`` = logits of its jump from t straight to data (s = 0)."""
-
-    def __init__(self, flow_map: FlowLM):
-        super().__init__()
-        self.flow_map = flow_map
-        self.vocab_size = flow_map.vocab_size
-        self.seq_len = flow_map.seq_len
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.flow_map(x_t, t, torch.zeros_like(t))
 
 
 def write_atomic_copy(source: Path, target: Path) -> None:
@@ -172,6 +136,8 @@ class TextFlowTask(Task):
         clock = cfg.lm_eval.val_clock
         if not clock or not all(0.0 <= tau <= 1.0 for tau in clock):
             raise ConfigError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
+        if cfg.parallel.pipeline_stages > 1:
+            raise ConfigError(f"parallel.pipeline_stages: {cfg.task} trains without pipeline stages (ZeRO 0-3 only); set it to 1")
 
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
@@ -324,189 +290,3 @@ def clock_ce_metrics(model: nn.Module, tokens: torch.Tensor, times: torch.Tensor
     metrics = {f"val/ce_tau{tau:g}": value for tau, value in zip(clock, per_time)}
     metrics["val/ce"] = sum(per_time) / len(per_time)
     return metrics
-
-
-class FMLMTask(TextFlowTask):
-    """``task: fmlm``: one stage of flow-map distillation of an FLM run (``distill.stage``)."""
-
-    config_sections = {"distill": DistillConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
-    model_key = "the teacher's model.seq_len"
-
-    @classmethod
-    def validate_config(cls, cfg: Any) -> None:
-        super().validate_config(cfg)
-        distill = cfg.distill
-        if distill.stage not in STAGES:
-            raise ConfigError(f"distill.stage: {distill.stage!r} is not one of {', '.join(STAGES)}")
-        if not distill.teacher:
-            raise ConfigError("distill.teacher: give the FLM run to distil, e.g. distill.teacher=runs/flm-shakespeare")
-        if distill.stage == "student" and not distill.corrector:
-            raise ConfigError("distill.corrector: the student stage needs the corrector run of stage 1, e.g. distill.corrector=runs/fmlm-corrector")
-        if distill.stage == "corrector" and distill.corrector:
-            raise ConfigError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
-
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
-        super().__init__(cfg, env, run_dir)
-        self.stage = cfg.distill.stage
-        own_teacher, own_corrector = self.run_dir / TEACHER_DIR, self.run_dir / CORRECTOR_DIR
-        if (own_teacher / SOURCE_FILE).is_file():  # resume or sample: the run's own copies
-            refuse_changed_distill(cfg, self.run_dir)
-            self.teacher_files = ModelFiles.copied(own_teacher)
-            self.tokenizer_path = self.run_dir / TOKENIZER_FILE
-        else:
-            self.teacher_files, self.tokenizer_path = teacher_source(cfg.distill.teacher)
-        teacher_config = FlowLMConfig(**read_yaml(self.teacher_files.config)["model"])
-        self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False), self.teacher_files.weights, env.device)
-        self.tokenizer = Tokenizer.load(self.tokenizer_path)
-        self.model_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=self.stage == "corrector")
-        self.corrector_files = self.corrector = None
-        if self.stage == "student":
-            if (own_corrector / SOURCE_FILE).is_file():
-                self.corrector_files = ModelFiles.copied(own_corrector)
-            else:
-                self.corrector_files = corrector_source(cfg.distill.corrector, self.teacher_files.weights)
-            corrector_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=True)
-            self.corrector = load_flow_lm(corrector_config, self.corrector_files.weights, env.device)
-
-    def prepare_run_dir(self) -> None:
-        own_teacher = self.run_dir / TEACHER_DIR
-        if self.teacher_files.folder != own_teacher:
-            self.teacher_files.copy_to(own_teacher)
-            write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
-        if self.corrector_files is not None and self.corrector_files.folder != self.run_dir / CORRECTOR_DIR:
-            self.corrector_files.copy_to(self.run_dir / CORRECTOR_DIR)
-
-    def build_model(self) -> nn.Module:
-        """The flow map, starting as the teacher (the corrector with a zero head: g = 0)."""
-        self.live = FlowLM(self.model_config)
-        self.live.init_from_teacher(self.teacher, zero_head=self.stage == "corrector")
-        return self.live
-
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        tokens = batch["tokens"].to(self.env.device)
-        trainee = Trainee(model, self.live)
-        if self.stage == "corrector":
-            return objective.fmlm_corrector_loss(trainee, self.teacher, tokens, generator)
-        return objective.fmlm_distill_loss(trainee, self.teacher, self.corrector, tokens, generator)
-
-    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
-        if self.stage == "corrector":
-            return objective.sample_corrected(self.teacher, model, num_samples, steps, generator)
-        return objective.sample_fmlm(model, num_samples, steps, generator)
-
-    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
-        """``val/distill_error`` on whole noise → data jumps; for the student also ``val/ce`` of its jump to data."""
-        device = next(model.parameters()).device
-        errors = []
-        for chunk in tokens.split(EVAL_CHUNK):
-            chunk = chunk.to(device)
-            if self.stage == "corrector":
-                _, extra = objective.fmlm_corrector_loss(model, self.teacher, chunk, generator, boundary_prob=1.0)
-            else:
-                _, extra = objective.fmlm_distill_loss(model, self.teacher, self.corrector, chunk, generator, boundary_prob=1.0)
-            errors.append(extra["distill_error"].item() * len(chunk))
-        metrics = {"val/distill_error": sum(errors) / len(tokens)}
-        if self.stage == "student":
-            metrics.update(clock_ce_metrics(JumpToData(model), tokens, self.val_times(), self.cfg.lm_eval.val_clock, generator))
-        return metrics
-
-
-def read_yaml(path: Path) -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def load_flow_lm(config: FlowLMConfig, weights: Path, device: torch.device) -> FlowLM:
-    """A frozen FlowLM in eval mode with the weights of ``weights`` (a learned loss weight there is dropped if
-    ``config`` has none: distillation never reads a teacher's)."""
-    from safetensors.torch import load_file
-
-    state = load_file(weights)
-    if not config.learned_loss_weight:
-        state = {k: v for k, v in state.items() if not k.startswith("loss_weight.")}
-    model = FlowLM(config)
-    model.load_state_dict(state)
-    return model.to(device).eval().requires_grad_(False)
-
-
-@dataclass
-class ModelFiles:
-    """A trained model another run depends on: its run's config and its EMA weights."""
-
-    config: Path  # config.yaml of the run that trained it (its model section builds it)
-    weights: Path  # ema.safetensors of one of its checkpoints
-    origin: str  # where it came from, recorded in the copy's source.json
-
-    @property
-    def folder(self) -> Path:
-        return self.weights.parent
-
-    @classmethod
-    def copied(cls, folder: Path) -> ModelFiles:
-        """The copy ``copy_to`` made in ``folder``."""
-        origin = json.loads((folder / SOURCE_FILE).read_text())["origin"]
-        return cls(folder / CONFIG_FILE, folder / EMA_FILE, origin)
-
-    def copy_to(self, folder: Path) -> None:
-        """Copy config and weights into ``folder``; source.json, written last, marks the copy complete."""
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic_copy(self.config, folder / CONFIG_FILE)
-        write_atomic_copy(self.weights, folder / EMA_FILE)
-        record = {"origin": self.origin, "weights_sha256": sha256_file(folder / EMA_FILE)}
-        (folder / f".{SOURCE_FILE}.partial").write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(folder / f".{SOURCE_FILE}.partial", folder / SOURCE_FILE)
-
-
-def refuse_changed_distill(cfg: Any, run_dir: Path) -> None:
-    """A resumed (or sampled) distillation run keeps its teacher, corrector and stage."""
-    saved = read_yaml(run_dir / CONFIG_FILE).get("distill") or {}
-    for key, value in dataclasses.asdict(cfg.distill).items():
-        if saved.get(key) != value:
-            raise ConfigError(
-                f"distill.{key}: {run_dir} was distilled with distill.{key}={saved.get(key)}, not {value}; "
-                "start a new run to change what is distilled"
-            )
-
-
-def resolve_run(source: str, key: str) -> tuple[Path, Path, dict, dict]:
-    """(run dir, checkpoint dir, run config, checkpoint meta) of a run dir or checkpoint folder named by config key ``key``."""
-    from flowmill.train.sample import resolve_checkpoint
-
-    try:
-        run_dir, checkpoint = resolve_checkpoint(Path(source))
-    except CheckpointError as error:
-        raise ConfigError(f"{key}: {error}") from None
-    meta = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-    return run_dir, checkpoint, read_yaml(run_dir / CONFIG_FILE), meta
-
-
-def teacher_source(source: str) -> tuple[ModelFiles, Path]:
-    """The teacher's files and its tokenizer.model, from the FLM run (or checkpoint) ``source``.
-
-    ConfigError unless it is an FLM run: another model family, or a flow-map run given as the
-    teacher, is refused.
-    """
-    run_dir, checkpoint, config, meta = resolve_run(source, "distill.teacher")
-    task, family = config.get("task"), meta.get("family")
-    if family != FAMILY:
-        raise ConfigError(
-            f"distill.teacher: {source} holds a {family} model (task {task}); FMLM distils a flow language model, a run of task flm"
-        )
-    if task != "flm":
-        raise ConfigError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
-    origin = f"{run_dir.resolve()} {checkpoint.name}"
-    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, origin), run_dir / TOKENIZER_FILE
-
-
-def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
-    """The files of the stage-1 run ``source``; ConfigError unless it is a corrector run distilled from
-    the teacher whose weights are ``teacher_weights``."""
-    run_dir, checkpoint, config, _ = resolve_run(source, "distill.corrector")
-    stage = (config.get("distill") or {}).get("stage")
-    if config.get("task") != "fmlm" or stage != "corrector":
-        raise ConfigError(
-            f"distill.corrector: {source} is a {config.get('task')} run{f' of stage {stage}' if stage else ''}; "
-            "it must be an fmlm run with distill.stage=corrector"
-        )
-    if sha256_file(run_dir / TEACHER_DIR / EMA_FILE) != sha256_file(teacher_weights):
-        raise ConfigError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
-    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, f"{run_dir.resolve()} {checkpoint.name}")
