@@ -25,7 +25,7 @@ $(DIGITS)/manifest.json: | $(STAMP)
 	$(FLOWMILL) data pack builtin:digits $(DIGITS)
 
 $(DIGITS)/tokenizer.model: $(DIGITS)/manifest.json
-	$(FLOWMILL) data tokenizer $(DIGITS)/tokenizer --text builtin:digit-captions --vocab-size 32
+	$(FLOWMILL) data tokenizer $(DIGITS)/tokenizer --text builtin:digit-captions --vocab-size 80 --model-type bpe
 
 data: $(DIGITS)/tokenizer.model
 
@@ -40,7 +40,7 @@ run: data
 # The test suite includes real multi-node SLURM jobs and a headless-browser check of the MLflow UI,
 # so it brings the local cluster up and installs Chromium first.
 test: $(STAMP) slurm-up chromium
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 chromium:
 	tools/install_chromium.sh

@@ -12,8 +12,12 @@ shards are read twice per worker count (0, 1, 2):
       second epoch's worth, after an untimed first), "1st epoch/s" the first epoch's worth
       timed from the loader's creation (worker start and hashing every shard included).
 
-It prints samples/s and the ratios to (a); each cell is the best of ``--repeats`` runs,
-interleaved. Run: ``.venv/bin/python bench/data_throughput.py`` (about 4 minutes on a busy 2-core machine).
+It prints samples/s, the medians of ``--repeats`` interleaved runs, and the ratios to (a):
+the median of the ratios taken within each repeat, so that a burst of load elsewhere, which
+hits the runs of one repeat alike, does not pair a lucky raw run with an unlucky one; for 0
+workers also the CPU ratio, raw CPU time per sample over flowmill's (steady state), which the
+machine's load barely moves.
+Run: ``.venv/bin/python bench/data_throughput.py`` (about 7 minutes on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
+import os
+import statistics
 import tarfile
 import tempfile
 import time
@@ -95,18 +101,20 @@ def raw_count(urls: list[str]) -> int:
     return keys
 
 
-def raw_rate(urls: list[str], workers: int) -> tuple[float, int]:
-    started = time.perf_counter()
+def raw_rate(urls: list[str], workers: int) -> tuple[float, int, float]:
+    """(samples/s, samples, this process's CPU seconds per sample)."""
+    started, cpu = time.perf_counter(), time.process_time()
     if workers <= 1:
         count = raw_count(urls)
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             count = sum(pool.map(raw_count, [urls[index::workers] for index in range(workers)]))
-    return count / (time.perf_counter() - started), count
+    return count / (time.perf_counter() - started), count, (time.process_time() - cpu) / count
 
 
-def pipeline_rate(folder: Path, kind: str, workers: int, first_epoch: bool, count: int) -> tuple[float, int]:
-    """Samples/s of the training loader (resampled) over ``count`` samples (one epoch's worth).
+def pipeline_rate(folder: Path, kind: str, workers: int, first_epoch: bool, count: int) -> tuple[float, int, float]:
+    """(samples/s, samples, this process's CPU seconds per sample) of the training loader
+    (resampled) over ``count`` samples (one epoch's worth).
 
     ``first_epoch``: timed from the loader's creation, so worker start and hashing every shard
     count. Otherwise the first epoch's worth runs untimed in the same workers and the next is timed.
@@ -122,21 +130,22 @@ def pipeline_rate(folder: Path, kind: str, workers: int, first_epoch: bool, coun
         warmed = 0
         while warmed < count:
             warmed += len(next(batches)["__key__"])
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     delivered = 0
     while delivered < count:
         batch = next(batches)
         assert isinstance(batch["x"], torch.Tensor)
         delivered += len(batch["__key__"])
     rate = delivered / (time.perf_counter() - started)
+    cpu = (time.process_time() - cpu) / delivered
     batches.close()
-    return rate, delivered
+    return rate, delivered, cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=6144, help="array samples (images: a twelfth of it)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell; medians are printed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -157,12 +166,19 @@ def main() -> None:
                     firsts.append(pipeline_rate(folder, kind, workers, first_epoch=True, count=count))
                     flows.append(pipeline_rate(folder, kind, workers, first_epoch=False, count=count))
                 assert all(result[1] == count for result in raws + flows + firsts)
-                rows.append((kind, workers, count, megabytes, max(raws)[0], max(flows)[0], max(firsts)[0]))
-    print(f"{'samples':<7} {'workers':>7} {'count':>5} {'MB':>6} {'raw tar/s':>9} {'flowmill/s':>10} {'ratio':>5}"
-          f" {'1st epoch/s':>11} {'ratio':>5}")
-    for kind, workers, count, megabytes, raw, flow, first in rows:
-        print(f"{kind:<7} {workers:>7} {count:>5} {megabytes:>6.1f} {raw:>9.0f} {flow:>10.0f} {flow / raw:>5.2f}"
-              f" {first:>11.0f} {first / raw:>5.2f}")
+                rates = [[result[0] for result in results] for results in (raws, flows, firsts)]
+                # A ratio is taken within one repeat, whose runs follow each other within seconds.
+                ratios = [[side / raw for side, raw in zip(rates[index], rates[0])] for index in (1, 2)]
+                # With 0 workers both sides run in this process only: their CPU time per sample
+                # compares the work done, whatever share of the cores the machine's load leaves.
+                cpu = statistics.median(raw[2] / flow[2] for raw, flow in zip(raws, flows)) if workers == 0 else None
+                rows.append((kind, workers, count, megabytes, *map(statistics.median, rates + ratios), cpu))
+    print(f"{'samples':<7} {'workers':>7} {'count':>5} {'MB':>6} {'raw tar/s':>9} {'flowmill/s':>10}"
+          f" {'1st epoch/s':>11} {'ratio':>5} {'1st ratio':>9} {'CPU ratio':>9}")
+    for kind, workers, count, megabytes, raw, flow, first, ratio, first_ratio, cpu in rows:
+        print(f"{kind:<7} {workers:>7} {count:>5} {megabytes:>6.1f} {raw:>9.0f} {flow:>10.0f} {first:>11.0f}"
+              f" {ratio:>5.2f} {first_ratio:>9.2f} {'-' if cpu is None else f'{cpu:.2f}':>9}")
+    print(f"load average after the run: {' '.join(f'{load:.1f}' for load in os.getloadavg())} ({os.cpu_count()} cores)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ sha256 in its manifest (``verify=True``), is an error, not a skip.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
@@ -208,6 +209,11 @@ class _WorkerStreams(IterableDataset):
 
     def __iter__(self) -> Iterator[_Envelope]:
         info = get_worker_info()
+        if info is not None:
+            # A DataLoader worker's heap is the forked parent's: frozen, garbage collections scan
+            # only what the stream creates (5% of the CPU time for small array samples, measured)
+            # and leave the pages shared with the parent uncopied.
+            gc.freeze()
         worker = self.logical(0 if info is None else info.id)
         return worker_stream(self.plan, worker, self.positions[worker])
 

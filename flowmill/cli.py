@@ -114,12 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a trailing positional nothing once an option came between it and the first
+    # positional (`resume RUN_DIR --nproc 1 trainer.max_steps=6`): such overrides come back here.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 @record
 def main(argv: list[str] | None = None) -> int:
     from flowmill.train.checkpoint import CheckpointError
     from flowmill.train.config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return dispatch(args)
     except ConfigError as error:

@@ -26,6 +26,7 @@ from flowmill.train.distributed import DistEnv, barrier
 LATEST = "latest"
 COMPLETE_MARKER = "flowmill.json"
 EMA_FILE = "ema.safetensors"
+UNIVERSAL_SUFFIX = "_universal"  # step-N_universal/: step-N in DeepSpeed's universal format (world-size change)
 
 
 class CheckpointError(RuntimeError):
@@ -102,7 +103,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        complete = sorted(p for p in self.root.glob("step-*") if (p / COMPLETE_MARKER).exists())
+        complete = [p for p in step_dirs(self.root) if (p / COMPLETE_MARKER).exists()]
         for old in complete[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(universal_dir(old), ignore_errors=True)
@@ -162,9 +163,14 @@ class CheckpointManager:
             raise CheckpointError(error or f"{target} was not written; see rank 0's error")
 
 
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoint folders under ``root``, oldest first; not their universal-format copies."""
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(UNIVERSAL_SUFFIX))
+
+
 def universal_dir(step_dir: Path) -> Path:
     """Where the universal-format copy of a checkpoint goes."""
-    return step_dir.with_name(step_dir.name + "_universal")
+    return step_dir.with_name(step_dir.name + UNIVERSAL_SUFFIX)
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -176,7 +182,7 @@ def latest_checkpoint(run_dir: Path) -> Path:
     if not target.name.startswith("step-") or not (target / COMPLETE_MARKER).is_file():
         raise CheckpointError(
             f"{pointer} is corrupt: it names {target}, which is not a complete checkpoint; "
-            f"point it at one of {sorted(p.name for p in (Path(run_dir) / 'checkpoints').glob('step-*'))} "
+            f"point it at one of {[p.name for p in step_dirs(Path(run_dir) / 'checkpoints')]} "
             "(write e.g. 'checkpoints/step-00000010' into it)"
         )
     return target

@@ -114,6 +114,17 @@ def prepare_run_dir(cfg: Any, env: DistEnv, resume: bool) -> Path:
     return Path(run_dir)
 
 
+def slurm_tags(cfg: Any) -> dict[str, str]:
+    """The sweep and the SLURM job a run belongs to, as MLflow tags (searchable in the UI)."""
+    tags = {"flowmill.sweep_id": cfg.run.sweep_id} if cfg.run.sweep_id else {}
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    # submitit names an array element ARRAYID_TASK; a requeued job keeps its id.
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    if job_id:
+        tags["flowmill.slurm_job_id"] = job_id
+    return tags
+
+
 def start_tracker(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, tags: dict):
     """MLflow on rank 0 (continuing the run's MLflow run on resume); NullTracker elsewhere."""
     if not env.is_main:
@@ -125,7 +136,7 @@ def start_tracker(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, tags: dic
         experiment_name=cfg.tracking.experiment,
         run_name=cfg.run.name,
         run_id=previous.get("run_id"),
-        tags={**tags, "flowmill.run_dir": str(run_dir.resolve()), "flowmill.task": cfg.task},
+        tags={**tags, **slurm_tags(cfg), "flowmill.run_dir": str(run_dir.resolve()), "flowmill.task": cfg.task},
         system_metrics=cfg.tracking.system_metrics,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
     )

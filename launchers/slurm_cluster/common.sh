@@ -25,7 +25,9 @@ die() { printf '[slurm-cluster] ERROR: %s\n' "$*" >&2; exit 1; }
 # which here reaps them only ~1.5 s after they exit.
 alive() {
     local stat
-    { stat=$(<"/proc/$1/stat"); } 2>/dev/null || return 1
+    # Not $(<file): under set -e, bash 5.2 exits the whole script when that redirection
+    # fails, even inside `|| return`.
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
     stat=${stat##*) }
     [[ ${stat%% *} != Z ]]
 }
@@ -37,7 +39,7 @@ pid_of() {
     [[ -r $pidfile ]] || return 1
     pid=$(<"$pidfile")
     [[ $pid =~ ^[0-9]+$ ]] && alive "$pid" || return 1
-    [[ $(<"/proc/$pid/comm") == "$comm" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
     echo "$pid"
 }
 

@@ -173,3 +173,34 @@ def test_bf16_forward_and_backward_run():
     out = model(img.bfloat16(), t, txt.bfloat16(), vec.bfloat16())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     out.float().square().mean().backward()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_are_the_same_function_and_a_deep_copy_keeps_its_own_weights():
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    cfg = tiny(qk_norm=True, depth=3)
+    eager = randomised(MMDiT(cfg))
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    img, t, txt, vec = inputs(cfg)
+    frames = counters["frames"]["ok"]
+    expected, got = eager(img, t, txt, vec), compiled(img, t, txt, vec)
+    assert counters["frames"]["ok"] > frames  # the compiled path ran
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected.square().mean().backward()
+    got.square().mean().backward()
+    for (name, param), theirs in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(param.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # An EMA-style deep copy of a compiled model computes with its own weights, not the original's.
+    average = copy.deepcopy(compiled)
+    with torch.no_grad():
+        for param in average.parameters():
+            param.mul_(0.5)
+    reference = copy.deepcopy(eager)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.mul_(0.5)
+    torch.testing.assert_close(average(img, t, txt, vec), reference(img, t, txt, vec), rtol=1e-5, atol=1e-5)

@@ -122,8 +122,9 @@ class FMLMTask(TextFlowTask):
     def prepare_run_dir(self) -> None:
         own_teacher = self.run_dir / TEACHER_DIR
         if self.teacher_files.folder != own_teacher:
-            self.teacher_files.copy_to(own_teacher)
+            # The tokenizer first: the teacher copy's source.json tells other ranks that both are there.
             write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            self.teacher_files.copy_to(own_teacher)
         if self.corrector_files is not None and self.corrector_files.folder != self.run_dir / CORRECTOR_DIR:
             self.corrector_files.copy_to(self.run_dir / CORRECTOR_DIR)
 

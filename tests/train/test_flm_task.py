@@ -1,0 +1,214 @@
+"""FLM and FMLM end to end through the CLI: train, metrics, text samples, exact resume, `flowmill sample`,
+two-stage distillation, ZeRO-3 on 2 processes, and the inputs refused before training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flowmill.cli import main as flowmill_main
+from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.train.config import ConfigError, load_config
+from flowmill.train.distributed import DistEnv
+from flowmill.train.tasks.flm import FLMTask
+from flowmill.train.tasks.fmlm import FMLMTask
+from tests.helpers import flowmill
+from tests.text_helpers import FLM_TINY, FMLM_TINY, SEQ_LEN, flm_model_overrides, flm_overrides, pack_tiny_text
+
+pytestmark = pytest.mark.slow
+
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+# 6 steps on one LR curve, evaluated and sampled at 3 and 6: a stopped run resumes at step 3.
+COMMON = {
+    "trainer.max_steps": 6, "optim.decay_steps": 6, "checkpoint.every_steps": 3,
+    "trainer.eval_every_steps": 3, "trainer.sample_every_steps": 3,
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def train_ok(*args: str, cwd: Path) -> None:
+    # A tiny run takes a minute, mostly imports and DeepSpeed setup; a loaded machine stretches that.
+    result = flowmill(*args, cwd=cwd, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return pack_tiny_text(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def judges(tmp_path_factory):
+    return tmp_path_factory.mktemp("judges")
+
+
+@pytest.fixture(scope="module")
+def flm_run(text, judges, tmp_path_factory) -> Path:
+    """A finished 6-step FLM run with checkpoints at 3 and 6 (read-only)."""
+    root = tmp_path_factory.mktemp("flm")
+    overrides = {**COMMON, **flm_model_overrides(text), "judge.cache_dir": judges}
+    train_ok("train", str(FLM_TINY), *flm_overrides(text, root / "run", **overrides), cwd=root)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def corrector_run(text, judges, flm_run, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corrector")
+    overrides = {**COMMON, "judge.cache_dir": judges, "distill.teacher": flm_run}
+    train_ok("train", str(FMLM_TINY), *flm_overrides(text, root / "run", **overrides), cwd=root)
+    return root / "run"
+
+
+def test_flm_trains_with_validation_metrics_and_text_samples(flm_run, text):
+    records = {r["step"]: r for r in read_jsonl(flm_run / "logs" / "metrics.jsonl")}
+    assert sorted(records) == list(range(1, 7))
+    for step in (3, 6):
+        metrics = records[step]
+        assert {"val/ce_tau0.25", "val/ce_tau0.5", "val/ce_tau0.75", "sample/entropy", "sample/gen_ppl"} <= set(metrics)
+        assert metrics["val/ce"] == pytest.approx((metrics["val/ce_tau0.25"] + metrics["val/ce_tau0.5"] + metrics["val/ce_tau0.75"]) / 3)
+        assert 0 < metrics["sample/entropy"] <= math.log(SEQ_LEN) and metrics["sample/gen_ppl"] > 1
+    # A fresh FLM predicts uniform logits (zero head): the loss starts at log V and moves down.
+    assert records[1]["train/loss"] == pytest.approx(math.log(text.vocab_size), abs=0.02)
+    assert records[6]["val/ce_tau0.25"] < records[6]["val/ce_tau0.75"] < math.log(text.vocab_size)
+    samples = (flm_run / "samples" / "text-00000006.txt").read_text()
+    assert samples.count("=== sample") == 4
+    assert (flm_run / "tokenizer.model").read_bytes() == text.tokenizer.read_bytes()
+
+    from mlflow.tracking import MlflowClient
+
+    info = json.loads((flm_run / "run.json").read_text())
+    assert info["status"] == "finished"
+    client = MlflowClient(info["tracking_uri"])
+    assert {a.path for a in client.list_artifacts(info["run_id"], "samples")} == {"samples/text-00000003.txt", "samples/text-00000006.txt"}
+    assert [m.step for m in client.get_metric_history(info["run_id"], "sample/gen_ppl")] == [3, 6]
+
+
+def test_flm_resume_is_exact(flm_run, text, judges, tmp_path):
+    overrides = {**COMMON, **flm_model_overrides(text), "judge.cache_dir": judges, "trainer.max_steps": 3}
+    train_ok("train", str(FLM_TINY), *flm_overrides(text, tmp_path / "part", **overrides), cwd=tmp_path)
+    train_ok("resume", str(tmp_path / "part"), "trainer.max_steps=6", cwd=tmp_path)
+    full = {r["step"]: r for r in read_jsonl(flm_run / "logs" / "metrics.jsonl")}
+    part = {r["step"]: r for r in read_jsonl(tmp_path / "part" / "logs" / "metrics.jsonl")}
+    assert sorted(part) == list(range(1, 7))
+    for step in range(1, 7):
+        assert part[step]["train/loss"] == pytest.approx(full[step]["train/loss"], abs=1e-6), step
+    assert part[6]["val/ce"] == pytest.approx(full[6]["val/ce"], abs=1e-6)
+
+
+def test_sample_writes_text_jsonl(flm_run, tmp_path, capsys):
+    out = tmp_path / "deep" / "samples.jsonl"
+    common = ["sample", str(flm_run), "--steps", "3", "--num-samples", "5"]
+    args = [*common, "--seed", "2", "--out"]
+    assert flowmill_main([*args, str(out)]) == 0
+    lines = read_jsonl(out)
+    assert len(lines) == 5 and all(set(line) == {"text"} and line["text"] for line in lines)
+    printed = capsys.readouterr().out
+    assert "--- sample 0 ---" in printed and lines[0]["text"] in printed and "wrote 5 samples" in printed
+    assert flowmill_main([*args, str(tmp_path / "again.jsonl")]) == 0
+    assert read_jsonl(tmp_path / "again.jsonl") == lines  # same seed, same samples
+    assert flowmill_main([*common, "--seed", "3", "--out", str(tmp_path / "other.jsonl")]) == 0
+    assert read_jsonl(tmp_path / "other.jsonl") != lines
+    assert flowmill_main([*args, str(tmp_path)]) == 2  # a folder is for images
+    assert flowmill_main([*args, str(tmp_path / "p.jsonl"), "--prompt", "hi"]) == 2
+    assert ".jsonl file" in capsys.readouterr().err
+
+
+def test_fmlm_distills_in_two_stages(corrector_run, flm_run, text, judges, tmp_path):
+    records = read_jsonl(corrector_run / "logs" / "metrics.jsonl")
+    assert {"val/distill_error", "sample/entropy", "sample/gen_ppl"} <= set(records[-1])
+    assert (corrector_run / "teacher" / "ema.safetensors").read_bytes() == (flm_run / "checkpoints" / "step-00000006" / "ema.safetensors").read_bytes()
+
+    student = tmp_path / "student"
+    overrides = {
+        **COMMON, "judge.cache_dir": judges, "distill.teacher": flm_run, "distill.stage": "student",
+        "distill.corrector": corrector_run, "sample.steps": 2,
+    }
+    train_ok("train", str(FMLM_TINY), *flm_overrides(text, student, **overrides), cwd=tmp_path)
+    last = read_jsonl(student / "logs" / "metrics.jsonl")[-1]
+    assert {"val/distill_error", "val/ce", "val/ce_tau0.5", "sample/gen_ppl"} <= set(last)
+    assert last["val/ce"] < math.log(text.vocab_size)  # it starts as the teacher, not from scratch
+    assert (student / "samples" / "text-00000006.txt").read_text().startswith("4 samples of 2 steps")
+    out = tmp_path / "one-step.jsonl"
+    assert flowmill_main(["sample", str(student), "--steps", "1", "--num-samples", "3", "--out", str(out)]) == 0
+    assert len(read_jsonl(out)) == 3
+    # A flow-map run is no teacher; an FLM run is no corrector.
+    cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{"distill.teacher": corrector_run}))
+    with pytest.raises(ConfigError, match="distill.teacher: .* is a fmlm run \\(a flow map\\)"):
+        FMLMTask(cfg, CPU, tmp_path / "x")
+    cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{
+        "distill.teacher": flm_run, "distill.stage": "student", "distill.corrector": flm_run}))
+    with pytest.raises(ConfigError, match="distill.corrector: .* is a flm run; it must be an fmlm run with distill.stage=corrector"):
+        FMLMTask(cfg, CPU, tmp_path / "x")
+
+
+def test_flm_zero3_on_two_processes(text, judges, tmp_path):
+    run = tmp_path / "run"
+    overrides = {**flm_model_overrides(text), "judge.cache_dir": judges, "trainer.max_steps": 3, "parallel.zero_stage": 3}
+    train_ok("launch", "local", "--nproc", "2", str(FLM_TINY), *flm_overrides(text, run, **overrides), cwd=tmp_path)
+    records = read_jsonl(run / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["train/loss"] == pytest.approx(math.log(text.vocab_size), abs=0.02)
+    assert math.isfinite(records[-1]["val/ce"]) and records[-1]["val/ce"] < math.log(text.vocab_size) + 0.01
+    assert json.loads((run / "checkpoints" / "step-00000003" / "flowmill.json").read_text())["world_size"] == 2
+
+
+def fake_run(root: Path, task: str, family: str) -> Path:
+    """A run dir with one complete checkpoint of ``family``, as far as a teacher lookup reads it."""
+    step = root / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    (step / "flowmill.json").write_text(json.dumps({"task": task, "family": family, "step": 1, "world_size": 1}))
+    (root / "latest").write_text("checkpoints/step-00000001\n")
+    (root / "run.json").write_text("{}")
+    (root / "config.yaml").write_text(yaml.safe_dump({"task": task}))
+    return root
+
+
+def test_bad_inputs_are_refused_before_training(text, tmp_path):
+    def flm_task(**extra):
+        cfg = load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{**flm_model_overrides(text), **extra}))
+        return FLMTask(cfg, CPU, tmp_path / "run")
+
+    flm_task().decoder()  # the matching inputs pass
+    with pytest.raises(ConfigError, match=f"model.vocab_size: 100, but the tokenizer .* has {text.vocab_size} pieces"):
+        flm_task(**{"model.vocab_size": 100})
+    with pytest.raises(ConfigError, match="data.path: .* sequences of 16 tokens, longer than the model's maximum model.seq_len=8"):
+        flm_task(**{"model.seq_len": 8}).decoder()
+    with pytest.raises(ConfigError, match="eval.path: .* sequences of 16 tokens but model.seq_len=32"):
+        flm_task(**{"model.seq_len": 32}).validation_tokens()
+    # Another tokenizer: the data's ids would mean other pieces.
+    reversed_text = (text.root / "corpus.txt").read_text()[::-1]
+    foreign = train_tokenizer(reversed_text.splitlines(), tmp_path / "foreign", vocab_size=text.vocab_size, newlines=True)
+    foreign_size = Tokenizer.load(foreign).vocab_size
+    with pytest.raises(ConfigError, match="data.path: .* was packed with another tokenizer"):
+        flm_task(**{"text.tokenizer": foreign, "model.vocab_size": foreign_size}).decoder()
+    with pytest.raises(ConfigError, match="text.tokenizer: .* does not exist"):
+        flm_task(**{"text.tokenizer": tmp_path / "missing.model"})
+    with pytest.raises(ConfigError, match="parallel.pipeline_stages: flm trains without pipeline stages"):
+        load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2}))
+
+    image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
+    cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}))
+    with pytest.raises(ConfigError, match="distill.teacher: .* holds a mmdit model \\(task mmdit\\); FMLM distils a flow language model"):
+        FMLMTask(cfg, CPU, tmp_path / "d")
+    with pytest.raises(ConfigError, match="distill.teacher: give the FLM run"):
+        load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d"))
+    with pytest.raises(ConfigError, match="distill.corrector: the student stage needs"):
+        load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run, "distill.stage": "student"}))
+    with pytest.raises(ConfigError, match="distill.stage: 'students' is not one of corrector, student"):
+        load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run, "distill.stage": "students"}))
+
+
+def test_a_bad_teacher_stops_the_cli_with_exit_code_2(text, tmp_path):
+    image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
+    result = flowmill("train", str(FMLM_TINY), *flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config error: distill.teacher:" in result.stderr and "holds a mmdit model" in result.stderr
+    assert not (tmp_path / "d" / "checkpoints" / "step-00000001").exists()

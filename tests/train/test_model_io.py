@@ -1,0 +1,248 @@
+"""Models in and out: `flowmill import/export sd3`, load_model, model.init_from, sampling a
+model folder, cached text embeddings, and the refusals of what does not fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from diffusers import SD3Transformer2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from flowmill.cli import main
+from flowmill.models import load_model
+from flowmill.models.mmdit import MMDiT
+from flowmill.train.config import ConfigError, load_config
+from flowmill.train.distributed import DistEnv
+from flowmill.train.model_io import export_sd3, import_sd3, load_weights
+from flowmill.train.tasks.mmdit import MMDiTTask
+from tests.helpers import TINY_CONFIG, tiny_overrides
+
+torch.set_num_threads(1)
+
+# The architecture of configs/mmdit_tiny.yaml, in diffusers' terms.
+TINY_SD3 = dict(sample_size=32, patch_size=8, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
+                pos_embed_max_size=4, qk_norm="rms_norm")
+
+
+def random_sd3(seed: int = 0, **overrides) -> SD3Transformer2DModel:
+    """A diffusers SD3 transformer with every weight random (zero-initialised layers included)."""
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(**{**TINY_SD3, **overrides}).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model
+
+
+def inputs(channels: int = 1, size: int = 32, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, channels, size, size, generator=generator), torch.rand(2, generator=generator),
+            torch.randn(2, 5, 32, generator=generator), torch.randn(2, 32, generator=generator))
+
+
+def diffusers_velocity(model, img, t, txt, vec):
+    with torch.no_grad():
+        return model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=vec, timestep=1000 * t).sample
+
+
+def flowmill_velocity(model, img, t, txt, vec):
+    with torch.no_grad():
+        return model(img, t, txt, vec)
+
+
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def sd3_folder(tmp_path):
+    reference = random_sd3()
+    reference.save_pretrained(tmp_path / "sd3")
+    return reference, tmp_path / "sd3"
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_import_export_and_sample_a_diffusers_model(sd3_folder, finished_run, tmp_path, capsys):
+    reference, folder = sd3_folder
+    code, out, _ = cli(capsys, "import", "sd3", folder, "--out", tmp_path / "model")
+    assert code == 0 and "wrote" in out
+    model = load_model(tmp_path / "model")
+    assert isinstance(model, MMDiT) and not model.training
+    img, t, txt, vec = inputs()
+    expected = diffusers_velocity(reference, img, t, txt, vec)
+    assert (flowmill_velocity(model, img, t, txt, vec) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    code, _, _ = cli(capsys, "export", "sd3", tmp_path / "model", tmp_path / "back")
+    assert code == 0
+    back, info = SD3Transformer2DModel.from_pretrained(tmp_path / "back", low_cpu_mem_usage=False, output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(diffusers_velocity(back.eval(), img, t, txt, vec), expected)
+
+    # A model folder samples with a run's text encoder (the tiny run's widths match); long prompts warn.
+    long_prompt = "a handwritten digit three " * 4
+    warnings = Recorder()
+    logging.getLogger("flowmill").addHandler(warnings)
+    try:
+        code, _, err = cli(capsys, "sample", tmp_path / "model", "--text-from", finished_run, "--prompt", long_prompt,
+                           "--prompt", "seven", "--num-samples", "2", "--steps", "2", "--out", tmp_path / "s")
+    finally:
+        logging.getLogger("flowmill").removeHandler(warnings)
+    assert code == 0, err
+    assert len(warnings.messages) == 1 and "has 89 tokens, more than text.max_length=32: it is truncated" in warnings.messages[0]
+    assert Image.open(tmp_path / "s" / "grid.png").size == (2 * (2 * 34 + 2), 2 * (2 * 34 + 2))
+
+
+def test_a_run_exports_its_ema_weights_or_with_live_its_trained_weights(finished_run, tmp_path):
+    checkpoint = finished_run / "checkpoints" / "step-00000004"
+    ema = load_file(checkpoint / "ema.safetensors")
+    model = load_model(finished_run)
+    assert not model.training and all(torch.equal(model.state_dict()[name], ema[name]) for name in ema)
+    earlier = load_model(finished_run / "checkpoints" / "step-00000002")
+    assert not torch.equal(earlier.final.linear.weight, model.final.linear.weight)
+
+    export_sd3(finished_run, tmp_path / "ema")
+    exported = SD3Transformer2DModel.from_pretrained(tmp_path / "ema", low_cpu_mem_usage=False).eval()
+    img, t, txt, vec = inputs()
+    expected = flowmill_velocity(model, img, t, txt, vec)
+    assert (diffusers_velocity(exported, img, t, txt, vec) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    export_sd3(finished_run, tmp_path / "live", live=True)
+    _, _, live = load_weights(finished_run, live=True)
+    trained = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(live[name], trained[name]) for name in trained)
+    assert not all(torch.equal(live[name], ema[name]) for name in ema)
+    exported = load_file(tmp_path / "live" / "diffusion_pytorch_model.safetensors")
+    assert torch.equal(exported["proj_out.weight"], trained["final.linear.weight"])
+
+
+def tiny_task(digits_dir, run_dir, **overrides) -> MMDiTTask:
+    run_dir.mkdir(exist_ok=True)
+    cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, run_dir, **overrides))
+    return MMDiTTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), run_dir)
+
+
+def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_folder, digits_dir, tmp_path):
+    _, folder = sd3_folder
+    import_sd3(folder, tmp_path / "model")
+    _, _, weights = load_weights(tmp_path / "model")
+    task = tiny_task(digits_dir, tmp_path / "run", **{"model.init_from": tmp_path / "model"})
+    model = task.build_model()
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
+
+    # A run that already has checkpoints (resume, sample) does not read the base folder again.
+    (tmp_path / "run" / "latest").write_text("checkpoints/step-00000001\n")
+    assert not torch.equal(task.build_model().final.linear.weight, weights["final.linear.weight"])
+
+    mismatched = tiny_task(digits_dir, tmp_path / "run2", **{"model.init_from": tmp_path / "model", "model.depth": 3,
+                                                            "model.head_dim": 8})
+    with pytest.raises(ConfigError, match=r"model.init_from: .*differs.*depth: 3 vs 2; head_dim: 8 vs 16"):
+        mismatched.build_model()
+    meta = json.loads((tmp_path / "model" / "flowmill_model.json").read_text())
+    (tmp_path / "model" / "flowmill_model.json").write_text(json.dumps({**meta, "family": "flow_lm"}))
+    with pytest.raises(ConfigError, match="unknown model family 'flow_lm'; choose one of: mmdit"):
+        task.__class__(task.cfg, task.env, tmp_path / "run3").build_model()
+
+
+def fake_run(folder, task: str) -> None:
+    """A run dir of ``task`` with one complete checkpoint (no weights needed to be refused)."""
+    (folder / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (folder / "checkpoints" / "step-00000001" / "flowmill.json").write_text("{}")
+    (folder / "latest").write_text("checkpoints/step-00000001\n")
+    (folder / "run.json").write_text("{}")
+    (folder / "config.yaml").write_text(yaml.safe_dump({"task": task, "model": {}}))
+
+
+def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path, capsys):
+    _, folder = sd3_folder
+    config = json.loads((folder / "config.json").read_text())
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "config.json").write_text(json.dumps({**config, "_class_name": "FluxTransformer2DModel"}))
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    fake_run(tmp_path / "flm", "flm")
+    import_sd3(folder, tmp_path / "model")
+    cases = [
+        (("import", "sd3", flux, "--out", tmp_path / "x"), "not an SD3 transformer: _class_name is 'FluxTransformer2DModel'"),
+        (("import", "sd3", pipeline, "--out", tmp_path / "x"), "whole diffusers pipeline; pass its transformer folder"),
+        (("import", "sd3", tmp_path / "model", "--out", tmp_path / "x"), "config.json is missing"),
+        (("import", "sd3", folder, "--out", tmp_path / "model"), "exists and is not an empty folder"),
+        (("export", "sd3", folder, tmp_path / "x"), "is a diffusers folder, not a flowmill model: import it first"),
+        (("export", "sd3", tmp_path / "flm", tmp_path / "x"), "trains a 'flow_lm' model; model files are supported for: mmdit"),
+        (("export", "sd3", tmp_path / "nowhere", tmp_path / "x"), "does not exist; pass a flowmill model folder"),
+        (("export", "sd3", tmp_path / "model", tmp_path / "x", "--live"), "--live reads a run's checkpoint"),
+    ]
+    for args, message in cases:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and message in err, (args, err)
+    assert not (tmp_path / "x").exists()
+
+    sample = ("--prompt", "a handwritten digit one", "--steps", "1", "--num-samples", "1", "--out", tmp_path / "s")
+    code, _, err = cli(capsys, "sample", tmp_path / "model", *sample)
+    assert code == 2 and "--text-from: " in err and "holds no text encoder" in err
+    code, _, err = cli(capsys, "sample", finished_run, "--text-from", finished_run, *sample)
+    assert code == 2 and "only a model folder needs it" in err
+    code, _, err = cli(capsys, "sample", tmp_path / "model", "--text-from", finished_run, "--sampler", "eulr", *sample)
+    assert code == 2 and "unknown sampler 'eulr'" in err and "euler" in err
+    random_sd3(joint_attention_dim=48).save_pretrained(tmp_path / "wide")
+    import_sd3(tmp_path / "wide", tmp_path / "wide_model")
+    code, _, err = cli(capsys, "sample", tmp_path / "wide_model", "--text-from", finished_run, *sample)
+    assert code == 2 and "txt width 32" in err and "txt_dim=48" in err
+    random_sd3(in_channels=16, out_channels=16).save_pretrained(tmp_path / "latent")
+    import_sd3(tmp_path / "latent", tmp_path / "latent_model")
+    code, _, err = cli(capsys, "sample", tmp_path / "latent_model", "--text-from", finished_run, *sample)
+    assert code == 2 and "16-channel latents" in err
+
+
+def test_load_model_imports_no_training_stack(sd3_folder, tmp_path):
+    _, folder = sd3_folder
+    import_sd3(folder, tmp_path / "model")
+    script = ("import sys; from flowmill.models import load_model; model = load_model(sys.argv[1]); "
+              "print(type(model).__name__, [m for m in ('deepspeed', 'mlflow', 'submitit') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["MMDiT", "[]"]
+
+
+def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir, tmp_path):
+    from flowmill.data.encode import encode_dataset, load_encoder
+    from flowmill.data.loader import StreamingLoader
+
+    args = {"run_dir": str(finished_run)}
+    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.data.encode:text_encoder", args),
+                   encoder_spec="flowmill.data.encode:text_encoder", encoder_args=args, keep=("png", "txt"),
+                   batch_size=256, progress=False)
+    cached = tiny_task(digits_dir, tmp_path / "run", **{"text.cached": "true", "data.path": tmp_path / "cached"})
+    loader = StreamingLoader(tmp_path / "cached", rank=0, world_size=1, batch_size=8, num_workers=0, seed=0,
+                             decode=cached.decoder(), shuffle_buffer=0, resampled=False)
+    batch = next(iter(loader))
+    txt, vec = cached.text_inputs(batch, torch.device("cpu"))
+    expected_txt, expected_vec = cached.prompts(batch["txt"])
+    assert txt.shape == (8, 32, 32) and torch.allclose(txt, expected_txt, atol=1e-6) and torch.allclose(vec, expected_vec, atol=1e-6)
+    (inputs_, target) = cached.inputs_and_target(batch, torch.Generator().manual_seed(0))
+    assert inputs_[0].shape == target.shape == (8, 1, 32, 32)
+
+    with pytest.raises(ConfigError, match="text.cached: .* other text encoder weights"):
+        tiny_task(digits_dir, tmp_path / "run2", **{"text.cached": "true", "data.path": tmp_path / "cached", "text.seed": 1})
+    with pytest.raises(ConfigError, match="text.cached: .* has no txt_emb.npy, vec_emb.npy fields"):
+        tiny_task(digits_dir, tmp_path / "run3", **{"text.cached": "true"})

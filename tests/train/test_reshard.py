@@ -1,0 +1,109 @@
+"""Resuming on another world size (2 → 1 → 2) through DeepSpeed's universal checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+# Restores RUN_DIR exactly as `flowmill resume --nproc 1` does, then dumps the ZeRO state it holds.
+DUMP = """
+import sys, torch
+from pathlib import Path
+from flowmill.train import loop
+from flowmill.train.config import load_config
+import yaml
+run_dir = Path(sys.argv[1])
+cfg = load_config(None, [], base=yaml.safe_load((run_dir / "config.yaml").read_text()))
+cfg.run.dir = str(run_dir)
+env = loop.init_distributed(cfg.trainer.device)
+parts, step = loop.build_parts(cfg, env, run_dir, resume=True)
+optimizer = parts.engine.optimizer
+flat = optimizer.single_partition_of_fp32_groups[0]
+state = optimizer.optimizer.state[flat]
+torch.save({"step": step, "fp32": flat.detach().clone(), "exp_avg": state["exp_avg"].clone(),
+            "exp_avg_sq": state["exp_avg_sq"].clone(), "numel": sum(p.numel() for p in parts.model.parameters()),
+            "micro": cfg.trainer.micro_batch_size, "accum": cfg.trainer.grad_accum_steps}, sys.argv[2])
+parts.tracker.finish("KILLED")
+loop.shutdown()
+"""
+
+
+def saved_partitions(step_dir):
+    """fp32 weights and Adam moments of a 2-rank ZeRO-2 checkpoint, concatenated in rank order."""
+    ranks = [torch.load(step_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"] for r in (0, 1)]
+    return {
+        "fp32": torch.cat([r["single_partition_of_fp32_groups"][0] for r in ranks]),
+        "exp_avg": torch.cat([r["base_optimizer_state"]["state"][0]["exp_avg"] for r in ranks]),
+        "exp_avg_sq": torch.cat([r["base_optimizer_state"]["state"][0]["exp_avg_sq"] for r in ranks]),
+    }
+
+
+def steps(run_dir):
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def keys_by_step(run_dir, ranks):
+    by_step: dict[int, list[str]] = {}
+    for rank in ranks:
+        path = run_dir / "logs" / f"keys-rank-{rank}.jsonl"
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            by_step.setdefault(record["step"], []).extend(record["keys"])
+    return by_step
+
+
+def test_two_to_one_and_back(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(
+        digits_dir, run_dir,
+        **{"parallel.zero_stage": 2, "trainer.max_steps": 4, "optim.decay_steps": 8, "checkpoint.every_steps": 4,
+           "data.log_keys": "true", "data.num_workers": 1},
+    )
+    result = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = keys_by_step(run_dir, ranks=(0, 1))
+
+    # 2 → 1: the restored fp32 weights and Adam moments equal the saved partitions exactly.
+    dump = tmp_path / "restored.pt"
+    done = subprocess.run([sys.executable, "-c", DUMP, str(run_dir), str(dump)], capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    restored = torch.load(dump)
+    saved = saved_partitions(run_dir / "checkpoints" / "step-00000004")
+    numel = restored["numel"]
+    assert restored["step"] == 4
+    for name in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(restored[name][:numel], saved[name][:numel]), name
+    # The global batch (8 per rank x 2 ranks) is kept by accumulating 2 micro-batches of 8.
+    assert (restored["micro"], restored["accum"]) == (8, 2)
+
+    result = flowmill("resume", str(run_dir), "--nproc", "1", "trainer.max_steps=6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = steps(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    assert abs(rows[4]["train/loss"] - rows[3]["train/loss"]) < 0.25 * rows[3]["train/loss"]
+    after = keys_by_step(run_dir, ranks=(0,))
+    for step in (5, 6):
+        assert len(after[step]) == 16, "global batch changed"
+    earlier = {key for step in range(1, 5) for key in seen[step]}
+    assert not earlier & {key for step in (5, 6) for key in after[step]}, "samples of this epoch repeated"
+
+    # 1 → 2 again.
+    result = flowmill("resume", str(run_dir), "--nproc", "2", "trainer.max_steps=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = steps(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    final = keys_by_step(run_dir, ranks=(0, 1))
+    earlier |= {key for step in (5, 6) for key in after[step]}
+    for step in (7, 8):
+        assert len(final[step]) == 16
+    assert not earlier & {key for step in (7, 8) for key in final[step]}, "samples of this epoch repeated"
