@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 from urllib.parse import urlparse
@@ -28,6 +29,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 from flowmill.data.shards import Shard, is_local
 
 _READ_BYTES = 1 << 20
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta: members that are no sample
 _TAR_BLOCK = 512  # an uncompressed tar is whole 512-byte blocks; a shorter tail means it was cut
 # Shards (see _identity) whose bytes this process has already hashed: a shard is hashed on
 # its first read only, resampled epochs re-read it at full speed.
@@ -134,7 +136,10 @@ class _Members:
 
     def __iter__(self) -> Iterator[dict]:
         try:
-            for member in tar_file_iterator(self.source):
+            # webdataset's metadata filter, compiled once: its default is a pattern re-looked-up per member.
+            for member in tar_file_iterator(self.source, skip_meta=None):
+                if "__" in member["fname"] and _META_MEMBER.match(member["fname"]):
+                    continue
                 member["__url__"] = self.url
                 self.last = member
                 yield member
