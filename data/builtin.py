@@ -8,13 +8,14 @@
   straight lines and bounce off the frame's edges (Moving-MNIST style), with a caption
   ("digit 3 moves right, digit 7 moves up and left"). A function of the seed only.
 - ``builtin:tinyshakespeare``: the text corpus shipped beside the repository, at
-  ``REPO/../shared/data/tinyshakespeare/input.txt``.
+  ``REPO/../shared/data/tinyshakespeare/input.txt`` (see ``shared_data_dirs`` for the other places looked at).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -215,10 +216,20 @@ def pack_moving_digits(
     )
 
 
+def shared_data_dirs() -> list[Path]:
+    """Where the project's shared data folder may be, first match wins: ``$FLOWMILL_SHARED_DATA``,
+    then ``shared/data`` beside the checkout, then the workplace's ``/work/shared/data`` (a
+    checkout elsewhere, e.g. a CI clone in /tmp, still finds it)."""
+    repo = Path(__file__).resolve().parent.parent  # data/ sits at REPO/data
+    dirs = [Path(os.environ["FLOWMILL_SHARED_DATA"])] if os.environ.get("FLOWMILL_SHARED_DATA") else []
+    return [*dirs, repo.parent / "shared" / "data", Path("/work/shared/data")]
+
+
 def tinyshakespeare_path() -> Path:
     """The built-in text corpus; FileNotFoundError saying where it was looked for if it is missing."""
-    repo = Path(__file__).resolve().parent.parent  # data/ sits at REPO/data
-    path = repo.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{TINYSHAKESPEARE} is read from {path}, which does not exist; pass a text file instead")
-    return path
+    candidates = [folder / "tinyshakespeare" / "input.txt" for folder in shared_data_dirs()]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{TINYSHAKESPEARE} is read from the first of {', '.join(map(str, candidates))}, none of "
+                            "which exists; set FLOWMILL_SHARED_DATA to the folder holding tinyshakespeare/, or pass a text file")

@@ -38,10 +38,6 @@ def finished_run(digits_dir, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    # `make test` runs two pytest-xdist workers. The SLURM tests share one two-node cluster:
-    # kept on one worker, one after another, no job of one test waits for another's nodes.
-    for item in items:
-        if item.get_closest_marker("slurm"):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-    # The minute-long tests first, the many quick ones after: both workers finish together.
+    # `make test` runs two pytest-xdist workers: the minute-long tests first, the many quick
+    # ones after, so that both workers finish together.
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("slurm") else 1)

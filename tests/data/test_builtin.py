@@ -76,3 +76,10 @@ def test_pack_is_deterministic_across_processes(tmp_path):
 def test_tinyshakespeare_path():
     path = tinyshakespeare_path()
     assert path.name == "input.txt" and path.read_text(encoding="utf-8").startswith("First Citizen:")
+
+
+def test_tinyshakespeare_is_found_where_flowmill_shared_data_points(tmp_path, monkeypatch):
+    (tmp_path / "tinyshakespeare").mkdir()
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("To be.\n", encoding="utf-8")
+    monkeypatch.setenv("FLOWMILL_SHARED_DATA", str(tmp_path))
+    assert tinyshakespeare_path() == tmp_path / "tinyshakespeare" / "input.txt"

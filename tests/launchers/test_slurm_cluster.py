@@ -17,7 +17,9 @@ import cloudpickle
 import pytest
 import submitit
 
-pytestmark = pytest.mark.slurm
+# xdist_group: under `make test` (two xdist workers), every SLURM test runs on one worker, one
+# after another: they share one two-node cluster.
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 UP_SCRIPT = Path(__file__).resolve().parents[2] / "launchers" / "slurm_cluster" / "up.sh"
 JOB_TIMEOUT_S = 90  # submit → results; a healthy cluster needs ~5 s

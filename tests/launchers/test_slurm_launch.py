@@ -23,7 +23,7 @@ import pytest
 from flowmill.cli import main
 from tests.helpers import TINY_CONFIG, tiny_overrides
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker: one cluster
 
 JOB_TIMEOUT_S = 600  # submit → end of one job; a quiet machine needs ~30-60 s, a loaded one several times that
 END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
