@@ -116,6 +116,12 @@ class CheckpointManager:
         """What the newest complete checkpoint records (step, world_size, global_batch, ...)."""
         return json.loads((self.latest() / COMPLETE_MARKER).read_text())
 
+    def needs_universal(self) -> bool:
+        """Whether resuming the latest checkpoint here re-shards ZeRO partitions: saved on another
+        world size with partitioned optimizer files. Without ZeRO (stage 0) every rank saved the
+        whole optimizer state, which loads on any world size as it is."""
+        return self.latest_meta()["world_size"] != self.env.world_size and any(self.latest().glob("*optim_states.pt"))
+
     def load(self, engine: Any, ema: Any) -> tuple[int, list[dict]]:
         """Restore engine and EMA; returns (step, the per-rank states of the saving job).
 
@@ -127,7 +133,7 @@ class CheckpointManager:
         step_dir = self.latest()
         meta = self.latest_meta()
         tag = step_dir.name
-        if meta["world_size"] != self.env.world_size:
+        if self.needs_universal():
             self._convert_to_universal(step_dir)
             tag = universal_dir(step_dir).name
         load_path, _ = engine.load_checkpoint(str(self.root), tag=tag)

@@ -185,7 +185,8 @@ def build_parts(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> tuple[Pa
         keep_global_batch(cfg, saved["global_batch"], env)
         log.info("resuming a %d-process checkpoint on %d processes", saved["world_size"], env.world_size)
     pipeline = cfg.parallel.pipeline_stages > 1
-    engine = build_engine(model, cfg, env, load_universal=reshard, loss_fn=task.criterion if pipeline else None)
+    engine = build_engine(model, cfg, env, load_universal=reshard and checkpoints.needs_universal(),
+                          loss_fn=task.criterion if pipeline else None)
     # The parameters this rank trains: a pipeline stage holds only its share of the model.
     local = {id(p) for p in engine.module.parameters()} if pipeline else None
     forward = CastInputs(engine, next(engine.module.parameters()).dtype, env.device)

@@ -107,3 +107,19 @@ def test_two_to_one_and_back(digits_dir, tmp_path):
     for step in (7, 8):
         assert len(final[step]) == 16
     assert not earlier & {key for step in (7, 8) for key in final[step]}, "samples of this epoch repeated"
+
+
+def test_without_zero_partitions_the_checkpoint_loads_on_another_world_size(digits_dir, tmp_path):
+    """ZeRO stage 0 saves the whole optimizer on every rank: 2 → 1 needs no universal conversion."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(digits_dir, run_dir, **{"parallel.zero_stage": 0, "trainer.max_steps": 4,
+                                                       "optim.decay_steps": 8, "checkpoint.every_steps": 4})
+    result = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = flowmill("resume", str(run_dir), "--nproc", "1", "trainer.max_steps=6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = steps(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 7))
+    assert abs(rows[4]["train/loss"] - rows[3]["train/loss"]) < 0.25 * rows[3]["train/loss"]
+    assert not list((run_dir / "checkpoints").glob("*_universal")), "stage 0 was converted needlessly"
+    assert json.loads((run_dir / "checkpoints" / "step-00000006" / "flowmill.json").read_text())["world_size"] == 1
