@@ -36,8 +36,3 @@ def finished_run(digits_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
-
-def pytest_collection_modifyitems(config, items):
-    # `make test` runs two pytest-xdist workers: the minute-long tests first, the many quick
-    # ones after, so that both workers finish together.
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") or item.get_closest_marker("slurm") else 1)
