@@ -36,3 +36,14 @@ def finished_run(digits_dir, tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (steady timing of small models), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +33,12 @@ def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+def shard_members(folder: Path) -> dict[str, bytes]:
+    """Every member of the ``*.tar`` shards in ``folder``, by name (bytes)."""
+    out = {}
+    for shard in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            out.update({member.name: tar.extractfile(member).read() for member in tar})
+    return out

@@ -2,7 +2,6 @@
 
 import argparse
 import io
-import tarfile
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.pack import write_shards
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
 from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
+from tests.helpers import shard_members
 
 CAPTIONS = ["a red cat", "a blue dog", "two green birds", "one cat", "the dog sleeps"]
 
@@ -37,14 +37,6 @@ def dataset(folder) -> None:
     write_shards(samples, folder, source="test", args={}, shard_samples=4, progress=False)
 
 
-def read(folder) -> dict[str, bytes]:
-    out = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            out.update({member.name: tar.extractfile(member).read() for member in tar})
-    return out
-
-
 def test_text_embeddings_are_cached_per_sample(tmp_path):
     model, tokenizer = run_dir(tmp_path / "run")
     dataset(tmp_path / "data")
@@ -54,7 +46,7 @@ def test_text_embeddings_are_cached_per_sample(tmp_path):
                               batch_size=3, keep=("cls",), progress=False, on_reject=lines.append)
     assert manifest["total_samples"] == 9 and manifest["fields"] == ["cls", "txt_emb.npy", "txt_mask.npy", "vec_emb.npy"]
     assert len(lines) == 1 and "k3" in lines[0] and "KeyError" in lines[0]
-    files = read(tmp_path / "emb")
+    files = shard_members(tmp_path / "emb")
     ids, mask = tokenizer.encode_padded([CAPTIONS[2]], 8)
     txt, vec = model(ids, mask)
     assert np.allclose(np.load(io.BytesIO(files["k7.txt_emb.npy"])), txt[0].numpy(), atol=1e-5)
@@ -81,7 +73,7 @@ def test_encode_command(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "9 samples in 1 shards" in captured.out and "1 samples skipped" in captured.out
     assert "skipping k3" in captured.err
-    assert np.load(io.BytesIO(read(tmp_path / "emb")["k0.vec_emb.npy"])).dtype == np.float16
+    assert np.load(io.BytesIO(shard_members(tmp_path / "emb")["k0.vec_emb.npy"])).dtype == np.float16
 
 
 def test_bad_encoder_specs_are_explained():

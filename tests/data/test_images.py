@@ -2,25 +2,17 @@
 
 import io
 import json
-import tarfile
 
 import pytest
 from PIL import Image
 
 from flowmill.data.images import image_key, pack_images
+from tests.helpers import shard_members
 
 
 def save(path, size=(40, 20), color=(200, 10, 10), fmt=None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, format=fmt)
-
-
-def members(folder) -> dict[str, bytes]:
-    out = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            out.update({member.name: tar.extractfile(member).read() for member in tar})
-    return out
 
 
 def test_folder_of_captioned_images(tmp_path):
@@ -38,7 +30,7 @@ def test_folder_of_captioned_images(tmp_path):
     lines = []
     manifest = pack_images(src, tmp_path / "out", size=16, processes=2, progress=False, on_reject=lines.append)
     assert manifest["total_samples"] == 2 and manifest["fields"] == ["jpg", "json", "png", "txt"]
-    files = members(tmp_path / "out")
+    files = shard_members(tmp_path / "out")
     assert files["cat.txt"] == b"a red cat" and files["dogs/rex_v2.txt"] == b"a dog"
     assert json.loads(files["dogs/rex_v2.json"]) == {"caption": "a dog", "source": "camera"}
     with Image.open(io.BytesIO(files["cat.png"])) as image:
@@ -57,7 +49,7 @@ def test_images_are_copied_unchanged_without_size(tmp_path):
     save(tmp_path / "src" / "a.png", size=(7, 5))
     (tmp_path / "src" / "a.txt").write_text("x")
     pack_images(tmp_path / "src", tmp_path / "out", progress=False)
-    assert members(tmp_path / "out")["a.png"] == (tmp_path / "src" / "a.png").read_bytes()
+    assert shard_members(tmp_path / "out")["a.png"] == (tmp_path / "src" / "a.png").read_bytes()
 
 
 def test_repacking_is_idempotent_until_an_input_changes(tmp_path):
@@ -69,7 +61,7 @@ def test_repacking_is_idempotent_until_an_input_changes(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         pack_images(tmp_path / "src", tmp_path / "out", progress=False)
     pack_images(tmp_path / "src", tmp_path / "out", progress=False, overwrite=True)
-    assert members(tmp_path / "out")["a.txt"] == b"two words"
+    assert shard_members(tmp_path / "out")["a.txt"] == b"two words"
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):

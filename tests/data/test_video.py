@@ -2,7 +2,6 @@
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from flowmill.data.video import (
     read_frames_folder,
     read_video,
 )
+from tests.helpers import shard_members
 
 
 def ramp(frames: int, height: int = 48, width: int = 64) -> np.ndarray:
@@ -76,14 +76,6 @@ def test_find_videos_expands_folders(tmp_path):
     ]
 
 
-def members(folder) -> dict[str, bytes]:
-    out = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            out.update({member.name: tar.extractfile(member).read() for member in tar})
-    return out
-
-
 def test_pack_videos_cuts_clips_and_skips_bad_inputs(tmp_path):
     (tmp_path / "a.mp4").write_bytes(encode_mp4(ramp(20)))
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
@@ -100,7 +92,7 @@ def test_pack_videos_cuts_clips_and_skips_bad_inputs(tmp_path):
     assert "PyAV cannot open it" in reasons[str(tmp_path / "bad.mp4")]
     assert reasons[str(tmp_path / "short.mp4")] == "3 frames, shorter than one clip of 8"
     assert len(lines) == 3 and all(line.startswith("skipping ") for line in lines)
-    files = members(tmp_path / "out")
+    files = shard_members(tmp_path / "out")
     clip = np.load(io.BytesIO(files["0000-a-000006.npy"]))
     assert clip.shape == (8, 16, 16, 3) and clip.dtype == np.uint8
     assert np.abs(clip.mean(axis=(1, 2, 3)) - 6 * np.arange(6, 14)).max() < 3

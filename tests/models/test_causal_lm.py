@@ -10,12 +10,7 @@ from flowmill.models.causal_lm import CausalLM, CausalLMConfig
 CONFIG = CausalLMConfig(vocab_size=16, seq_len=8, dim=32, depth=2, num_heads=2, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def test_logits_shape_and_causality():

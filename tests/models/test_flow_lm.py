@@ -21,12 +21,7 @@ V, L = 8, 6
 CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=16, time_freq_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

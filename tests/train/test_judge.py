@@ -22,12 +22,7 @@ def text(tmp_path_factory):
     return pack_tiny_text(tmp_path_factory.mktemp("text"), chars=20_000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
 
 
 def test_text_data_info_reads_the_manifest(text, tmp_path):
