@@ -160,6 +160,11 @@ def moving_digits_clip(index: int, spec: MovingDigitsSpec) -> tuple[np.ndarray, 
     return np.repeat(canvas[..., None], 3, axis=-1), {"digits": digits}
 
 
+def moving_digits_caption_lines() -> list[str]:
+    """Every "digit D moves DIRECTION" phrase, one per line: the vocabulary of the captions (a tokenizer corpus)."""
+    return [f"digit {label} moves {direction}" for label in range(10) for direction in DIRECTIONS]
+
+
 def moving_digits_caption(description: dict) -> str:
     """``"digit 3 moves right, digit 7 moves up and left"`` (directions at the first frame)."""
     return ", ".join(f"digit {digit['label']} moves {digit['direction']}" for digit in description["digits"])

@@ -22,6 +22,7 @@ from flowmill.data.builtin import (
     TINYSHAKESPEARE,
     MovingDigitsSpec,
     digit_captions,
+    moving_digits_caption_lines,
     pack_builtin_digits,
     pack_moving_digits,
 )
@@ -45,6 +46,7 @@ OPTION_SOURCES = {
     "val_fraction": (TEXT,),
 }
 DIGIT_CAPTIONS = "builtin:digit-captions"
+MOVING_DIGITS_CAPTIONS = "builtin:moving-digits-captions"
 BYTE_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -146,6 +148,9 @@ def _read_lines(paths: list[str]) -> list[str]:
     for path in paths:
         if path == DIGIT_CAPTIONS:
             lines.extend(digit_captions())
+            continue
+        if path == MOVING_DIGITS_CAPTIONS:
+            lines.extend(moving_digits_caption_lines())
             continue
         if path == TINYSHAKESPEARE:
             from flowmill.data.builtin import tinyshakespeare_path
@@ -337,7 +342,8 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("out_prefix", metavar="OUT_PREFIX", help="path without extension; writes OUT_PREFIX.model")
     tokenizer.add_argument(
         "--text", nargs="+", required=True, metavar="FILE",
-        help=f"UTF-8 text files, {DIGIT_CAPTIONS} for the 10 digit captions, {TINYSHAKESPEARE} for the built-in corpus",
+        help=f"UTF-8 text files, {DIGIT_CAPTIONS} for the 10 digit captions, {MOVING_DIGITS_CAPTIONS} for the "
+        f"phrases of the moving-digits captions, {TINYSHAKESPEARE} for the built-in corpus",
     )
     tokenizer.add_argument("--vocab-size", type=int, required=True, help="largest vocabulary, special ids included")
     tokenizer.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece algorithm (default unigram)")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flowmill.data.images import square
 from flowmill.data.tokenizer import Tokenizer
 
 
@@ -78,17 +79,23 @@ class ImageTextDecoder:
     (True on real tokens), plus ``"cls": int`` when the sample has a ``.cls`` field.
     """
 
-    image_field: str = "png"  # extension of the image field (png or jpg)
-    channels: int = 1  # 1 = grey, 3 = RGB
+    image_field: str = "png"  # the image field: png or jpg, or a latent image *.npy float (C, H, W) taken as it is
+    channels: int = 1  # 1 = grey, 3 = RGB (a latent: its C)
     size: int | None = 32  # expected image side in pixels; another size is rejected (None accepts any)
     tokenizer: Tokenizer | None = None  # tokenizes the caption when set
     max_len: int = 16  # token ids per caption, eos included, when a tokenizer is set
 
     def __call__(self, sample: dict) -> dict:
-        img = image_uint8(field(sample, self.image_field), self.channels)
+        data = field(sample, self.image_field)
+        if self.image_field.endswith("npy"):
+            img = torch.from_numpy(npy_array(data).astype(np.float32))
+            if img.ndim != 3 or img.shape[0] != self.channels:
+                raise ValueError(f"latent is {tuple(img.shape)}, expected ({self.channels}, H, W)")
+        else:
+            img = image_uint8(data, self.channels).float() / 127.5 - 1.0
         if self.size is not None and img.shape[1:] != (self.size, self.size):
             raise ValueError(f"image is {tuple(img.shape[1:])}, expected ({self.size}, {self.size})")
-        out = {"img": img.float() / 127.5 - 1.0, "txt": text(field(sample, "txt"))}
+        out = {"img": img, "txt": text(field(sample, "txt"))}
         if self.tokenizer is not None:
             ids, mask = self.tokenizer.encode_padded([out["txt"]], self.max_len)
             out["txt_ids"], out["txt_mask"] = ids[0], mask[0]
@@ -97,24 +104,51 @@ class ImageTextDecoder:
         return out
 
 
+CLIP_FITS = ("error", "crop")
+
+
+def fit_clip(clip: np.ndarray, frames: int, size: int, fit: str = "error") -> np.ndarray:
+    """A uint8 (N, H, W, 3) video as a (frames, size, size, 3) clip.
+
+    ``fit="error"`` accepts only that exact shape; ``fit="crop"`` keeps the first ``frames``
+    frames and resizes each (shorter side → ``size``) and centre-crops it. ValueError otherwise.
+    """
+    expected = (frames, size, size, 3)
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3:
+        raise ValueError(f"clip is {clip.dtype} {clip.shape}, expected uint8 (T, H, W, 3) RGB frames")
+    if clip.shape == expected:
+        return clip
+    if fit == "error":
+        raise ValueError(f"clip is {clip.shape}, expected {expected} (fit crop cuts and resizes other clips: "
+                         "video.fit=crop in a config, --fit crop for reconstruct)")
+    if len(clip) < frames:
+        raise ValueError(f"clip has {len(clip)} frames, fewer than the {frames} a clip needs")
+    return np.stack([np.asarray(square(Image.fromarray(frame), size)) for frame in clip[:frames]])
+
+
 @dataclass
 class ClipDecoder:
     """Decode video clips for the video tokenizer: ``npy`` uint8 (T, H, W, 3) → ``{"video": float (T, 3, H, W) in [-1, 1]}``.
 
-    ``field`` may also name an ``mp4`` field (decoded with PyAV). A clip of another shape is rejected.
+    ``field`` may also name an ``mp4`` field (decoded with PyAV). A clip of another shape is
+    rejected, or cut to shape with ``fit="crop"`` (see ``fit_clip``).
     """
 
     frames: int = 16  # T, frames per clip
     size: int = 32  # H = W, pixels
     field: str = "npy"  # the clip's field: npy (uint8 array) or mp4
+    fit: str = "error"  # clips of another shape: error (reject) | crop (first T frames, resized, centre-cropped)
 
     def __call__(self, sample: dict) -> dict:
         data = field(sample, self.field)
         clip = video_frames(data) if self.field.endswith("mp4") else npy_array(data)
-        expected = (self.frames, self.size, self.size, 3)
-        if clip.shape != expected or clip.dtype != np.uint8:
-            raise ValueError(f"clip is {clip.dtype} {clip.shape}, expected uint8 {expected}")
-        return {"video": torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0}
+        clip = fit_clip(clip, self.frames, self.size, self.fit)
+        return {"video": clip_tensor(clip)}
+
+
+def clip_tensor(clip: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) → float (T, 3, H, W) in [-1, 1], the video tokenizer's input."""
+    return torch.from_numpy(np.ascontiguousarray(clip.transpose(0, 3, 1, 2))).float() / 127.5 - 1.0
 
 
 @dataclass

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   flowmill resume runs/mmdit-digits-20260101-120000 trainer.max_steps=400
   flowmill sample runs/mmdit-digits-20260101-120000 --prompt "a handwritten digit seven" --out samples/
   flowmill sample runs/flm-shakespeare-20260101-120000 --steps 32 --num-samples 8 --out samples.jsonl
+  flowmill reconstruct runs/tokenizer-moving-digits-20260101-120000 clip.npy --num-tokens 4 --out recon/
 """
 
 
@@ -89,6 +90,26 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True, help="output: a folder for images, a FILE.jsonl for text")
     sample.add_argument("--text-from", metavar="RUN_DIR",
                         help="model folders (image models) only: the run whose text encoder, tokenizer and timestep shift to use")
+
+    reconstruct = commands.add_parser(
+        "reconstruct",
+        help="encode clips with a video tokenizer and decode them from their first k tokens",
+        description="Encode each INPUT (an .mp4 file or an .npy uint8 array (T, H, W, 3)) with the video tokenizer "
+        "of RUN_DIR (EMA weights) and decode it from its first --num-tokens tokens: writes <name>.npy (uint8, "
+        "the clip's shape) and <name>.mp4 into --out. Inputs of another length or size are refused, or cut and "
+        "resized with --fit crop. "
+        "Example: flowmill reconstruct runs/tokenizer-1 clip.npy --num-tokens 4 --out recon/",
+    )
+    reconstruct.add_argument("source", metavar="RUN_DIR|CKPT", help="a video tokenizer run dir or one of its checkpoints/step-* folders")
+    reconstruct.add_argument("inputs", nargs="+", metavar="INPUT", help=".mp4 files or .npy arrays (T, H, W, 3) uint8")
+    reconstruct.add_argument("--num-tokens", type=int, required=True, metavar="K", help="decode from the first K tokens (1..the run's K)")
+    reconstruct.add_argument("--steps", type=int, default=25, help="ODE solver steps of the flow decoder (default 25)")
+    reconstruct.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance over the tokens (default 1.0: none)")
+    reconstruct.add_argument("--sampler", default="euler", help="ODE solver: euler or heun (default euler)")
+    reconstruct.add_argument("--seed", type=int, default=0, help="noise seed of the decoder (default 0)")
+    reconstruct.add_argument("--fit", choices=("error", "crop"), help="inputs of another shape: refuse them, or keep the "
+                             "first T frames, resized and centre-cropped (default: the run's video.fit)")
+    reconstruct.add_argument("--out", required=True, metavar="DIR", help="folder for <name>.npy and <name>.mp4")
 
     from flowmill.train.model_io import register as register_model_io
 
@@ -175,6 +196,16 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.text_from:
             raise ConfigError("--text-from: only a model folder needs it; a run samples with its own text encoder")
         return sample_command(args)
+    if args.command == "reconstruct":
+        from pathlib import Path
+
+        from flowmill.train.config import ConfigError
+        from flowmill.train.sample import load_task_and_model
+
+        task, model, checkpoint = load_task_and_model(Path(args.source))
+        if not hasattr(task, "reconstruct_command"):
+            raise ConfigError(f"{args.source} trains a {task.family!r} model; reconstruct needs a video tokenizer run")
+        return task.reconstruct_command(model, checkpoint, args)
     return args.func(args)
 
 

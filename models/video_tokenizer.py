@@ -20,6 +20,7 @@ P = pt·ph·pw·C values per patch, K registers, D width, d = len(fsq_levels).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +33,9 @@ from flowmill.models.layers import DiTBlock, MLPEmbedder, Modulation, timestep_e
 from flowmill.models.samplers import build_sampler, guided
 
 KEEP_K_DISTRIBUTIONS = ("pow2", "uniform")
+PREDICTIONS = ("x", "v")
+# x-prediction divides by t: below this time the velocity uses it instead (as JiT, arXiv:2511.13720, does).
+X_PREDICTION_MIN_T = 0.05
 TIME_EMBED_DIM = 256  # sinusoidal features fed to the timestep MLP, as in DiT/SD3
 
 
@@ -54,6 +58,8 @@ class VideoTokenizerConfig:
     cfg_drop_prob: float = 0.1  # probability that a training clip sees no tokens at all (CFG null condition)
     logit_normal_mean: float = 0.0  # training t = sigmoid(mean + std·n), n ~ N(0, 1) (SD3's logit-normal)
     logit_normal_std: float = 1.0  # spread of the logit-normal timestep distribution
+    latent_norm: bool = True  # standardise each pre-FSQ latent over the batch (running statistics at inference); see __init__
+    prediction: str = "x"  # decoder output: "x" = clean patches, velocity (x_t - x̂0)/t (pixel patches wider than dim need it) | "v" = the velocity
 
     def __post_init__(self) -> None:
         self.tubelet = tuple(self.tubelet)
@@ -65,6 +71,16 @@ class VideoTokenizerConfig:
             raise ValueError(
                 f"tubelet {self.tubelet} must divide the clip (frames={self.frames}, "
                 f"image_size={self.image_size} × {self.image_size})"
+            )
+        if not self.fsq_levels or any(not isinstance(level, int) or level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels must be integers >= 2, one per token channel, got {list(self.fsq_levels)}")
+        if math.prod(self.fsq_levels) >= 2**62:
+            raise ValueError(f"fsq_levels {list(self.fsq_levels)} make {math.prod(self.fsq_levels):.3g} codes, too many "
+                             "for a 64-bit token index; use fewer channels or levels")
+        if len(self.fsq_levels) > self.dim:
+            raise ValueError(
+                f"fsq_levels has {len(self.fsq_levels)} channels, more than the width dim={self.dim} it quantizes a "
+                f"projection of; use at most {self.dim} levels"
             )
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
@@ -82,6 +98,8 @@ class VideoTokenizerConfig:
             )
         if not 0.0 <= self.cfg_drop_prob < 1.0:
             raise ValueError(f"cfg_drop_prob must be in [0, 1), got {self.cfg_drop_prob}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction '{self.prediction}'; choose one of: {', '.join(PREDICTIONS)}")
         if self.logit_normal_std <= 0:
             raise ValueError(f"logit_normal_std must be > 0, got {self.logit_normal_std}")
 
@@ -185,6 +203,13 @@ class VideoTokenizer(nn.Module):
         self.flow_path = FlowPath()
         self.timesteps = LogitNormalTimesteps(config.logit_normal_mean, config.logit_normal_std)
         self.to_fsq = nn.Linear(dim, self.fsq.dim)
+        # Mostly-black clips give registers that barely differ between clips, and a decoder that
+        # does not use its tokens yet gives the encoder no signal: the latents then drift into
+        # tanh's flat ends and every clip gets the same codes for good. Standardising each of the
+        # K·d latents over the batch spreads clips over the FSQ grid from the first step.
+        self.latent_norm = (
+            nn.BatchNorm1d(config.num_registers * self.fsq.dim, affine=False, momentum=0.05) if config.latent_norm else nn.Identity()
+        )
         self.register_buffer("enc_mask", self._encoder_mask(num_patches, config.num_registers), persistent=False)
 
         # Decoder.
@@ -241,7 +266,8 @@ class VideoTokenizer(nn.Module):
         cond = self.enc_cond.expand(batch, -1)  # (B, D)
         for block in self.encoder:
             x = block(x, cond, self.enc_mask)
-        return self.to_fsq(self.enc_norm(x[:, self.config.num_patches :]))
+        latents = self.to_fsq(self.enc_norm(x[:, self.config.num_patches :]))  # (B, K, d)
+        return self.latent_norm(latents.flatten(1)).view_as(latents)
 
     def encode(self, video: torch.Tensor) -> EncodedVideo:
         """(B, T, C, H, W) clips in [-1, 1] → K tokens per clip (indices and codes)."""
@@ -262,7 +288,12 @@ class VideoTokenizer(nn.Module):
         return tokens + self.token_pos
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity (B, N, P) of noisy patches x_t (B, N, P) at times t (B,) given cond (B, K, D)."""
+        """Predicted velocity (B, N, P) of noisy patches x_t (B, N, P) at times t (B,) given cond (B, K, D).
+
+        With ``prediction="x"`` the network predicts the clean patches x̂0 and the velocity is
+        (x_t - x̂0) / t: a patch of P pixel values wider than the width D cannot carry the noise
+        part of v through the network, but clean patches of a low-dimensional video can.
+        """
         time = self.time_embed(timestep_embedding(1000 * t, TIME_EMBED_DIM).to(x_t.dtype))  # (B, D)
         patches = self.dec_patch_embed(x_t) + self.dec_pos  # (B, N, D)
         x = torch.cat([cond, patches], dim=1)  # (B, K+N, D)
@@ -270,7 +301,10 @@ class VideoTokenizer(nn.Module):
             x = block(x, time)
         shift, scale = self.dec_final_modulation(time).chunk(2, dim=-1)
         x = Modulation(shift, scale).apply(self.dec_norm(x[:, self.config.num_registers :]))
-        return self.dec_out(x)
+        out = self.dec_out(x)
+        if self.config.prediction == "v":
+            return out
+        return (x_t - out) / t.clamp_min(X_PREDICTION_MIN_T).to(x_t.dtype)[:, None, None]
 
     # ----- training ------------------------------------------------------------------------
 
@@ -282,47 +316,56 @@ class VideoTokenizer(nn.Module):
         dropped = _draw(torch.rand, (batch,), generator, device) < self.config.cfg_drop_prob
         return keep_k.masked_fill(dropped, 0)
 
-    def loss(
-        self, video: torch.Tensor, generator: torch.Generator | None = None, keep_k: int | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Rectified-flow loss of (B, T, C, H, W) clips, trained end to end through FSQ.
+    def draw(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None, keep_k: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random draws of one training batch: prefix lengths (B,), noise (B, N, P) and times (B,).
 
         ``keep_k=None`` draws nested dropout and CFG dropout per clip (training); an int keeps
         exactly that many tokens for every clip, without CFG dropout (evaluation of a prefix).
-        ``generator`` drives every random draw. Returns the scalar loss and a dict of detached
-        0-dim metric tensors (flow_loss, keep_k_mean, codebook_usage).
         """
-        batch, device = video.shape[0], video.device
-        encoded = self.encode(video)
+        cfg = self.config
         if keep_k is None:
             keep = self.sample_keep_k(batch, device, generator)
         else:
             self._check_prefix_length(keep_k)
             keep = torch.full((batch,), keep_k, device=device, dtype=torch.long)
-        cond = self.token_condition(encoded.codes, keep)
+        noise = _draw(torch.randn, (batch, cfg.num_patches, cfg.patch_values), generator, device)
+        t = self.timesteps.sample(batch, generator, device)
+        return keep, noise, t
 
+    def loss(
+        self, video: torch.Tensor, generator: torch.Generator | None = None, keep_k: int | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rectified-flow loss of (B, T, C, H, W) clips, trained end to end through FSQ.
+
+        ``keep_k`` as in ``draw``; ``generator`` drives every random draw. Returns the scalar
+        loss and a dict of detached 0-dim metric tensors (flow_loss, keep_k_mean, codebook_usage).
+        """
+        self._check_video(video)
+        return self(video, *self.draw(video.shape[0], video.device, generator, keep_k))
+
+    def forward(
+        self, video: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss given the draws of ``draw``: clips (B, T, C, H, W), prefix lengths (B,), noise
+        (B, N, P), times (B,). Training goes through here because DeepSpeed ZeRO-3 gathers a
+        module's own parameters (registers, positions, mask token) only around ``forward``, and
+        a DeepSpeed engine passes tensors only."""
+        encoded = self.encode(video)
+        cond = self.token_condition(encoded.codes, keep)
         x0 = patchify(video, self.config.tubelet)  # (B, N, P)
-        noise = _draw(torch.randn, tuple(x0.shape), generator, device).to(x0.dtype)
-        t = self.timesteps.sample(batch, generator, device)  # (B,)
-        path = self.flow_path.sample(x0, noise, t)
-        x_t, v = path.x_t, path.target
-        loss = F.mse_loss(self.velocity(x_t, t, cond).float(), v.float())
+        path = self.flow_path.sample(x0, noise.to(x0.dtype), t)
+        loss = F.mse_loss(self.velocity(path.x_t, t, cond).float(), path.target.float())
 
         # Codebook usage without .unique(), which would synchronise a GPU every step.
-        used = torch.zeros(self.fsq.codebook_size, device=device).index_fill_(0, encoded.indices.flatten(), 1.0)
+        used = torch.zeros(self.fsq.codebook_size, device=video.device).index_fill_(0, encoded.indices.flatten(), 1.0)
         metrics = {
             "flow_loss": loss.detach(),  # mean squared velocity error
             "keep_k_mean": keep.float().mean(),  # tokens the decoder saw, 0 for CFG-dropped clips
             "codebook_usage": used.mean(),  # fraction of FSQ codes used by the batch
         }
         return loss, metrics
-
-    def forward(
-        self, video: torch.Tensor, generator: torch.Generator | None = None, keep_k: int | None = None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Same as ``loss``. DeepSpeed ZeRO-3 gathers a module's own parameters (registers,
-        positions, mask token) only around ``forward``, so a wrapped model trains through here."""
-        return self.loss(video, generator, keep_k)
 
     # ----- sampling ------------------------------------------------------------------------
 

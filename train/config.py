@@ -198,8 +198,20 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise ConfigError(_message(error)) from None
+    except ValueError as error:  # a section's own checks (its __post_init__)
+        raise ConfigError(f"{_failing_section(merged)}: {error}") from None
     validate(cfg)
     return cfg
+
+
+def _failing_section(merged: Any) -> str:
+    """The name of the first section of ``merged`` whose dataclass refuses its values."""
+    for name in merged:
+        try:
+            OmegaConf.to_object(merged[name]) if OmegaConf.is_config(merged[name]) else None
+        except ValueError:
+            return name
+    return "config"
 
 
 def validate(cfg: Any, world_size: int | None = None) -> None:
@@ -261,7 +273,16 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
 
 def to_dict(cfg: Any) -> dict:
     """The resolved config as plain dicts and lists (for config.yaml and MLflow params)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return _plain(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+
+def _plain(value: Any) -> Any:
+    # Tuple-typed fields (e.g. a tokenizer's fsq_levels) come back as tuples, which YAML's safe dumper refuses.
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def save_config(cfg: Any, path: Path) -> None:

@@ -44,6 +44,11 @@ class EMA:
         with gather:
             for avg, param in pairs:
                 avg.lerp_(param.detach().float(), 1 - decay)
+        # Buffers (e.g. BatchNorm running statistics) are averages already: copied as they are.
+        buffers = dict(self.module.named_buffers())
+        for name, buffer in live.named_buffers():
+            if name in buffers and buffers[name].shape == buffer.shape:
+                buffers[name].copy_(buffer)
         self.num_updates += 1
 
     @torch.no_grad()

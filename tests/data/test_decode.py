@@ -95,8 +95,17 @@ def test_clip_and_token_decoders_check_shapes():
     clip = np.full((4, 8, 8, 3), 255, np.uint8)
     video = ClipDecoder(frames=4, size=8)({"npy": npy(clip)})["video"]
     assert video.shape == (4, 3, 8, 8) and video.dtype == torch.float32 and torch.all(video == 1.0)
-    with pytest.raises(ValueError, match=r"expected uint8 \(16, 8, 8, 3\)"):
+    with pytest.raises(ValueError, match=r"expected \(16, 8, 8, 3\) \(fit crop cuts"):
         ClipDecoder(frames=16, size=8)({"npy": npy(clip)})
+    with pytest.raises(ValueError, match="fewer than the 16"):
+        ClipDecoder(frames=16, size=8, fit="crop")({"npy": npy(clip)})
+    with pytest.raises(ValueError, match=r"expected uint8 \(T, H, W, 3\)"):
+        ClipDecoder(frames=4, size=8)({"npy": npy(clip[..., 0])})
+    # crop: the first T frames, shorter side resized, centre-cropped (a 2:1 frame keeps its middle half).
+    wide = np.zeros((6, 16, 32, 3), np.uint8)
+    wide[:, :, 8:24] = 255
+    video = ClipDecoder(frames=4, size=8, fit="crop")({"npy": npy(wide)})["video"]
+    assert video.shape == (4, 3, 8, 8) and torch.all(video[..., 1:-1] > 0.9)  # squashing would keep the black sides
     tokens = TokenDecoder(seq_len=3, vocab_size=10)({"tokens.npy": npy(np.array([1, 2, 9], np.int32))})["tokens"]
     assert tokens.dtype == torch.long and tokens.tolist() == [1, 2, 9]
     with pytest.raises(ValueError, match="outside the vocabulary of 10"):

@@ -293,3 +293,18 @@ def test_tiny_model_learns_moving_squares():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     assert time.perf_counter() - start < 20
+
+
+def test_latent_norm_spreads_clips_over_the_codebook():
+    """Near-identical clips (one small square on black) still get different codes: each latent is
+    standardised over the batch in training, with running statistics at inference."""
+    generator = torch.Generator().manual_seed(0)
+    video = moving_squares(32, 4, 8, 2, generator).expand(-1, -1, 3, -1, -1)
+    spread = tiny_model()
+    assert spread.encode(video).indices.unique().numel() > 8
+    plain = tiny_model(latent_norm=False)
+    assert plain.encode(video).indices.unique().numel() < spread.encode(video).indices.unique().numel()
+    latents = spread.register_latents(video).flatten(1)
+    torch.testing.assert_close(latents.mean(0), torch.zeros(latents.shape[1]), atol=1e-5, rtol=0)
+    spread.eval()  # running statistics: a single clip encodes the same alone as in any batch
+    assert torch.equal(spread.encode(video[:1]).indices, spread.encode(video[:4]).indices[:1])

@@ -13,6 +13,7 @@ TASKS = {
     "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
     "flm": "flowmill.train.tasks.flm:FLMTask",
     "fmlm": "flowmill.train.tasks.fmlm:FMLMTask",
+    "video_tokenizer": "flowmill.train.tasks.video_tokenizer:VideoTokenizerTask",
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +87,8 @@ class RectifiedFlowConfig:
     mode_scale: float = 1.29  # mode: heavy-tail scale s of SD3's mode sampling
     shift: float = 1.0  # resolution-dependent timestep shift (1: none), training and sampling
     cfg_drop_prob: float = 0.1  # probability of replacing the prompt by the empty prompt (for CFG)
-    image_field: str = "png"  # WebDataset field holding the image (png or jpg); the caption is the .txt field
+    image_field: str = "png"  # WebDataset field holding the image (png or jpg, or a latent *.npy); the caption is the .txt field
+    token_decoder: str | None = None  # a video tokenizer run whose token codes are the images (image_field codes.npy): samples are decoded to clips
 
 
 class MMDiTTask(Task):
@@ -110,6 +112,9 @@ class MMDiTTask(Task):
                 f"model.txt_dim: the MMDiT takes txt_dim={cfg.model.txt_dim}, vec_dim={cfg.model.vec_dim}; the "
                 f"{cfg.text.kind} text encoder gives txt width {txt_dim} and vec width {vec_dim} (set both to match)"
             )
+        if cfg.flow.token_decoder is not None and cfg.flow.image_field != "codes.npy":
+            raise ConfigError(f"flow.image_field: a generator of video tokens reads their codes; set flow.image_field=codes.npy "
+                              f"(got {cfg.flow.image_field!r})")
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
             raise ConfigError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
                               "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
@@ -142,6 +147,13 @@ class MMDiTTask(Task):
         if text.cached:
             for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
                 self.check_cached(source)
+        self.token_decoder = None
+        if cfg.flow.token_decoder is not None:
+            from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
+
+            self.token_decoder = TokenVideoDecoder(cfg.flow.token_decoder, env.device)
+            for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
+                self.token_decoder.check(source)
         self.path = FlowPath()
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         self._val_batch = None
@@ -296,10 +308,11 @@ class MMDiTTask(Task):
         return build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift).clamp(-1, 1)
 
     def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
-        """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``."""
+        """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``; a
+        generator of video tokens writes clips instead (see ``write_clips``)."""
         if not args.prompt:
             raise ConfigError("--prompt: an MMDiT run needs at least one --prompt TEXT")
-        if model.config.in_channels not in (1, 3):
+        if self.token_decoder is None and model.config.in_channels not in (1, 3):
             raise ConfigError(f"{checkpoint}: the model makes {model.config.in_channels}-channel latents, not 1- or "
                               "3-channel images; flowmill has no latent decoder (SD3 latents need SD3's VAE, in diffusers)")
         try:
@@ -309,6 +322,8 @@ class MMDiTTask(Task):
         images = self.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        if self.token_decoder is not None:
+            return self.write_clips(images, args, out, checkpoint)
         names = [f"{p:03d}-{i:03d}.png" for p in range(len(args.prompt)) for i in range(args.num_samples)]
         save_images(images, [out / name for name in names])
         image_grid(images, cols=args.num_samples, upscale=2).save(out / "grid.png")
@@ -319,10 +334,40 @@ class MMDiTTask(Task):
         print(f"wrote {len(names)} samples from {checkpoint} to {out} (grid: {out / 'grid.png'})")
         return 0
 
+    def write_clips(self, codes: torch.Tensor, args: Any, out: Path, checkpoint: Path) -> int:
+        """Generated token codes (P·N, d, h, w), decoded by the video tokenizer: ``PPP-NNN.npy``
+        (uint8 (T, H, W, 3)) and ``.mp4`` per sample, grid.gif (one row per prompt) and samples.jsonl."""
+        from flowmill.data.video import encode_mp4
+        from flowmill.train.videos import clip_uint8, side_by_side_gif
+
+        clips = self.token_decoder(codes, seed=args.seed)
+        count = args.num_samples
+        records = []
+        for index, clip in enumerate(clips):
+            prompt_index, sample_index = divmod(index, count)
+            name = f"{prompt_index:03d}-{sample_index:03d}"
+            frames = clip_uint8(clip)
+            np.save(out / f"{name}.npy", frames)
+            (out / f"{name}.mp4").write_bytes(encode_mp4(frames))
+            records.append({"file": f"{name}.npy", "prompt": args.prompt[prompt_index]})
+        by_prompt = clips.reshape(len(args.prompt), count, *clips.shape[1:])
+        side_by_side_gif([by_prompt[:, i] for i in range(count)], out / "grid.gif")
+        with open(out / "samples.jsonl", "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in records)
+        print(f"wrote {len(records)} clips from {checkpoint}, decoded by {self.cfg.flow.token_decoder}, to {out} "
+              f"(grid: {out / 'grid.gif'})")
+        return 0
+
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         s = self.cfg.sample
         prompts = s.prompts or [""]
         images = self.generate(model, prompts, s.num_per_prompt, s.steps, s.cfg_scale, s.sampler, seed=self.cfg.trainer.seed)
+        if self.token_decoder is not None:
+            from flowmill.train.videos import side_by_side_gif
+
+            clips = self.token_decoder(images, seed=self.cfg.trainer.seed)
+            by_prompt = clips.reshape(len(prompts), s.num_per_prompt, *clips.shape[1:])
+            return [side_by_side_gif([by_prompt[:, i] for i in range(s.num_per_prompt)], out_dir / f"clips-{step:08d}.gif")]
         path = out_dir / f"grid-{step:08d}.png"
         image_grid(images, cols=s.num_per_prompt, upscale=2).save(path)
         return [path]

@@ -1,0 +1,361 @@
+"""Video tokenizer (``task: video_tokenizer``): clips → K coarse-to-fine FSQ tokens → clips.
+
+The model is ``flowmill.models.video_tokenizer`` (encoder, FSQ, nested dropout, rectified-flow
+decoder; t = 0 is data, t = 1 is noise). Data are clips packed by ``flowmill data pack video``
+or the built-in moving digits: ``npy`` uint8 (T, H, W, 3), or ``mp4``.
+
+Every evaluation logs ``val/loss`` (the flow loss with all K tokens on a fixed time grid and
+fixed noise), ``val/loss_k{k}`` per token count, and reconstruction quality of held-out clips
+decoded from their first k tokens, ``recon/psnr_k{k}`` and ``recon/ssim_k{k}``. The samples of
+every evaluation are a GIF (input, then its reconstructions from 1, 2, 4, ... K tokens) and the
+PSNR/SSIM-versus-k plots. ``flowmill reconstruct`` and ``flowmill data encode`` (with
+``token_encoder``) use a trained run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
+from flowmill.data.loader import StreamingLoader
+from flowmill.models.video_tokenizer import VideoTokenizer, VideoTokenizerConfig, patchify
+from flowmill.train.config import ConfigError
+from flowmill.train.tasks.base import Task
+
+FAMILY = "video_tokenizer"
+CLIP_FIELDS = ("npy", "mp4")
+
+
+@dataclass
+class VideoConfig:
+    field: str = "npy"  # the clip's field in the shards: npy (uint8 (T, H, W, 3)) or mp4 (decoded with PyAV)
+    fit: str = "error"  # clips of another shape: error (skip as bad / refuse) | crop (first T frames, shorter side resized, centre-cropped)
+
+
+@dataclass
+class ReconConfig:
+    num_tokens: list[int] = field(default_factory=list)  # token counts k of the reconstruction metrics (empty: 1, 2, 4, ..., K)
+    num_clips: int = 16  # held-out clips decoded at each evaluation (the first of eval.path, or of data.path)
+
+
+class VideoTokenizerTask(Task):
+    config_sections = {"model": VideoTokenizerConfig, "video": VideoConfig, "recon": ReconConfig}
+    family = FAMILY
+
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        if cfg.video.field not in CLIP_FIELDS:
+            raise ConfigError(f"video.field: {cfg.video.field!r} is not one of {', '.join(CLIP_FIELDS)}")
+        if cfg.video.fit not in CLIP_FITS:
+            raise ConfigError(f"video.fit: {cfg.video.fit!r} is not one of {', '.join(CLIP_FITS)}")
+        if cfg.model.channels != 3:
+            raise ConfigError(f"model.channels: clips are RGB (T, H, W, 3); set model.channels=3, got {cfg.model.channels}")
+        bad = [k for k in cfg.recon.num_tokens if not 1 <= k <= cfg.model.num_registers]
+        if bad:
+            raise ConfigError(f"recon.num_tokens: {bad} outside 1..model.num_registers={cfg.model.num_registers}")
+        if cfg.recon.num_clips < 1:
+            raise ConfigError(f"recon.num_clips: must be at least 1, got {cfg.recon.num_clips}")
+        if cfg.model.latent_norm and cfg.trainer.micro_batch_size < 2:
+            raise ConfigError("trainer.micro_batch_size: model.latent_norm standardises latents over the batch, which needs "
+                              "at least 2 clips per micro-batch")
+        if cfg.sample.prompts:
+            raise ConfigError("sample.prompts: a video tokenizer reconstructs clips and takes no prompts; remove them")
+        if cfg.parallel.pipeline_stages > 1:
+            raise ConfigError("parallel.pipeline_stages: the video tokenizer trains without pipeline stages (ZeRO 0-3); set it to 1")
+
+    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+        super().__init__(cfg, env, run_dir)
+        self.live: VideoTokenizer | None = None  # the model being trained, for its random draws
+        self._val_clips: torch.Tensor | None = None
+        self._last_recon: tuple[int, torch.Tensor, dict[int, torch.Tensor]] | None = None  # (step, clips, {k: decoded}) of the last evaluation
+
+    @property
+    def num_tokens(self) -> list[int]:
+        """The token counts k of the evaluation, ascending."""
+        return sorted(set(self.cfg.recon.num_tokens)) or self.cfg.model.keep_k_choices
+
+    def build_model(self) -> nn.Module:
+        self.live = VideoTokenizer(self.cfg.model)
+        return self.live
+
+    def decoder(self) -> ClipDecoder:
+        m = self.cfg.model
+        return ClipDecoder(frames=m.frames, size=m.image_size, field=self.cfg.video.field, fit=self.cfg.video.fit)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        video = batch["video"].to(self.env.device)
+        keep, noise, t = self.live.draw(video.shape[0], video.device, generator)
+        return model(video, keep, noise, t)
+
+    def validation_clips(self) -> torch.Tensor:
+        """The fixed held-out clips (N, T, C, H, W): the first eval.num_samples of eval.path (default data.path)."""
+        if self._val_clips is None:
+            loader = StreamingLoader(
+                self.cfg.eval.path or self.cfg.data.path, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples,
+                num_workers=0, seed=0, decode=self.decoder(), shuffle_buffer=0, resampled=False,
+            )
+            self._val_clips = next(iter(loader))["video"]
+        return self._val_clips
+
+    @torch.no_grad()
+    def validation_losses(self, model: VideoTokenizer, clips: torch.Tensor) -> dict:
+        """``val/loss_k{k}``: flow loss from the first k tokens, averaged over eval.timesteps with fixed noise;
+        ``val/loss``: the same with all K tokens."""
+        device = next(model.parameters()).device
+        clips = clips.to(device)
+        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)
+        x0 = patchify(clips, model.config.tubelet)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        codes = model.encode(clips).codes
+        metrics = {}
+        num_registers = model.config.num_registers
+        for k in sorted({*self.num_tokens, num_registers}):
+            cond = model.token_condition(codes, torch.full((len(clips),), k, device=device))
+            losses = []
+            for value in self.cfg.eval.timesteps:
+                t = torch.full((len(clips),), value, device=device)
+                path = model.flow_path.sample(x0, noise, t)
+                losses.append(F.mse_loss(model.velocity(path.x_t, t, cond).float(), path.target.float()).item())
+            metrics[f"val/loss_k{k}"] = sum(losses) / len(losses)
+        metrics["val/loss"] = metrics[f"val/loss_k{num_registers}"]
+        return metrics
+
+    @torch.no_grad()
+    def reconstructions(self, model: VideoTokenizer, clips: torch.Tensor, steps: int | None = None) -> dict[int, torch.Tensor]:
+        """{k: clips (N, T, C, H, W) decoded from their first k tokens}, with the sample section's
+        solver, steps and guidance and noise seeded by trainer.seed (the same at every evaluation)."""
+        s = self.cfg.sample
+        device = next(model.parameters()).device
+        indices = model.encode(clips.to(device)).indices
+        return {
+            k: model.decode(indices[:, :k], steps=steps or s.steps, cfg_scale=s.cfg_scale, sampler=s.sampler,
+                            generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).cpu()
+            for k in self.num_tokens
+        }
+
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        from flowmill.train.video_metrics import psnr, ssim
+
+        clips = self.validation_clips()
+        metrics = self.validation_losses(model, clips)
+        held_out = clips[: self.cfg.recon.num_clips]
+        self._last_recon = (step, held_out, self.reconstructions(model, held_out))
+        for k, decoded in self._last_recon[2].items():
+            metrics[f"recon/psnr_k{k}"] = psnr(decoded, held_out)
+            metrics[f"recon/ssim_k{k}"] = ssim(decoded, held_out)
+        return metrics
+
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
+        """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
+        ``quality-{step}.png`` (PSNR and SSIM against k)."""
+        from flowmill.train.video_metrics import psnr, ssim
+        from flowmill.train.videos import quality_plot, side_by_side_gif
+
+        last = self._last_recon
+        if last is None or last[0] != step:
+            held_out = self.validation_clips()[: self.cfg.recon.num_clips]
+            last = (step, held_out, self.reconstructions(model, held_out))
+        _, held_out, decoded = last
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shown = self.cfg.sample.num_per_prompt
+        gif = side_by_side_gif([held_out[:shown], *(clip[:shown] for clip in decoded.values())], out_dir / f"recon-{step:08d}.gif")
+        ks = list(decoded)
+        psnr_plot = quality_plot(ks, {"tokenizer": [psnr(decoded[k], held_out) for k in ks]}, "PSNR (dB)",
+                                 out_dir / f"psnr-{step:08d}.png")
+        ssim_plot = quality_plot(ks, {"tokenizer": [ssim(decoded[k], held_out) for k in ks]}, "SSIM",
+                                 out_dir / f"ssim-{step:08d}.png")
+        return [gif, psnr_plot, ssim_plot]
+
+    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+        raise ConfigError(f"{checkpoint} is a video tokenizer: it reconstructs clips instead of sampling; use "
+                          f"`flowmill reconstruct {self.run_dir} INPUT... --num-tokens K --out DIR`")
+
+    # ----- flowmill reconstruct --------------------------------------------------------------
+
+    def read_input(self, path: Path, fit: str) -> np.ndarray:
+        """An ``.mp4`` file or an ``.npy`` uint8 (T, H, W, 3) array → a clip of the model's shape (``fit``: see ``fit_clip``)."""
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+        if path.suffix == ".npy":
+            try:
+                frames = np.load(path, allow_pickle=False)
+            except ValueError as error:
+                raise ConfigError(f"{path}: not a readable .npy array ({error})") from None
+        elif path.suffix == ".mp4":
+            from flowmill.data.video import read_video
+
+            try:
+                frames = read_video(path)
+            except Exception as error:  # PyAV raises many types for an unreadable file
+                raise ConfigError(f"{path}: PyAV cannot read it ({type(error).__name__}: {error})") from None
+        else:
+            raise ConfigError(f"{path}: reconstruct reads .mp4 files and .npy arrays (T, H, W, 3) uint8")
+        m = self.cfg.model
+        try:
+            return fit_clip(frames, m.frames, m.image_size, fit)
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    def reconstruct_command(self, model: VideoTokenizer, checkpoint: Path, args: Any) -> int:
+        """``<name>.npy`` (uint8, the input's clip shape) and ``<name>.mp4`` per input, decoded from its first k tokens."""
+        from flowmill.data.video import encode_mp4
+        from flowmill.models.samplers import build_sampler
+        from flowmill.train.videos import clip_uint8
+
+        k = args.num_tokens
+        if not 1 <= k <= model.config.num_registers:
+            raise ConfigError(f"--num-tokens: this tokenizer has K={model.config.num_registers} tokens; pass 1..{model.config.num_registers}, got {k}")
+        if args.steps < 1:
+            raise ConfigError(f"--steps: must be at least 1, got {args.steps}")
+        try:
+            build_sampler(args.sampler)
+        except ValueError as error:
+            raise ConfigError(f"--sampler: {error}") from None
+        inputs = [Path(name) for name in args.inputs]
+        stems = [path.stem for path in inputs]
+        if len(set(stems)) != len(stems):
+            raise ConfigError(f"inputs share a file name ({', '.join(sorted(s for s in stems if stems.count(s) > 1))}); "
+                              "each writes <name>.npy and <name>.mp4 into --out")
+        fit = args.fit or self.cfg.video.fit
+        clips = [self.read_input(path, fit) for path in inputs]  # every input checked before any work
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(args.seed)
+        for path, clip in zip(inputs, clips):
+            video = clip_tensor(clip)[None].to(device)
+            indices = model.encode(video).indices[:, :k]
+            decoded = clip_uint8(model.decode(indices, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
+                                              generator=generator)[0])
+            np.save(out / f"{path.stem}.npy", decoded)
+            (out / f"{path.stem}.mp4").write_bytes(encode_mp4(decoded))
+            print(f"{path} → {out / path.stem}.npy, .mp4 (tokens: {' '.join(map(str, indices[0].tolist()))})")
+        print(f"reconstructed {len(inputs)} clip(s) from {k} of {model.config.num_registers} tokens with {checkpoint}")
+        return 0
+
+
+# ----- tokens as data (flowmill data encode) ----------------------------------------------------
+
+
+def token_grid(num_tokens: int) -> tuple[int, int]:
+    """(h, w) of the square grid the K codes are laid out on for an image generator (K a square number)."""
+    side = int(round(num_tokens**0.5))
+    if side * side != num_tokens:
+        raise ValueError(f"the token grid needs a square number of tokens, got K={num_tokens}")
+    return side, side
+
+
+class TokenEncoder:
+    """A trained video tokenizer (EMA weights) over clip samples, for ``flowmill data encode``.
+
+    Outputs per clip: ``tokens`` int64 (K,) FSQ indices, coarse to fine, and ``codes`` float
+    (d, h, w): the K codes in [-1, 1] laid out row by row on an h×w grid, which an MMDiT reads
+    as a d-channel latent image (``flow.image_field=codes.npy``). The manifest records the
+    tokenizer's weights (sha256), so a generator can check that its decoder is this tokenizer.
+    """
+
+    def __init__(self, model: VideoTokenizer, decoder: ClipDecoder, description: dict):
+        self.model = model.eval().requires_grad_(False)
+        self.clip_decoder = decoder
+        self.description = description
+        self.grid = token_grid(model.config.num_registers)
+
+    def decode(self, sample: dict) -> dict:
+        return self.clip_decoder(sample)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        encoded = self.model.encode(batch["video"])
+        codes = encoded.codes.float().transpose(1, 2).reshape(len(encoded.codes), -1, *self.grid)  # (B, d, h, w)
+        return {"tokens": encoded.indices, "codes": codes}
+
+
+def tokenizer_weights_sha256(checkpoint: Path) -> str:
+    """sha256 of the EMA weights file a tokenizer run decodes and encodes with."""
+    from flowmill.train.checkpoint import EMA_FILE
+
+    return hashlib.sha256((checkpoint / EMA_FILE).read_bytes()).hexdigest()
+
+
+def token_encoder(run_dir: str) -> TokenEncoder:
+    """``--encoder flowmill.train.tasks.video_tokenizer:token_encoder --arg run_dir=RUN``."""
+    from flowmill.train.sample import load_task_and_model
+
+    task, model, checkpoint = load_task_and_model(Path(run_dir))
+    if not isinstance(task, VideoTokenizerTask):
+        raise ValueError(f"{run_dir} trains a {task.family!r} model, not a video tokenizer")
+    description = {
+        "video_tokenizer": str(Path(run_dir).resolve()),
+        "checkpoint": checkpoint.name,
+        "weights_sha256": tokenizer_weights_sha256(checkpoint),
+        "num_tokens": model.config.num_registers,
+        "fsq_levels": list(model.config.fsq_levels),
+    }
+    return TokenEncoder(model, task.decoder(), description)
+
+
+
+class TokenVideoDecoder:
+    """Turns a generator's token codes back into clips with the video tokenizer that made them.
+
+    A model trained on ``flowmill data encode ... --encoder ...:token_encoder`` shards generates
+    codes images (B, d, h, w); they are snapped to the nearest FSQ code and decoded from all K
+    tokens. ``check`` refuses data encoded by other tokenizer weights than this decoder's.
+    """
+
+    def __init__(self, run_dir: str, device: torch.device):
+        from flowmill.train.sample import load_task_and_model
+
+        try:
+            task, model, checkpoint = load_task_and_model(Path(run_dir))
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"flow.token_decoder: {error}") from None
+        if not isinstance(task, VideoTokenizerTask):
+            raise ConfigError(f"flow.token_decoder: {run_dir} trains a {task.family!r} model, not a video tokenizer")
+        self.run_dir = run_dir
+        self.model = model.to(device)
+        self.task = task
+        self.weights_sha256 = tokenizer_weights_sha256(checkpoint)
+
+    def check(self, source: str) -> None:
+        """ConfigError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""
+        from flowmill.data.shards import read_manifest
+
+        description = read_manifest(source).get("made", {}).get("params", {}).get("args", {}).get("description", {})
+        made_with = description.get("weights_sha256")
+        if description.get("video_tokenizer") is None or made_with is None:
+            raise ConfigError(f"flow.token_decoder: {source} was not encoded by a video tokenizer (flowmill data encode "
+                              f"--encoder flowmill.train.tasks.video_tokenizer:token_encoder)")
+        if made_with != self.weights_sha256:
+            raise ConfigError(
+                f"flow.token_decoder: {source} was encoded by the tokenizer {description['video_tokenizer']} "
+                f"({description.get('checkpoint')}, weights sha256 {made_with[:12]}...), but the decoder {self.run_dir} "
+                f"has weights {self.weights_sha256[:12]}...; decode with the tokenizer checkpoint that encoded the data"
+            )
+
+    def indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes images (B, d, h, w) → (B, K) token indices (nearest FSQ codes)."""
+        batch, channels = codes.shape[:2]
+        fsq = self.model.fsq
+        if channels != fsq.dim or codes.shape[2] * codes.shape[3] != self.model.config.num_registers:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit the tokenizer's {fsq.dim} channels × "
+                             f"{self.model.config.num_registers} tokens")
+        return fsq.codes_to_indices(codes.reshape(batch, channels, -1).transpose(1, 2))
+
+    @torch.no_grad()
+    def __call__(self, codes: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Codes images (B, d, h, w) → clips (B, T, C, H, W) in [-1, 1], decoded with the tokenizer's sample settings."""
+        s = self.task.cfg.sample
+        indices = self.indices(codes.float()).to(next(self.model.parameters()).device)
+        clips = self.model.decode(indices, steps=s.steps, cfg_scale=s.cfg_scale, sampler=s.sampler,
+                                  generator=torch.Generator().manual_seed(seed))
+        return clips.clamp(-1, 1).cpu()
