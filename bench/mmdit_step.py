@@ -12,7 +12,9 @@ processes hits both alike. Printed per size:
   fraction of this machine's matmul peak, measured here with a large fp32 matmul;
 - a full training step through flowmill's DeepSpeed engine (one process, ZeRO 0, AdamW,
   gradient clipping), next to the bare fwd+bwd and a plain PyTorch step (fwd+bwd, clipping,
-  AdamW), so the engine's overhead shows.
+  AdamW as train/engine.py builds it, fused), so the engine's overhead shows. Alone, the
+  engine has no gradients to all-reduce (train/engine.py turns DeepSpeed's all-reduce off for
+  a single ZeRO-0 process); with 2 or more processes a step also pays that all-reduce.
 
 Run: ``.venv/bin/python bench/mmdit_step.py`` (a few minutes; the first compile of a size
 takes longer, later runs reuse inductor's cache). ``--threads`` sets torch's intra-op
@@ -159,7 +161,7 @@ def bench_engine(model, compile_blocks: bool, inputs: tuple, target: torch.Tenso
             if compiled:
                 module.compile_blocks()
         ds_engine = build_engine(owned, cfg, env)
-        optimizer = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr)
+        optimizer = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr, fused=True)
 
         def bare_step():
             bare.zero_grad(set_to_none=True)

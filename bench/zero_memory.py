@@ -1,27 +1,51 @@
-"""Memory per rank under ZeRO stages 0-3: an MMDiT of ~100M parameters on 2 processes.
+"""Memory per rank under ZeRO stages 0-3, in fp32 and bf16: an MMDiT of ~100M parameters on 2 processes.
 
-For each stage, two gloo processes build flowmill's DeepSpeed engine (fp32, AdamW) around
-the same MMDiT, take one training step (so that AdamW's state exists) and the forward +
-backward of a second (so that gradients exist), then count the bytes each rank holds,
-from the engine's own tensors:
+For each precision and stage, two gloo processes build the engine with flowmill's own
+``build_engine`` (so with the DeepSpeed config and optimizer train/engine.py makes for that
+precision), take one training step (so that AdamW's state exists), then a second one, and
+count the bytes each rank holds at two moments of it: after the backward, and inside the
+optimizer step (where DeepSpeed has made the fp32 gradients the optimizer reads). A rank's
+figure is the larger of the two.
 
-- parameters: the module's parameters (under ZeRO-3, each one's local partition ``ds_tensor``);
-- gradients: the parameters' ``.grad`` and the ZeRO optimizer's gradient buffers and partitions;
-- optimizer state: AdamW's moments and the ZeRO optimizer's other tensors (fp32 master partitions).
+The tensors are found by walking the engine: the module's parameters (under ZeRO-3 each
+one's local ``ds_tensor``) and buffers, their ``.grad``, the state and parameter groups of
+the torch AdamW inside DeepSpeed's optimizer (and the groups' ``.grad``), then every tensor
+reachable from DeepSpeed's optimizer object (lists, dicts, dataclasses such as its reduce
+buckets). Each storage counts once, in the first category that reaches it:
 
-Tensors are counted once per storage (views into DeepSpeed's flat buffers are not counted
-twice), in that order. It prints the bytes and the ratio to stage 0 per rank, then
-extrapolates per-GPU memory for SD3-medium (2B parameters) on 8, 64 and 512 GPUs from the
-measured per-category ratios: a category that holds r times its stage-0 bytes on 2 ranks is
-split as a replicated share 1 - f and a partitioned share f = 2 (1 - r) that shrinks as 1/N.
-Activations, communication buckets outside the optimizer and allocator slack are not counted.
+- params: the weights the module computes with (fp32, or bf16);
+- grads: gradients in every form: the parameters' ``.grad``, ZeRO's gradient partitions and
+  the fp32 gradients of the optimizer's partitions;
+- master: the fp32 weights the optimizer updates when they are not the module's own (bf16's
+  fp32 copy; in fp32, ZeRO 1-3 keep one too, a duplicate of the fp32 parameters);
+- moments: AdamW's state;
+- buffers: the rest the engine holds, mostly ZeRO's gradient reduce buckets.
 
-Run: ``.venv/bin/python bench/zero_memory.py`` (a few minutes on 2 CPU cores).
+Every other live tensor of the process is added up as a check ("not found": the inputs);
+a large figure there would mean the walk missed something. Activations, and what exists only
+during the backward (under ZeRO 1-2 the gradients not yet reduced and the reduce bucket),
+are not counted. Ratios compare each stage with stage 0 of the same precision; in bf16,
+DeepSpeed's stage 0 keeps a full fp32 master copy and, in the step, fp32 gradients beside
+the bf16 ones.
+
+Each rank also compares a digest of each storage with the other rank's: equal bytes mean
+the storage is replicated, different ones that it is a partition. The SD3-medium table
+extrapolates the bf16 measurement (the precision SD3 is trained in) to 2B parameters:
+per GPU, replicated bytes plus partitioned bytes x 2 / GPUs, scaled by the parameter count;
+buffers do not grow with the parameter count and are left out of it. (A category's ratio to
+stage 0 would not do: the stages hold gradients in different forms, e.g. bf16 stage 0 a
+bf16 and an fp32 copy of all of them, ZeRO 1-2 an fp32 partition only.)
+
+Run: ``.venv/bin/python bench/zero_memory.py`` (about 5 minutes on 2 idle CPU cores;
+``--precision bf16`` alone half of that).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
+import hashlib
 import json
 import os
 import tempfile
@@ -35,70 +59,111 @@ from flowmill.models.mmdit import MMDIT_SIZES, MMDiT, mmdit_config
 
 WORLD_SIZE = 2
 STAGES = (0, 1, 2, 3)
+PRECISIONS = ("fp32", "bf16")
 GPUS = (8, 64, 512)
-CATEGORIES = ("parameters", "gradients", "optimizer")
+CATEGORIES = ("params", "grads", "master", "moments", "buffers")
+MODEL_STATE = ("params", "grads", "master", "moments")  # the categories that grow with the parameter count
 # SD3's text widths and latent channels, 12 heads of 64 (D = 768), 5 blocks: about 100M parameters.
 BENCH_CONFIG = mmdit_config("sd3-medium", depth=5, num_heads=12, head_dim=64, sample_size=16, pos_embed_max_size=16)
-LATENT_SIDE, TEXT_TOKENS = 16, 8
-# The ZeRO optimizers' fp32 master partitions (stage 1-2, stage 3).
-MASTER_COPIES = ("ZeRO single_partition_of_fp32_groups", "ZeRO fp32_partitioned_groups_flat")  # one small sample per step: the step only has to create the state
+LATENT_SIDE, TEXT_TOKENS = 4, 2  # a tiny sample (4 + 2 tokens): the steps only have to create the state
 
 
-def tensors_in(value, depth: int = 0):
-    """The non-empty tensors inside nested lists, tuples and dicts."""
+def tensors_in(value, seen: set[int], depth: int = 0):
+    """The tensors reachable from ``value`` through containers, dataclasses and DeepSpeed objects."""
+    if id(value) in seen or depth > 6:
+        return
+    seen.add(id(value))
     if isinstance(value, torch.Tensor):
-        if value.numel():
-            yield value
-    elif depth < 4 and isinstance(value, dict):
+        yield value
+        if value.grad is not None:
+            yield value.grad
+    elif isinstance(value, dict):
         for item in value.values():
-            yield from tensors_in(item, depth + 1)
-    elif depth < 4 and isinstance(value, (list, tuple)):
+            yield from tensors_in(item, seen, depth + 1)
+    elif isinstance(value, (list, tuple, set)):
         for item in value:
-            yield from tensors_in(item, depth + 1)
+            yield from tensors_in(item, seen, depth + 1)
+    elif dataclasses.is_dataclass(value) or type(value).__module__.startswith("deepspeed."):
+        for item in vars(value).values():
+            yield from tensors_in(item, seen, depth + 1)
 
 
-def gradient_buffer(name: str) -> bool:
-    """ZeRO optimizer attributes that hold gradients (averaged_gradients, ipg buckets, grad partitions...)."""
-    return "grad" in name or name.startswith("ipg")
+def attribute_category(name: str) -> str:
+    """The category of a tensor first reached through DeepSpeed optimizer attribute ``name``."""
+    if "ipg" in name or "bucket" in name:
+        return "buffers"
+    if "grad" in name:
+        return "grads"
+    if "fp32" in name:
+        return "master"
+    return "buffers"
 
 
-def measure(engine) -> dict:
-    """Bytes per category (and per optimizer attribute) of the tensors this rank's engine holds."""
-    owner: dict[int, tuple[str, str, int]] = {}
+def digest(storage: torch.UntypedStorage) -> str:
+    return hashlib.blake2b(torch.empty(0, dtype=torch.uint8).set_(storage).numpy(), digest_size=16).hexdigest()
 
-    def add(category: str, source: str, tensor: torch.Tensor | None) -> None:
-        if tensor is None or not tensor.numel():
-            return
-        storage = tensor.untyped_storage()
-        owner.setdefault(storage.data_ptr(), (category, source, storage.nbytes()))
+
+def measure(engine) -> list[dict]:
+    """Every storage this rank's engine holds: category, source, bytes, and whether it is
+    replicated (byte-identical on every rank)."""
+    import torch.distributed as dist
+
+    found: dict[int, dict] = {}
+
+    def add(category: str, source: str, tensors) -> None:
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in found:
+                found[storage.data_ptr()] = {"category": category, "source": source, "bytes": storage.nbytes(),
+                                             "storage": storage}
 
     params = list(engine.module.parameters())
-    for param in params:
-        # ZeRO-3 leaves an empty placeholder in param.data; the rank's share is ds_tensor.
-        add("parameters", "module parameters", param.ds_tensor if hasattr(param, "ds_tensor") else param)
-    for param in params:
-        add("gradients", "parameter .grad", param.grad)
+    # ZeRO-3 leaves an empty placeholder in param.data; the rank's share is ds_tensor.
+    add("params", "module parameters", [getattr(param, "ds_tensor", param) for param in params])
+    add("buffers", "module buffers", list(engine.module.buffers()))
+    add("grads", "parameter .grad", [param.grad for param in params if param.grad is not None])
     optimizer = engine.optimizer
-    inner = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside a ZeRO optimizer
-    for state in inner.state.values():
-        for tensor in tensors_in(state):
-            add("optimizer", "AdamW state", tensor)
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch AdamW inside DeepSpeed's optimizer
+    add("moments", "AdamW state", tensors_in(inner.state, set()))
+    for group in inner.param_groups:
+        add("master", "AdamW parameters", group["params"])
+        add("grads", "AdamW parameters' .grad", [p.grad for p in group["params"] if p.grad is not None])
     if inner is not optimizer:
         for name, value in vars(optimizer).items():
-            for tensor in tensors_in(value):
-                add("gradients" if gradient_buffer(name) else "optimizer", f"ZeRO {name}", tensor)
-    # fp32 training: the ZeRO optimizer's fp32 "master" partitions hold the same values as the
-    # (already fp32) parameters; counted, and also reported, as a duplicate DeepSpeed keeps.
-    param_dtype = params[0].dtype
-    duplicate = sum(nbytes for category, source, nbytes in owner.values()
-                    if param_dtype == torch.float32 and source in MASTER_COPIES)
-    totals = {category: 0 for category in CATEGORIES}
+            if value is not inner:
+                add(attribute_category(name), f"ZeRO {name}", tensors_in(value, set()))
+    # Buffers are scratch space (never compared); the rest is compared across ranks.
+    entries = list(found.values())
+    digests = [digest(entry["storage"]) if entry["category"] != "buffers" else "" for entry in entries]
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, digests)
+    on_every_rank = set.intersection(*(set(other) for other in every_rank)) - {""}
+    for entry, key in zip(entries, digests):
+        entry["replicated"] = key in on_every_rank
+    not_found = 0
+    for value in gc.get_objects():
+        if type(value) in (torch.Tensor, torch.nn.Parameter) and not value.is_meta:
+            storage = value.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in found:
+                found[storage.data_ptr()] = {"storage": storage}
+                not_found += storage.nbytes()
+    return [{key: value for key, value in entry.items() if key != "storage"} for entry in entries] + [
+        {"category": "not found", "source": "other live tensors", "bytes": not_found, "replicated": False}]
+
+
+def summarize(entries: list[dict], moment: str) -> dict:
+    """Bytes per category, per source, and the replicated bytes per category."""
+    totals = {category: 0 for category in (*CATEGORIES, "not found")}
+    replicated = {category: 0 for category in CATEGORIES}
     sources: dict[str, int] = {}
-    for category, source, nbytes in owner.values():
-        totals[category] += nbytes
-        sources[f"{category}: {source}"] = sources.get(f"{category}: {source}", 0) + nbytes
-    return {"bytes": totals, "sources": sources, "duplicate_master_bytes": duplicate, "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                                                     for p in params)}
+    for entry in entries:
+        totals[entry["category"]] += entry["bytes"]
+        if entry["replicated"]:
+            replicated[entry["category"]] += entry["bytes"]
+        key = f"{entry['category']}: {entry['source']}{' (replicated)' if entry['replicated'] else ''}"
+        sources[key] = sources.get(key, 0) + entry["bytes"]
+    return {"moment": moment, "bytes": totals, "replicated": replicated, "sources": sources,
+            "total": sum(totals[category] for category in CATEGORIES)}
 
 
 def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> None:
@@ -107,7 +172,7 @@ def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> No
     torch.set_num_threads(1)
     from flowmill.train.config import Config
     from flowmill.train.distributed import init_distributed, shutdown
-    from flowmill.train.engine import build_engine
+    from flowmill.train.engine import autocast_dtype, build_engine
 
     env = init_distributed("cpu")
     torch.manual_seed(0)
@@ -116,20 +181,37 @@ def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> No
     cfg.parallel.zero_stage = stage
     cfg.trainer.precision = precision
     engine = build_engine(MMDiT(BENCH_CONFIG), cfg, env)
+    measured: list[dict] = []
+
+    def in_step(*_) -> None:
+        if len(measured) == 1:  # the second step, after its backward was measured
+            measured.append(summarize(measure(engine), "optimizer step"))
+
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner.register_step_pre_hook(in_step)
     generator = torch.Generator().manual_seed(rank)
     channels = BENCH_CONFIG.in_channels
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = autocast_dtype(cfg)
     inputs = (torch.randn(1, channels, LATENT_SIDE, LATENT_SIDE, generator=generator), torch.rand(1, generator=generator),
               torch.randn(1, TEXT_TOKENS, BENCH_CONFIG.txt_dim, generator=generator),
               torch.randn(1, BENCH_CONFIG.vec_dim, generator=generator))
+    # A non-zero target: the output layer starts at zero, and a zero target would leave every gradient at zero.
+    target = torch.randn(1, channels, LATENT_SIDE, LATENT_SIDE, generator=generator)
     for step in range(2):
         # As the training loop does: inputs in the weights' dtype, bf16 under autocast.
         with torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
             velocity = engine(*(tensor.to(dtype) for tensor in inputs))
-        engine.backward(F.mse_loss(velocity.float(), torch.zeros(1, channels, LATENT_SIDE, LATENT_SIDE)))
-        if step == 0:
-            engine.step()
-    Path(out_dir, f"stage{stage}-rank{rank}.json").write_text(json.dumps(measure(engine)))
+        engine.backward(F.mse_loss(velocity.float(), target))
+        if step == 1:
+            measured.append(summarize(measure(engine), "after backward"))
+        engine.step()
+    if len(measured) != 2:
+        raise RuntimeError(f"{type(inner).__name__}.step ran without its pre-hook: only {len(measured)} measurement(s)")
+    result = max(measured, key=lambda summary: summary["total"])
+    result["other_moment_total"] = min(summary["total"] for summary in measured)
+    result["num_params"] = sum(getattr(param, "ds_numel", param.numel()) for param in engine.module.parameters())
+    result["optimizer"] = type(engine.optimizer).__name__
+    Path(out_dir, f"{precision}-stage{stage}-rank{rank}.json").write_text(json.dumps(result))
     shutdown()
 
 
@@ -137,7 +219,7 @@ def run_stage(stage: int, precision: str, out_dir: str) -> list[dict]:
     from flowmill.train.distributed import free_port
 
     mp.spawn(worker, args=(stage, precision, free_port(), out_dir), nprocs=WORLD_SIZE, join=True)
-    return [json.loads(Path(out_dir, f"stage{stage}-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+    return [json.loads(Path(out_dir, f"{precision}-stage{stage}-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
 def count_params(cfg) -> int:
@@ -145,62 +227,74 @@ def count_params(cfg) -> int:
         return sum(p.numel() for p in MMDiT(cfg).parameters())
 
 
-def extrapolate(results: dict[int, list[dict]], num_params: int, target_params: int) -> dict[int, dict[int, float]]:
-    """Per-GPU bytes of a ``target_params`` model at each stage and GPU count, from rank 0's measured ratios."""
-    base = results[0][0]["bytes"]
+def extrapolate(results: dict[int, list[dict]], target_params: int) -> dict[int, dict[int, float]]:
+    """Per-GPU bytes of the model state of a ``target_params`` model at each stage and GPU count,
+    from rank 0's replicated and partitioned bytes."""
     table = {}
     for stage, ranks in results.items():
-        table[stage] = {}
-        for gpus in GPUS:
-            total = 0.0
-            for category in CATEGORIES:
-                if not base[category]:
-                    continue
-                ratio = ranks[0]["bytes"][category] / base[category]
-                partitioned = min(1.0, max(0.0, WORLD_SIZE / (WORLD_SIZE - 1) * (1 - ratio)))
-                total += base[category] / num_params * target_params * ((1 - partitioned) + partitioned / gpus)
-            table[stage][gpus] = total
+        measured = ranks[0]
+        scale = target_params / measured["num_params"]
+        replicated = sum(measured["replicated"][category] for category in MODEL_STATE)
+        partitioned = sum(measured["bytes"][category] for category in MODEL_STATE) - replicated
+        table[stage] = {gpus: scale * (replicated + partitioned * WORLD_SIZE / gpus) for gpus in GPUS}
     return table
 
 
 def report(results: dict[int, list[dict]], precision: str, verbose: bool) -> None:
-    num_params = results[0][0]["num_params"]
-    print(f"MMDiT of {num_params / 1e6:.1f} M parameters (D={BENCH_CONFIG.dim}, depth {BENCH_CONFIG.depth}), {precision}, "
-          f"AdamW, {WORLD_SIZE} processes (gloo); MB per rank, counted from the engine's tensors")
-    print(f"{'stage':>5} {'rank':>4} {'params':>9} {'grads':>9} {'optimizer':>10} {'total':>9} {'vs stage 0':>11}")
+    first = results[0][0]
+    print(f"\nMMDiT of {first['num_params'] / 1e6:.1f} M parameters (D={BENCH_CONFIG.dim}, depth {BENCH_CONFIG.depth}), "
+          f"{precision}, AdamW, {WORLD_SIZE} processes (gloo); MB per rank, counted from the engine's tensors")
+    header = "".join(f"{name:>9}" for name in CATEGORIES)
+    print(f"{'stage':>5} {'rank':>4} {'optimizer':<30}{header} {'total':>9} {'vs stage 0':>11}  at (other moment)  not found")
     for stage, ranks in results.items():
         for rank, measured in enumerate(ranks):
-            sizes = [measured["bytes"][category] / 2**20 for category in CATEGORIES]
-            base = sum(results[0][rank]["bytes"].values()) / 2**20
-            print(f"{stage:>5} {rank:>4} {sizes[0]:>9.1f} {sizes[1]:>9.1f} {sizes[2]:>10.1f} {sum(sizes):>9.1f} "
-                  f"{sum(sizes) / base:>10.3f}x")
+            sizes = "".join(f"{measured['bytes'][category] / 2**20:>9.1f}" for category in CATEGORIES)
+            print(f"{stage:>5} {rank:>4} {measured['optimizer']:<30}{sizes} {measured['total'] / 2**20:>9.1f} "
+                  f"{measured['total'] / results[0][rank]['total']:>10.3f}x  {measured['moment']} "
+                  f"({measured['other_moment_total'] / 2**20:.1f})  {measured['bytes']['not found'] / 2**20:.2f}")
             if verbose:
                 for source, nbytes in sorted(measured["sources"].items()):
-                    print(f"{'':>12}{source:<60}{nbytes / 2**20:>9.1f}")
-            if measured["duplicate_master_bytes"]:
-                rest = sum(sizes) - measured["duplicate_master_bytes"] / 2**20
-                print(f"{'':>12}of which {measured['duplicate_master_bytes'] / 2**20:.1f} MB is DeepSpeed's fp32 master copy of "
-                      f"the fp32 parameters; without it {rest:.1f} MB, {rest / base:.3f}x")
+                    print(f"{'':>12}{source:<70}{nbytes / 2**20:>9.1f}")
+    ratios = " / ".join(f"{largest_rank(results[stage], CATEGORIES) / largest_rank(results[0], CATEGORIES):.2f}"
+                        for stage in STAGES if stage)
+    state = " / ".join(f"{largest_rank(results[stage], MODEL_STATE) / largest_rank(results[0], MODEL_STATE):.2f}"
+                       for stage in STAGES if stage)
+    print(f"{precision}: ZeRO 1 / 2 / 3 vs stage 0, largest rank: {ratios} (model state alone, no buffers: {state})")
+
+
+def largest_rank(ranks: list[dict], categories: tuple[str, ...]) -> int:
+    """The most bytes any rank holds in ``categories``."""
+    return max(sum(measured["bytes"][category] for category in categories) for measured in ranks)
+
+
+def report_extrapolation(results: dict[int, list[dict]]) -> None:
     target = count_params(MMDIT_SIZES["sd3-medium"])
-    table = extrapolate(results, num_params, target)
-    print(f"\nSD3-medium ({target / 1e9:.2f} B parameters), {precision} AdamW: GB per GPU for parameters + gradients + "
-          "optimizer state (no activations), extrapolated from the ratios above")
-    print(f"{'stage':>5}" + "".join(f"{f'{gpus} GPUs':>11}" for gpus in GPUS))
+    table = extrapolate(results, target)
+    print(f"\nSD3-medium ({target / 1e9:.2f} B parameters), bf16 AdamW: GB per GPU for parameters + gradients + fp32 "
+          "master + moments (no activations, no buffers), extrapolated from the bf16 measurement above")
+    columns = "".join(f"{f'{gpus} GPUs':>11}" for gpus in GPUS)
+    print(f"{'stage':>5}{columns}   buffers measured here (MB, not extrapolated)")
     for stage, row in table.items():
-        print(f"{stage:>5}" + "".join(f"{row[gpus] / 1e9:>11.1f}" for gpus in GPUS))
+        print(f"{stage:>5}" + "".join(f"{row[gpus] / 1e9:>11.1f}" for gpus in GPUS)
+              + f"{results[stage][0]['bytes']['buffers'] / 2**20:>11.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="trainer.precision (default fp32)")
+    parser.add_argument("--precision", action="append", choices=PRECISIONS,
+                        help="trainer.precision to measure (default: both)")
     parser.add_argument("--verbose", action="store_true", help="also list the bytes per source tensor group")
     parser.add_argument("--json", action="store_true", help="also print the measurements as one JSON line")
     args = parser.parse_args(argv)
+    precisions = args.precision or list(PRECISIONS)
     with tempfile.TemporaryDirectory() as out_dir:
-        results = {stage: run_stage(stage, args.precision, out_dir) for stage in STAGES}
-    report(results, args.precision, args.verbose)
+        results = {precision: {stage: run_stage(stage, precision, out_dir) for stage in STAGES} for precision in precisions}
+    for precision in precisions:
+        report(results[precision], precision, args.verbose)
+    if "bf16" in results:
+        report_extrapolation(results["bf16"])
     if args.json:
-        print(json.dumps({str(stage): ranks for stage, ranks in results.items()}))
+        print(json.dumps(results))
     return 0
 
 

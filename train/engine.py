@@ -13,6 +13,12 @@ from torch import nn
 
 from flowmill.train.distributed import DistEnv
 
+# ZeRO's gradient reduce bucket: PyTorch DDP's default size (bucket_cap_mb=25), enough to amortize
+# a collective. DeepSpeed's default, 5e8 elements (1 GB in bf16, 2 GB in fp32), is allocated in
+# every ZeRO 1-2 backward and held for the whole run by ZeRO-3: more than all the rest a rank
+# holds for a model of a few hundred million parameters.
+REDUCE_BUCKET_BYTES = 25 * 2**20
+
 
 def deepspeed_config(cfg: Any, env: DistEnv, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for a run config; the global batch is micro × accum × data-parallel ranks."""
@@ -29,6 +35,8 @@ def deepspeed_config(cfg: Any, env: DistEnv, load_universal: bool = False) -> di
     }
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}  # re-shard a checkpoint saved on another world size
+    if cfg.parallel.zero_stage > 0:
+        ds["zero_optimization"]["reduce_bucket_size"] = REDUCE_BUCKET_BYTES // autocast_dtype(cfg).itemsize
     if cfg.parallel.zero_stage == 3:
         # Small models: gather every parameter at once instead of DeepSpeed's prefetch heuristics.
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -98,6 +106,9 @@ def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool 
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
+        # One kernel pass per tensor instead of a chain of elementwise ops: ~4x faster on the CPU,
+        # and the ZeRO optimizers step it on their flat fp32 partitions all the same.
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
@@ -106,6 +117,11 @@ def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool 
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, env, load_universal),
     )
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.pipeline_stages == 1 and env.world_size == 1:
+        # Alone, DeepSpeed would still flatten every gradient into one buffer, all-reduce it with
+        # itself and copy it back after each backward: a full copy of the gradients for nothing.
+        # (ZeRO 1-3 reduce through their own optimizer, which this flag would skip.)
+        engine.enable_backward_allreduce = False
     return engine
 
 
