@@ -9,6 +9,7 @@
 - ``tario``: read a tar shard as samples with webdataset, checking its manifest sha256.
 - ``streams``: which raw samples each rank and worker reads per epoch; re-sharding.
 - ``loader``: ``StreamingLoader``, the resumable streaming loader training reads from.
+- ``handoff``: batches from the loader's DataLoader workers through reused shared memory.
 - ``decode``: raw samples → tensors (image+caption, clips, token sequences, any field).
 - ``audit``: which keys each rank reads in an epoch (``flowmill data inspect``).
 - ``encode``: cache a frozen encoder's outputs as shards (``flowmill data encode``).

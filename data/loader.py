@@ -5,6 +5,8 @@ How a sample reaches a batch, and why resume is exact:
 - Each worker's stream of raw samples in an epoch is a fixed function of
   ``(seed, epoch, rank, worker)`` (its shards of the epoch's split, through a seeded shuffle
   buffer: ``flowmill.data.streams``); the worker decodes and collates them into batches.
+- A DataLoader worker hands its batches to the main process through shared-memory blocks
+  it reuses (``flowmill.data.handoff``); the main process copies each batch out of its block.
 - Every batch carries the worker's position (epoch, raw samples pulled in that epoch).
   The main process keeps the position of the last batch it handed out per worker and which
   worker comes next (``DataLoader`` hands out workers' outputs round-robin). Restoring that
@@ -34,12 +36,14 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flowmill.data.handoff import MainBlocks, Packed, WorkerBlocks
 from flowmill.data.shards import dataset_shards, resolve_shards
 from flowmill.data.streams import Position, StreamPlan, reshard, resharded_from
 
@@ -48,6 +52,9 @@ __all__ = ["StreamingLoader", "TooManyBadSamples", "collate", "resolve_shards"]
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+
+
+_ARRAYS = (torch.Tensor, np.ndarray)
 
 
 class TooManyBadSamples(RuntimeError):
@@ -60,7 +67,7 @@ class _Envelope:
 
     worker: int  # logical worker id
     position: Position
-    batch: dict | None  # collated batch, None for the end-of-epoch report
+    batch: dict | Packed | None  # collated batch (packed by a DataLoader worker), None for the end-of-epoch report
     epochs: list[int] = field(default_factory=list)  # epoch of each sample of the batch
     skipped: list[dict] = field(default_factory=list)  # {"key", "shard", "reason", "epoch"}; key None for shard-level errors
     dropped: list[dict] = field(default_factory=list)  # {"key", "reason", "epoch"}: remainder dropped by drop_last
@@ -82,9 +89,11 @@ def _mismatch(reference: dict, sample: dict) -> str | None:
     if sample.keys() != reference.keys():
         return f"fields {sorted(sample)} differ from the batch's {sorted(reference)}"
     for name, value in sample.items():
-        if isinstance(value, (torch.Tensor, np.ndarray)):
+        if isinstance(value, _ARRAYS):
             ref = reference[name]
-            if tuple(value.shape) != tuple(ref.shape) or value.dtype != ref.dtype:
+            # torch.Size is a tuple: shapes of tensors and arrays compare as they are. Decoded
+            # samples mostly share one dtype object, whose identity is cheaper to test than equality.
+            if value.shape != ref.shape or (value.dtype is not ref.dtype and value.dtype != ref.dtype):
                 return f"{name} is {tuple(value.shape)} {value.dtype}, the batch's is {tuple(ref.shape)} {ref.dtype}"
     return None
 
@@ -199,23 +208,33 @@ def worker_stream(plan: _Plan, worker: int, start: Position) -> Iterator[_Envelo
 class _WorkerStreams(IterableDataset):
     """The dataset each DataLoader worker iterates: its logical worker's stream."""
 
-    def __init__(self, plan: _Plan, positions: list[Position], rotation: int):
+    def __init__(self, plan: _Plan, positions: list[Position], rotation: int, returned: list[Connection] | None):
         self.plan = plan
         self.positions = positions
         self.rotation = rotation  # DataLoader worker j serves logical worker (j + rotation) % workers
+        self.returned = returned  # per logical worker, the pipe its shared-memory blocks come back on (workers only)
 
     def logical(self, physical: int) -> int:
         return (physical + self.rotation) % self.plan.stream.workers
 
     def __iter__(self) -> Iterator[_Envelope]:
         info = get_worker_info()
-        if info is not None:
-            # A DataLoader worker's heap is the forked parent's: frozen, garbage collections scan
-            # only what the stream creates (5% of the CPU time for small array samples, measured)
-            # and leave the pages shared with the parent uncopied.
-            gc.freeze()
         worker = self.logical(0 if info is None else info.id)
-        return worker_stream(self.plan, worker, self.positions[worker])
+        if info is None:
+            return worker_stream(self.plan, worker, self.positions[worker])
+        # A DataLoader worker's heap is the forked parent's: frozen, garbage collections scan
+        # only what the stream creates (5% of the CPU time for small array samples, measured)
+        # and leave the pages shared with the parent uncopied.
+        gc.freeze()
+        return _packed(worker_stream(self.plan, worker, self.positions[worker]), WorkerBlocks(self.returned[worker]))
+
+
+def _packed(envelopes: Iterator[_Envelope], blocks: WorkerBlocks) -> Iterator[_Envelope]:
+    """``envelopes`` with their batches packed into the worker's shared-memory blocks (``flowmill.data.handoff``)."""
+    for envelope in envelopes:
+        if envelope.batch is not None:
+            envelope.batch = blocks.pack(envelope.batch)
+        yield envelope
 
 
 def _identity(item):
@@ -331,17 +350,27 @@ class StreamingLoader:
         self._next_worker = 0
 
     def __iter__(self) -> Iterator[dict]:
-        streams = _WorkerStreams(self._plan, [Position(**asdict(p)) for p in self._positions], self._next_worker)
-        if self.num_workers == 0:
+        blocks = MainBlocks(self.num_workers) if self.num_workers > 0 else None
+        streams = _WorkerStreams(
+            self._plan, [Position(**asdict(p)) for p in self._positions], self._next_worker,
+            None if blocks is None else blocks.returned,
+        )
+        if blocks is None:
             envelopes = iter(streams)
         else:
             envelopes = iter(DataLoader(streams, batch_size=None, num_workers=self.num_workers, collate_fn=_identity))
-        for envelope in envelopes:
-            self._positions[envelope.worker] = envelope.position
-            self._next_worker = (envelope.worker + 1) % self._plan.stream.workers
-            self._account(envelope)
-            if envelope.batch is not None:
-                yield envelope.batch
+        try:
+            for envelope in envelopes:
+                if isinstance(envelope.batch, Packed):
+                    envelope.batch = blocks.unpack(envelope.worker, envelope.batch)
+                self._positions[envelope.worker] = envelope.position
+                self._next_worker = (envelope.worker + 1) % self._plan.stream.workers
+                self._account(envelope)
+                if envelope.batch is not None:
+                    yield envelope.batch
+        finally:
+            if blocks is not None:
+                blocks.close()
         if not self._plan.resampled:
             self.epoch += 1
             self._positions = [Position(self.epoch, 0) for _ in self._positions]

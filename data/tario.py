@@ -24,12 +24,13 @@ from urllib.parse import urlparse
 
 import fsspec
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from flowmill.data.shards import Shard, is_local
 
 _READ_BYTES = 1 << 20
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta: members that are no sample
+_KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext pattern
 _TAR_BLOCK = 512  # an uncompressed tar is whole 512-byte blocks; a shorter tail means it was cut
 # Shards (see _identity) whose bytes this process has already hashed: a shard is hashed on
 # its first read only, resampled epochs re-read it at full speed.
@@ -96,6 +97,13 @@ def _identity(shard: Shard) -> tuple:
     return shard.url, shard.sha256, stat.st_size, stat.st_mtime_ns
 
 
+def _key_and_field(name: str) -> tuple[str | None, str | None]:
+    """webdataset's ``base_plus_ext`` with its pattern compiled once: it looks the pattern up in
+    ``re``'s cache for every member, a third of ``group_by_keys``' time on small samples."""
+    match = _KEY_AND_FIELD.match(name)
+    return match.groups() if match else (None, None)
+
+
 def _exception_text(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
 
@@ -151,7 +159,7 @@ class _Members:
         # group_by_keys raises ValueError only for a file name repeated within a sample.
         if not isinstance(exn, ValueError) or self.last is None:
             raise exn
-        key, suffix = base_plus_ext(self.last["fname"])
+        key, suffix = _key_and_field(self.last["fname"])
         self.repeated.add(key)
         self.reports.append({"key": key, "shard": self.url, "reason": f"field {suffix.lower()!r} appears twice in the sample"})
         return True
@@ -163,7 +171,7 @@ def _samples(shard: Shard, source: _Source, reports: list[dict]) -> Iterator[dic
     expected = f" of {shard.samples}" if shard.samples is not None else ""
     members = _Members(source, url, reports)
     try:
-        for sample in group_by_keys(members, handler=members.handler):
+        for sample in group_by_keys(members, keys=_key_and_field, handler=members.handler):
             if sample["__key__"] not in members.repeated:
                 count += 1
                 yield sample

@@ -104,3 +104,12 @@ def test_builtin_digits_land_in_eight_shards(tmp_path):
     assert image.size == (32, 32) and image.mode == "L"
     assert caption == f"a handwritten digit {DIGIT_WORDS[label]}" == digit_captions()[label]
     assert image.getextrema()[1] > 200  # grey levels spread over the byte range, not sklearn's 0..16
+
+
+def test_members_have_plain_ustar_headers(tmp_path):
+    # No pax header per member (a float mtime would add one): a member is its header block and its data.
+    write_shards(samples(3), tmp_path, source="test", args={}, shard_samples=4, progress=False)
+    with tarfile.open(tmp_path / "shard-000000.tar") as archive:
+        members = archive.getmembers()
+    assert [member.pax_headers for member in members] == [{}] * 6
+    assert [member.offset_data - member.offset for member in members] == [512] * 6

@@ -4,6 +4,7 @@ import io
 import tarfile
 
 import pytest
+from webdataset.tariterators import base_plus_ext
 
 from flowmill.data import tario
 from flowmill.data.shards import Shard, sha256_file
@@ -105,3 +106,11 @@ def test_gzip_and_pipe_shards_are_read(tmp_path):
         samples = list(read_samples(Shard(url), reports))
         assert [{s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}} for s in samples] == expected
         assert reports == [] and all(sample["__url__"] == url for sample in samples)
+
+
+@pytest.mark.parametrize("name", [
+    "k1.png", "k1.seg.npy", "sub/k2.cls", "a.b/c.d", "x/y/.z", "a.b/c", ".hidden", "noext", "dir/", "k.",
+    "a/b/c.tar.gz",
+])
+def test_members_split_into_key_and_field_as_webdataset_splits_them(name):
+    assert tario._key_and_field(name) == base_plus_ext(name)
