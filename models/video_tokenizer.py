@@ -58,6 +58,7 @@ class VideoTokenizerConfig:
     cfg_drop_prob: float = 0.1  # probability that a training clip sees no tokens at all (CFG null condition)
     logit_normal_mean: float = 0.0  # training t = sigmoid(mean + std·n), n ~ N(0, 1) (SD3's logit-normal)
     logit_normal_std: float = 1.0  # spread of the logit-normal timestep distribution
+    noise_only_prob: float = 0.25  # fraction of training clips decoded from pure noise (t = 1), where only the tokens tell the clip apart: a direct autoencoding signal for the encoder
     latent_norm: bool = True  # standardise each pre-FSQ latent over the batch (running statistics at inference); see __init__
     prediction: str = "x"  # decoder output: "x" = clean patches, velocity (x_t - x̂0)/t (pixel patches wider than dim need it) | "v" = the velocity
 
@@ -100,6 +101,8 @@ class VideoTokenizerConfig:
             raise ValueError(f"cfg_drop_prob must be in [0, 1), got {self.cfg_drop_prob}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction '{self.prediction}'; choose one of: {', '.join(PREDICTIONS)}")
+        if not 0.0 <= self.noise_only_prob < 1.0:
+            raise ValueError(f"noise_only_prob must be in [0, 1), got {self.noise_only_prob}")
         if self.logit_normal_std <= 0:
             raise ValueError(f"logit_normal_std must be > 0, got {self.logit_normal_std}")
 
@@ -332,7 +335,10 @@ class VideoTokenizer(nn.Module):
             keep = torch.full((batch,), keep_k, device=device, dtype=torch.long)
         noise = _draw(torch.randn, (batch, cfg.num_patches, cfg.patch_values), generator, device)
         t = self.timesteps.sample(batch, generator, device)
-        return keep, noise, t
+        # A decoder that sees the clip through x_t has no use for the tokens at first; at t = 1 it
+        # sees none of it, so the tokens are all it has.
+        noise_only = _draw(torch.rand, (batch,), generator, device) < self.config.noise_only_prob
+        return keep, noise, t.masked_fill(noise_only, 1.0)
 
     def loss(
         self, video: torch.Tensor, generator: torch.Generator | None = None, keep_k: int | None = None
@@ -356,12 +362,20 @@ class VideoTokenizer(nn.Module):
         cond = self.token_condition(encoded.codes, keep)
         x0 = patchify(video, self.config.tubelet)  # (B, N, P)
         path = self.flow_path.sample(x0, noise.to(x0.dtype), t)
-        loss = F.mse_loss(self.velocity(path.x_t, t, cond).float(), path.target.float())
+        velocity = self.velocity(path.x_t, t, cond)
+        if self.config.prediction == "v":
+            loss = F.mse_loss(velocity.float(), path.target.float())
+        else:
+            # The loss on the clean patches, not on the velocity: the velocity error is the clean
+            # error over t², so the rare clips near t = 0 (weight up to 400) would drown the clips
+            # near t = 1, the only ones that teach the encoder (there the tokens are all there is).
+            x0_hat = path.x_t - t.clamp_min(X_PREDICTION_MIN_T).to(x0.dtype)[:, None, None] * velocity
+            loss = F.mse_loss(x0_hat.float(), x0.float())
 
         # Codebook usage without .unique(), which would synchronise a GPU every step.
         used = torch.zeros(self.fsq.codebook_size, device=video.device).index_fill_(0, encoded.indices.flatten(), 1.0)
         metrics = {
-            "flow_loss": loss.detach(),  # mean squared velocity error
+            "flow_loss": loss.detach(),  # mean squared error of the velocity (prediction v) or of the clean patches (x)
             "keep_k_mean": keep.float().mean(),  # tokens the decoder saw, 0 for CFG-dropped clips
             "codebook_usage": used.mean(),  # fraction of FSQ codes used by the batch
         }
