@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from flowmill.data.loader import StreamingLoader
 from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
 from flowmill.train.video_metrics import best_grid_code, psnr, ssim, token_bits
@@ -35,9 +34,7 @@ from flowmill.train.videos import quality_plot
 
 def first_clips(task: VideoTokenizerTask, source: str, count: int) -> torch.Tensor:
     """The first ``count`` clips of ``source`` in shard order, decoded as the run decodes them."""
-    loader = StreamingLoader(source, rank=0, world_size=1, batch_size=count, num_workers=0, seed=0,
-                             decode=task.decoder(), shuffle_buffer=0, resampled=False)
-    clips = next(iter(loader))["video"]
+    clips = task.first_batch(source, count)["video"]
     if len(clips) < count:
         raise SystemExit(f"{source} holds only {len(clips)} clips; pass --clips {len(clips)} or fewer")
     return clips

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance over the tokens (default 1.0: none)")
     reconstruct.add_argument("--sampler", default="euler", help="ODE solver: euler or heun (default euler)")
     reconstruct.add_argument("--seed", type=int, default=0, help="noise seed of the decoder (default 0)")
-    reconstruct.add_argument("--fit", choices=("error", "crop"), help="inputs of another shape: refuse them, or keep the "
+    from flowmill.data.decode import CLIP_FITS
+
+    reconstruct.add_argument("--fit", choices=CLIP_FITS, help="inputs of another shape: refuse them, or keep the "
                              "first T frames, resized and centre-cropped (default: the run's video.fit)")
     reconstruct.add_argument("--out", required=True, metavar="DIR", help="folder for <name>.npy and <name>.mp4")
 

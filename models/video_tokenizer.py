@@ -297,6 +297,13 @@ class VideoTokenizer(nn.Module):
         (x_t - x̂0) / t: a patch of P pixel values wider than the width D cannot carry the noise
         part of v through the network, but clean patches of a low-dimensional video can.
         """
+        out = self.decoder_output(x_t, t, cond)
+        if self.config.prediction == "v":
+            return out
+        return (x_t - out) / t.clamp_min(X_PREDICTION_MIN_T).to(x_t.dtype)[:, None, None]
+
+    def decoder_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """What the decoder network predicts (B, N, P): the velocity or the clean patches (``prediction``)."""
         time = self.time_embed(timestep_embedding(1000 * t, TIME_EMBED_DIM).to(x_t.dtype))  # (B, D)
         patches = self.dec_patch_embed(x_t) + self.dec_pos  # (B, N, D)
         x = torch.cat([cond, patches], dim=1)  # (B, K+N, D)
@@ -304,10 +311,7 @@ class VideoTokenizer(nn.Module):
             x = block(x, time)
         shift, scale = self.dec_final_modulation(time).chunk(2, dim=-1)
         x = Modulation(shift, scale).apply(self.dec_norm(x[:, self.config.num_registers :]))
-        out = self.dec_out(x)
-        if self.config.prediction == "v":
-            return out
-        return (x_t - out) / t.clamp_min(X_PREDICTION_MIN_T).to(x_t.dtype)[:, None, None]
+        return self.dec_out(x)
 
     # ----- training ------------------------------------------------------------------------
 
@@ -362,15 +366,11 @@ class VideoTokenizer(nn.Module):
         cond = self.token_condition(encoded.codes, keep)
         x0 = patchify(video, self.config.tubelet)  # (B, N, P)
         path = self.flow_path.sample(x0, noise.to(x0.dtype), t)
-        velocity = self.velocity(path.x_t, t, cond)
-        if self.config.prediction == "v":
-            loss = F.mse_loss(velocity.float(), path.target.float())
-        else:
-            # The loss on the clean patches, not on the velocity: the velocity error is the clean
-            # error over t², so the rare clips near t = 0 (weight up to 400) would drown the clips
-            # near t = 1, the only ones that teach the encoder (there the tokens are all there is).
-            x0_hat = path.x_t - t.clamp_min(X_PREDICTION_MIN_T).to(x0.dtype)[:, None, None] * velocity
-            loss = F.mse_loss(x0_hat.float(), x0.float())
+        # With x-prediction the loss is on the clean patches, not on the velocity: the velocity error
+        # is the clean error over t², so the rare clips near t = 0 (weight up to 400) would drown the
+        # clips near t = 1, the only ones that teach the encoder (there the tokens are all there is).
+        target = path.target if self.config.prediction == "v" else x0
+        loss = F.mse_loss(self.decoder_output(path.x_t, t, cond).float(), target.float())
 
         # Codebook usage without .unique(), which would synchronise a GPU every step.
         used = torch.zeros(self.fsq.codebook_size, device=video.device).index_fill_(0, encoded.indices.flatten(), 1.0)

@@ -39,6 +39,12 @@ def side_by_side_gif(columns: list[torch.Tensor], path: Path, padding: int = 2, 
     return path
 
 
+def prompt_grid_gif(clips: torch.Tensor, num_prompts: int, path: Path) -> Path:
+    """An animated GIF of (P·N, T, C, H, W) clips in prompt-major order: one row per prompt, N per row."""
+    by_prompt = clips.reshape(num_prompts, -1, *clips.shape[1:])
+    return side_by_side_gif([by_prompt[:, i] for i in range(by_prompt.shape[1])], path)
+
+
 def quality_plot(num_tokens: list[int], curves: dict[str, list[float]], ylabel: str, path: Path,
                  baselines: dict[str, list[float]] | None = None) -> Path:
     """A PNG line plot of quality against the token count k (log2 axis), one line per curve;

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from flowmill.data.loader import StreamingLoader
 from flowmill.train.distributed import DistEnv
 
 
@@ -35,6 +36,13 @@ class Task:
     def decode(self, sample: dict) -> dict:
         """Raw WebDataset sample (field -> bytes) → tensors; raise to reject a bad sample."""
         raise NotImplementedError
+
+    def first_batch(self, source: str, count: int) -> dict:
+        """The first ``count`` samples of ``source`` in shard order, decoded by this task, as one
+        batch: the fixed held-out data of evaluations and benches."""
+        loader = StreamingLoader(source, rank=0, world_size=1, batch_size=count, num_workers=0, seed=0,
+                                 decode=self.decoder(), shuffle_buffer=0, resampled=False)
+        return next(iter(loader))
 
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from flowmill.data.decode import TokenDecoder
-from flowmill.data.loader import StreamingLoader
 from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time
@@ -155,11 +154,7 @@ class TextFlowTask(Task):
         if self._val_tokens is None:
             path, key = (self.cfg.eval.path, "eval.path") if self.cfg.eval.path else (self.cfg.data.path, "data.path")
             self.checked_data(path, key)
-            loader = StreamingLoader(
-                path, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples, num_workers=0, seed=0,
-                decode=self.decoder(), shuffle_buffer=0, resampled=False,
-            )
-            self._val_tokens = next(iter(loader))["tokens"]
+            self._val_tokens = self.first_batch(path, self.cfg.eval.num_samples)["tokens"]
         return self._val_tokens
 
     def val_times(self) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import ImageTextDecoder, field, npy_array
-from flowmill.data.loader import StreamingLoader
 from flowmill.data.shards import read_manifest
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
@@ -267,12 +266,7 @@ class MMDiTTask(Task):
     def validation_batch(self) -> dict:
         """The fixed held-out batch: the first eval.num_samples samples in shard order."""
         if self._val_batch is None:
-            source = self.cfg.eval.path or self.cfg.data.path
-            loader = StreamingLoader(
-                source, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples, num_workers=0,
-                seed=0, decode=self.decoder(), shuffle_buffer=0, resampled=False,
-            )
-            self._val_batch = next(iter(loader))
+            self._val_batch = self.first_batch(self.cfg.eval.path or self.cfg.data.path, self.cfg.eval.num_samples)
         return self._val_batch
 
     @torch.no_grad()
@@ -338,7 +332,7 @@ class MMDiTTask(Task):
         """Generated token codes (P·N, d, h, w), decoded by the video tokenizer: ``PPP-NNN.npy``
         (uint8 (T, H, W, 3)) and ``.mp4`` per sample, grid.gif (one row per prompt) and samples.jsonl."""
         from flowmill.data.video import encode_mp4
-        from flowmill.train.videos import clip_uint8, side_by_side_gif
+        from flowmill.train.videos import clip_uint8, prompt_grid_gif
 
         clips = self.token_decoder(codes, seed=args.seed)
         count = args.num_samples
@@ -350,8 +344,7 @@ class MMDiTTask(Task):
             np.save(out / f"{name}.npy", frames)
             (out / f"{name}.mp4").write_bytes(encode_mp4(frames))
             records.append({"file": f"{name}.npy", "prompt": args.prompt[prompt_index]})
-        by_prompt = clips.reshape(len(args.prompt), count, *clips.shape[1:])
-        side_by_side_gif([by_prompt[:, i] for i in range(count)], out / "grid.gif")
+        prompt_grid_gif(clips, len(args.prompt), out / "grid.gif")
         with open(out / "samples.jsonl", "w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in records)
         print(f"wrote {len(records)} clips from {checkpoint}, decoded by {self.cfg.flow.token_decoder}, to {out} "
@@ -363,11 +356,10 @@ class MMDiTTask(Task):
         prompts = s.prompts or [""]
         images = self.generate(model, prompts, s.num_per_prompt, s.steps, s.cfg_scale, s.sampler, seed=self.cfg.trainer.seed)
         if self.token_decoder is not None:
-            from flowmill.train.videos import side_by_side_gif
+            from flowmill.train.videos import prompt_grid_gif
 
             clips = self.token_decoder(images, seed=self.cfg.trainer.seed)
-            by_prompt = clips.reshape(len(prompts), s.num_per_prompt, *clips.shape[1:])
-            return [side_by_side_gif([by_prompt[:, i] for i in range(s.num_per_prompt)], out_dir / f"clips-{step:08d}.gif")]
+            return [prompt_grid_gif(clips, len(prompts), out_dir / f"clips-{step:08d}.gif")]
         path = out_dir / f"grid-{step:08d}.png"
         image_grid(images, cols=s.num_per_prompt, upscale=2).save(path)
         return [path]

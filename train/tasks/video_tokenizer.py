@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
-from flowmill.data.loader import StreamingLoader
 from flowmill.models.video_tokenizer import VideoTokenizer, VideoTokenizerConfig, patchify
 from flowmill.train.config import ConfigError
 from flowmill.train.tasks.base import Task
@@ -44,6 +43,16 @@ class VideoConfig:
 class ReconConfig:
     num_tokens: list[int] = field(default_factory=list)  # token counts k of the reconstruction metrics (empty: 1, 2, 4, ..., K)
     num_clips: int = 16  # held-out clips decoded at each evaluation (the first of eval.path, or of data.path)
+
+
+@dataclass
+class Reconstructions:
+    """Held-out clips decoded from their first k tokens at one training step."""
+
+    step: int
+    held_out: torch.Tensor  # (N, T, C, H, W) in [-1, 1]
+    decoded: dict[int, torch.Tensor]  # k -> (N, T, C, H, W)
+    scores: dict[int, tuple[float, float]]  # k -> (PSNR dB, SSIM)
 
 
 class VideoTokenizerTask(Task):
@@ -75,7 +84,7 @@ class VideoTokenizerTask(Task):
         super().__init__(cfg, env, run_dir)
         self.live: VideoTokenizer | None = None  # the model being trained, for its random draws
         self._val_clips: torch.Tensor | None = None
-        self._last_recon: tuple[int, torch.Tensor, dict[int, torch.Tensor]] | None = None  # (step, clips, {k: decoded}) of the last evaluation
+        self._last_recon: Reconstructions | None = None  # of the last evaluation or samples
 
     @property
     def num_tokens(self) -> list[int]:
@@ -98,11 +107,7 @@ class VideoTokenizerTask(Task):
     def validation_clips(self) -> torch.Tensor:
         """The fixed held-out clips (N, T, C, H, W): the first eval.num_samples of eval.path (default data.path)."""
         if self._val_clips is None:
-            loader = StreamingLoader(
-                self.cfg.eval.path or self.cfg.data.path, rank=0, world_size=1, batch_size=self.cfg.eval.num_samples,
-                num_workers=0, seed=0, decode=self.decoder(), shuffle_buffer=0, resampled=False,
-            )
-            self._val_clips = next(iter(loader))["video"]
+            self._val_clips = self.first_batch(self.cfg.eval.path or self.cfg.data.path, self.cfg.eval.num_samples)["video"]
         return self._val_clips
 
     @torch.no_grad()
@@ -141,38 +146,39 @@ class VideoTokenizerTask(Task):
             for k in self.num_tokens
         }
 
-    def evaluate(self, model: nn.Module, step: int) -> dict:
+    def recon_quality(self, model: nn.Module, step: int) -> Reconstructions:
+        """The recon.num_clips held-out clips, their reconstructions per k and PSNR/SSIM, made once per step
+        (evaluation and samples of the same step share them)."""
         from flowmill.train.video_metrics import psnr, ssim
 
-        clips = self.validation_clips()
-        metrics = self.validation_losses(model, clips)
-        held_out = clips[: self.cfg.recon.num_clips]
-        self._last_recon = (step, held_out, self.reconstructions(model, held_out))
-        for k, decoded in self._last_recon[2].items():
-            metrics[f"recon/psnr_k{k}"] = psnr(decoded, held_out)
-            metrics[f"recon/ssim_k{k}"] = ssim(decoded, held_out)
+        if self._last_recon is None or self._last_recon.step != step:
+            held_out = self.validation_clips()[: self.cfg.recon.num_clips]
+            decoded = self.reconstructions(model, held_out)
+            scores = {k: (psnr(clips, held_out), ssim(clips, held_out)) for k, clips in decoded.items()}
+            self._last_recon = Reconstructions(step, held_out, decoded, scores)
+        return self._last_recon
+
+    def evaluate(self, model: nn.Module, step: int) -> dict:
+        metrics = self.validation_losses(model, self.validation_clips())
+        for k, (psnr, ssim) in self.recon_quality(model, step).scores.items():
+            metrics[f"recon/psnr_k{k}"] = psnr
+            metrics[f"recon/ssim_k{k}"] = ssim
         return metrics
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
-        ``quality-{step}.png`` (PSNR and SSIM against k)."""
-        from flowmill.train.video_metrics import psnr, ssim
+        ``psnr-{step}.png``, ``ssim-{step}.png`` (quality against k)."""
         from flowmill.train.videos import quality_plot, side_by_side_gif
 
-        last = self._last_recon
-        if last is None or last[0] != step:
-            held_out = self.validation_clips()[: self.cfg.recon.num_clips]
-            last = (step, held_out, self.reconstructions(model, held_out))
-        _, held_out, decoded = last
+        recon = self.recon_quality(model, step)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         shown = self.cfg.sample.num_per_prompt
-        gif = side_by_side_gif([held_out[:shown], *(clip[:shown] for clip in decoded.values())], out_dir / f"recon-{step:08d}.gif")
-        ks = list(decoded)
-        psnr_plot = quality_plot(ks, {"tokenizer": [psnr(decoded[k], held_out) for k in ks]}, "PSNR (dB)",
-                                 out_dir / f"psnr-{step:08d}.png")
-        ssim_plot = quality_plot(ks, {"tokenizer": [ssim(decoded[k], held_out) for k in ks]}, "SSIM",
-                                 out_dir / f"ssim-{step:08d}.png")
+        columns = [recon.held_out[:shown], *(clips[:shown] for clips in recon.decoded.values())]
+        gif = side_by_side_gif(columns, out_dir / f"recon-{step:08d}.gif")
+        ks = list(recon.scores)
+        psnr_plot = quality_plot(ks, {"tokenizer": [recon.scores[k][0] for k in ks]}, "PSNR (dB)", out_dir / f"psnr-{step:08d}.png")
+        ssim_plot = quality_plot(ks, {"tokenizer": [recon.scores[k][1] for k in ks]}, "SSIM", out_dir / f"ssim-{step:08d}.png")
         return [gif, psnr_plot, ssim_plot]
 
     def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
