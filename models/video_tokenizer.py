@@ -29,7 +29,7 @@ from torch import nn
 
 from flowmill.models.flow_path import FlowPath, LogitNormalTimesteps
 from flowmill.models.fsq import FSQ
-from flowmill.models.layers import DiTBlock, MLPEmbedder, Modulation, timestep_embedding
+from flowmill.models.layers import DiTBlock, MLPEmbedder, Modulation, sincos_pe_3d, timestep_embedding
 from flowmill.models.samplers import build_sampler, guided
 
 KEEP_K_DISTRIBUTIONS = ("pow2", "uniform")
@@ -192,7 +192,13 @@ class VideoTokenizer(nn.Module):
         # gates. The gates start at 1, not DiT's 0: identity blocks would hand every clip the
         # same registers, so all clips would start with the same tokens.
         self.enc_patch_embed = nn.Linear(patch_values, dim)
-        self.enc_pos = nn.Parameter(torch.randn(num_patches, dim) * std)
+        # Fixed sincos positions, shared by encoder and decoder. A learned table would start at
+        # std 0.02 beside noisy patches of std ~0.6: the decoder could not tell one noise patch's
+        # place from another's, so it could not put the tokens' content anywhere (it measurably
+        # ignored them), and registers averaging over patches lost where the digits were.
+        pt, ph, pw = config.tubelet
+        grid = (config.frames // pt, config.image_size // ph, config.image_size // pw)
+        self.register_buffer("patch_pos", sincos_pe_3d(dim, grid), persistent=False)  # (N, D)
         self.registers = nn.Parameter(torch.randn(config.num_registers, dim) * std)
         self.enc_cond = nn.Parameter(torch.randn(dim) * std)
         self.encoder = nn.ModuleList(
@@ -220,7 +226,6 @@ class VideoTokenizer(nn.Module):
         self.mask_token = nn.Parameter(torch.randn(dim) * std)
         self.token_pos = nn.Parameter(torch.randn(config.num_registers, dim) * std)
         self.dec_patch_embed = nn.Linear(patch_values, dim)
-        self.dec_pos = nn.Parameter(torch.randn(num_patches, dim) * std)
         self.time_embed = MLPEmbedder(TIME_EMBED_DIM, dim)
         self.decoder = nn.ModuleList(
             DiTBlock(dim, config.num_heads, dim, config.mlp_ratio) for _ in range(config.decoder_depth)
@@ -263,7 +268,7 @@ class VideoTokenizer(nn.Module):
         """(B, T, C, H, W) clips in [-1, 1] → (B, K, d) continuous latents before FSQ."""
         self._check_video(video)
         batch = video.shape[0]
-        patches = self.enc_patch_embed(patchify(video, self.config.tubelet)) + self.enc_pos  # (B, N, D)
+        patches = self.enc_patch_embed(patchify(video, self.config.tubelet)) + self.patch_pos  # (B, N, D)
         registers = self.registers.expand(batch, -1, -1)  # (B, K, D)
         x = torch.cat([patches, registers], dim=1)  # (B, N+K, D)
         cond = self.enc_cond.expand(batch, -1)  # (B, D)
@@ -305,7 +310,7 @@ class VideoTokenizer(nn.Module):
     def decoder_output(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """What the decoder network predicts (B, N, P): the velocity or the clean patches (``prediction``)."""
         time = self.time_embed(timestep_embedding(1000 * t, TIME_EMBED_DIM).to(x_t.dtype))  # (B, D)
-        patches = self.dec_patch_embed(x_t) + self.dec_pos  # (B, N, D)
+        patches = self.dec_patch_embed(x_t) + self.patch_pos  # (B, N, D)
         x = torch.cat([cond, patches], dim=1)  # (B, K+N, D)
         for block in self.decoder:
             x = block(x, time)
@@ -360,7 +365,7 @@ class VideoTokenizer(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss given the draws of ``draw``: clips (B, T, C, H, W), prefix lengths (B,), noise
         (B, N, P), times (B,). Training goes through here because DeepSpeed ZeRO-3 gathers a
-        module's own parameters (registers, positions, mask token) only around ``forward``, and
+        module's own parameters (registers, token positions, mask token) only around ``forward``, and
         a DeepSpeed engine passes tensors only."""
         encoded = self.encode(video)
         cond = self.token_condition(encoded.codes, keep)

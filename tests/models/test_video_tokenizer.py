@@ -95,6 +95,18 @@ def test_patchify_round_trip_and_patch_content():
     assert torch.equal(unpatchify(patches, (2, 4, 4), 4, 3, 8), video)
 
 
+def test_patch_positions_are_a_fixed_table_as_loud_as_the_content():
+    model = tiny_model()
+    pos = model.patch_pos  # (N, D), N = 2 × 2 × 2 patches
+    assert pos.shape == (model.config.num_patches, model.config.dim)
+    assert "patch_pos" not in dict(model.named_parameters()) and "patch_pos" not in model.state_dict()
+    distances = torch.cdist(pos, pos) + torch.eye(len(pos)) * 1e9
+    # Every patch has its own place, told apart as clearly as a noise patch's embedding varies.
+    noise_embedding_std = model.dec_patch_embed(torch.randn(256, model.config.patch_values)).std(0).mean()
+    assert distances.min() > noise_embedding_std, (distances.min(), noise_embedding_std)
+    assert torch.equal(pos, tiny_model(seed=1).patch_pos)  # fixed: the same for every seed
+
+
 def test_encode_shapes_and_codes_match_indices():
     model = tiny_model()
     encoded = model.encode(clips(3, model.config))
