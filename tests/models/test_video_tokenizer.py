@@ -2,6 +2,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from flowmill.models.video_tokenizer import (
     TOKENIZER_SIZES,
@@ -305,6 +306,35 @@ def test_tiny_model_learns_moving_squares():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)
     assert time.perf_counter() - start < 20
+
+
+def test_trained_decoder_reads_the_clips_own_tokens():
+    """At t = 1 the decoder sees pure noise: only the tokens tell the clips apart, so a clip's own
+    tokens must reconstruct it better than another clip's (a decoder that ignored its tokens, or
+    an encoder that gave every clip the same ones, would score the same with both)."""
+    config = tokenizer_config(
+        "tiny", frames=4, image_size=16, channels=1, dim=64, encoder_depth=1, decoder_depth=1, num_registers=8,
+        noise_only_prob=0.9,
+    )
+    torch.manual_seed(0)
+    model = VideoTokenizer(config)
+    generator = torch.Generator().manual_seed(0)
+    data = moving_squares(32, 4, 16, 4, generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(200):
+        batch = data[torch.randint(0, len(data), (16,), generator=generator)]
+        loss, _ = model.loss(batch, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(data).codes
+        x0 = patchify(data, config.tubelet)
+        noise, t, keep = torch.randn(x0.shape, generator=generator), torch.ones(len(data)), torch.full((len(data),), 8)
+        own = F.mse_loss(model.decoder_output(noise, t, model.token_condition(codes, keep)), x0)
+        other = F.mse_loss(model.decoder_output(noise, t, model.token_condition(codes.roll(1, 0), keep)), x0)
+    assert own < 0.9 * other, (own.item(), other.item())
 
 
 def test_latent_norm_spreads_clips_over_the_codebook():
