@@ -321,7 +321,7 @@ def test_trained_decoder_reads_the_clips_own_tokens():
     generator = torch.Generator().manual_seed(0)
     data = moving_squares(32, 4, 16, 4, generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for step in range(200):
+    for _ in range(200):
         batch = data[torch.randint(0, len(data), (16,), generator=generator)]
         loss, _ = model.loss(batch, generator)
         optimizer.zero_grad()
