@@ -119,7 +119,8 @@ def test_encode_shapes_and_codes_match_indices():
 def test_registers_attend_causally():
     # Two blocks: a leak from a later register into the patches would reach earlier
     # registers only in the block after it.
-    model = tiny_model(encoder_depth=2)
+    # In eval mode: standardising 2 clips over the batch would map every latent to ±1.
+    model = tiny_model(encoder_depth=2).eval()
     video = clips(2, model.config)
     with torch.no_grad():
         before = model.register_latents(video)
