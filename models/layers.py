@@ -36,28 +36,32 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def sincos_axis(positions: torch.Tensor, channels: int) -> torch.Tensor:
+    """(len, channels) float64 table ``[sin(p·ω), cos(p·ω)]`` of 1-D positions, ω = 10000^(-k/half)."""
+    half = channels // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(positions.double(), omega)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
 def sincos_pe_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
     """Fixed sincos table (T'·H'·W', dim) for space-time patches in (time, row, column) order.
 
-    Each axis gets the same number of channels, ``[sin(p·ω), cos(p·ω)]`` with
-    ω = 10000^(-k/half); channels left over when ``dim`` is not a multiple of 6 are zero.
-    A fixed table gives every patch a position as loud as its content from the first step,
-    where a learned table starting near zero leaves patches of pure noise indistinguishable.
+    Each axis gets the same number of channels (``sincos_axis``); channels left over when
+    ``dim`` is not a multiple of 6 are zero. A fixed table gives every patch a position as loud
+    as its content from the first step, where a learned table starting near zero leaves
+    patches of pure noise indistinguishable.
     """
     per_axis = (dim // 6) * 2
     if per_axis == 0:
         raise ValueError(f"a 3D sincos table needs dim >= 6, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(per_axis // 2, dtype=torch.float64) / (per_axis // 2))
-    axes = []
-    for size in grid:
-        angles = torch.outer(torch.arange(size, dtype=torch.float64), omega)
-        axes.append(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1))  # (size, per_axis)
     frames, rows, cols = grid
+    times, ys, xs = (sincos_axis(torch.arange(size), per_axis) for size in grid)
     table = torch.cat(
         [
-            axes[0][:, None, None].expand(frames, rows, cols, per_axis),
-            axes[1][None, :, None].expand(frames, rows, cols, per_axis),
-            axes[2][None, None, :].expand(frames, rows, cols, per_axis),
+            times[:, None, None].expand(frames, rows, cols, per_axis),
+            ys[None, :, None].expand(frames, rows, cols, per_axis),
+            xs[None, None, :].expand(frames, rows, cols, per_axis),
         ],
         dim=-1,
     ).reshape(frames * rows * cols, 3 * per_axis)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmill.models.layers import FeedForward, MLPEmbedder, Modulation, attention, timestep_embedding
+from flowmill.models.layers import FeedForward, MLPEmbedder, Modulation, attention, sincos_axis, timestep_embedding
 
 # SD3 embeds 1000·t with a 256-channel sinusoid.
 TIME_SCALE = 1000.0
@@ -98,10 +98,8 @@ def sincos_pe_2d(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
     table's coordinates 0..base_size, as SD3 does. Each entry is
     [sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)] with ω = 10000^(-k/(dim/4)).
     """
-    pos = (torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)).double()
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    angles = torch.outer(pos, omega)  # (grid, dim/4)
-    axis = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (grid, dim/2)
+    pos = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
+    axis = sincos_axis(pos, dim // 2)  # (grid, dim/2)
     rows = axis[:, None, :].expand(grid_size, grid_size, dim // 2)
     cols = axis[None, :, :].expand(grid_size, grid_size, dim // 2)
     return torch.cat([cols, rows], dim=-1).float()

@@ -108,10 +108,15 @@ class VideoTokenizerConfig:
             raise ValueError(f"logit_normal_std must be > 0, got {self.logit_normal_std}")
 
     @property
+    def patch_grid(self) -> tuple[int, int, int]:
+        """(T', H', W'), patches per clip along time, rows and columns."""
+        pt, ph, pw = self.tubelet
+        return self.frames // pt, self.image_size // ph, self.image_size // pw
+
+    @property
     def num_patches(self) -> int:
         """N, space-time patches per clip."""
-        pt, ph, pw = self.tubelet
-        return (self.frames // pt) * (self.image_size // ph) * (self.image_size // pw)
+        return math.prod(self.patch_grid)
 
     @property
     def patch_values(self) -> int:
@@ -197,9 +202,7 @@ class VideoTokenizer(nn.Module):
         # std 0.02 beside noisy patches of std ~0.6: the decoder could not tell one noise patch's
         # place from another's, so it could not put the tokens' content anywhere (it measurably
         # ignored them), and registers averaging over patches lost where the digits were.
-        pt, ph, pw = config.tubelet
-        grid = (config.frames // pt, config.image_size // ph, config.image_size // pw)
-        self.register_buffer("patch_pos", sincos_pe_3d(dim, grid), persistent=False)  # (N, D)
+        self.register_buffer("patch_pos", sincos_pe_3d(dim, config.patch_grid), persistent=False)  # (N, D)
         self.registers = nn.Parameter(torch.randn(config.num_registers, dim) * std)
         # Each register also starts as its own random spatial mix of the patches. Registers that
         # only query patches start as near-uniform averages of them, which hold what a clip
