@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowmill.models.layers import FeedForward, MLPEmbedder, Modulation, attention, sincos_axis, timestep_embedding
+from flowmill.models.layers import FeedForward, MLPEmbedder, Modulation, RMSNorm, attention, sincos_axis, timestep_embedding
 
 # SD3 embeds 1000·t with a 256-channel sinusoid.
 TIME_SCALE = 1000.0
@@ -162,8 +162,8 @@ class Stream(nn.Module):
         self.num_heads = cfg.num_heads
         self.mod = nn.Linear(dim, 6 * dim)  # shift, scale, gate for attention, then for the MLP
         self.qkv = nn.Linear(dim, 3 * dim)  # rows: q, k, v; each head-major (H, Dh)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
         self.proj = nn.Linear(dim, dim)
         self.mlp = FeedForward(dim, int(dim * cfg.mlp_ratio))
 
@@ -183,8 +183,8 @@ class Stream(nn.Module):
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor, attn_mod: Modulation, mlp_mod: Modulation):
         """Gated attention residual, then the gated MLP residual: (B, L, D) → (B, L, D)."""
-        x = x + attn_mod.gated(self.proj(attn_out))
-        return x + mlp_mod.gated(self.mlp(mlp_mod.apply(layer_norm(x))))
+        x = attn_mod.add_gated(x, self.proj(attn_out))
+        return mlp_mod.add_gated(x, self.mlp(mlp_mod.apply(layer_norm(x))))
 
 
 class ContextStream(nn.Module):
@@ -201,7 +201,7 @@ class ContextStream(nn.Module):
         # Scale before shift: the order of SD3's AdaLayerNormContinuous.
         self.mod = nn.Linear(dim, 2 * dim)
         self.kv = nn.Linear(dim, 2 * dim)  # rows: k, v; each head-major (H, Dh)
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=NORM_EPS) if cfg.qk_norm else None
 
     def kv_heads(self, x: torch.Tensor, cond: torch.Tensor):
         """Tokens (B, L, D) and conditioning (B, D) → k, v, each (B, L, H, Dh)."""

@@ -1,0 +1,63 @@
+"""flowmill's hand-written CPU forms of GELU(tanh) and RMS norm are PyTorch's functions:
+same values, same gradients, and a second derivative refuses instead of being wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowmill.models.layers import RMSNorm, gelu_tanh
+
+
+def grad_of(fn, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
+    """(output, gradient of sum(output * weights) for x and each param)."""
+    out = fn(x)
+    grads = torch.autograd.grad((out * weights).sum(), (x, *params))
+    return out.detach(), grads
+
+
+def test_gelu_tanh_is_pytorchs_in_value_and_gradient():
+    x = (torch.randn(64, 300) * 4).requires_grad_()  # far into both tails
+    weights = torch.randn(64, 300)
+    got, (grad,) = grad_of(gelu_tanh, x, weights)
+    # Against PyTorch's GELU in float64: in fp32 its gradient rounds to 0 beyond x ~ -5 where
+    # the sigmoid form still carries the ~1e-6 true value.
+    exact = x.detach().double().requires_grad_()
+    want, (want_grad,) = grad_of(lambda v: F.gelu(v, approximate="tanh"), exact, weights.double())
+    assert torch.allclose(got.double(), want, atol=1e-6, rtol=1e-6)
+    assert torch.allclose(grad.double(), want_grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_is_pytorchs_in_value_and_gradients():
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(32, eps=1e-6), torch.nn.RMSNorm(32, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+        theirs.weight.copy_(ours.weight)
+    # A strided view, as queries taken out of a fused qkv projection are.
+    x = torch.randn(4, 10, 3, 2, 32)[:, :, 0].requires_grad_()
+    weights = torch.randn(4, 10, 2, 32)
+    got, grads = grad_of(ours, x, weights, ours.weight)
+    want, want_grads = grad_of(theirs, x, weights, theirs.weight)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    for grad, want_grad in zip(grads, want_grads):
+        assert torch.allclose(grad, want_grad, atol=1e-4, rtol=1e-5)
+    assert list(ours.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("layer", ["gelu", "rms_norm"])
+def test_second_derivative_refuses(layer):
+    fn = gelu_tanh if layer == "gelu" else RMSNorm(8)  # eps None: nn.RMSNorm's default
+    x = torch.randn(3, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
+
+
+def test_bf16_and_inference_take_pytorchs_kernels():
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    bf16 = x.bfloat16().requires_grad_()
+    assert torch.equal(gelu_tanh(bf16), F.gelu(bf16, approximate="tanh"))
