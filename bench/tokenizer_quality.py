@@ -1,9 +1,9 @@
 """Reconstruction quality of a trained video tokenizer against the number of tokens k, with baselines.
 
 For held-out clips (the first ``--clips`` of the run's eval.path, else data.path) it encodes
-each clip, decodes it from its first k tokens (k = 1, 2, 4, ... K, the run's sample settings:
-solver, steps, guidance) and prints PSNR and SSIM per k, next to two baselines that hold no
-more information than the tokens:
+each clip, decodes it from its first k tokens (k = 1, 2, 4, ... K; decoder steps: the run's
+recon.steps, else sample.steps; solver and guidance: its sample section) and prints PSNR and
+SSIM per k, next to two baselines that hold no more information than the tokens:
 
 - the mean clip of ``--train-clips`` training clips (0 bits: the same reconstruction for every clip);
 - the best plain 3-D grid code of at most the tokens' bits (each clip averaged over a grid of
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a video tokenizer run (its latest EMA weights are measured)")
     parser.add_argument("--clips", type=int, default=64, help="held-out clips to reconstruct (default 64)")
     parser.add_argument("--train-clips", type=int, default=512, help="training clips averaged into the mean-clip baseline (default 512)")
-    parser.add_argument("--steps", type=int, help="decoder ODE steps (default: the run's sample.steps)")
+    parser.add_argument("--steps", type=int, help="decoder ODE steps (default: the run's recon.steps, else sample.steps)")
     parser.add_argument("--out", help="folder for the plots and results.json (default RUN_DIR/bench)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow run")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON too")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_recon = mean_clip.expand_as(held_out)
     mean_psnr, mean_ssim = psnr(mean_recon, held_out), ssim(mean_recon, held_out)
     print(f"{checkpoint}: {len(held_out)} held-out clips, K = {model.config.num_registers} tokens of "
-          f"{model.fsq.codebook_size} codes, decoder: {task.cfg.sample.sampler} {args.steps or task.cfg.sample.steps} steps, "
+          f"{model.fsq.codebook_size} codes, decoder: {task.cfg.sample.sampler} {args.steps or task.recon_steps} steps, "
           f"cfg {task.cfg.sample.cfg_scale}")
 
     decoded = task.reconstructions(model, held_out, steps=args.steps)

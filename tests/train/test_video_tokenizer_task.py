@@ -188,3 +188,21 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, t
     result = flowmill("reconstruct", str(tmp_path / "gen"), str(npy_clip(tmp_path / "a.npy", 0)), "--num-tokens", "1",
                       "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "reconstruct needs a video tokenizer run" in result.stderr
+
+
+def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
+    """recon.steps (1: the decoder's estimate of the clip, its best in PSNR) sets the decoder steps
+    of the reconstruction metrics, apart from sample.steps; without it they use sample.steps."""
+    from flowmill.train.config import ConfigError, load_config
+    from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
+
+    clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1
+    for overrides, steps in ((["recon.steps=1", "sample.steps=3"], 1), (["sample.steps=3"], 3)):
+        task = VideoTokenizerTask(load_config(TOKENIZER_TINY, overrides), None, tmp_path)
+        model = task.build_model().eval()
+        indices = model.encode(clips).indices
+        expected = model.decode(indices[:, :2], steps=steps, generator=torch.Generator().manual_seed(task.cfg.trainer.seed))
+        assert task.recon_steps == steps
+        assert torch.equal(task.reconstructions(model, clips)[2], expected)
+    with pytest.raises(ConfigError, match="recon.steps: must be at least 1 decoder step"):
+        load_config(TOKENIZER_TINY, ["recon.steps=0"])

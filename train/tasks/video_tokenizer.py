@@ -43,6 +43,7 @@ class VideoConfig:
 class ReconConfig:
     num_tokens: list[int] = field(default_factory=list)  # token counts k of the reconstruction metrics (empty: 1, 2, 4, ..., K)
     num_clips: int = 16  # held-out clips decoded at each evaluation (the first of eval.path, or of data.path)
+    steps: int | None = None  # decoder steps of the reconstructions (None: sample.steps); 1 = the decoder's estimate of the clip, best in PSNR
 
 
 @dataclass
@@ -72,6 +73,8 @@ class VideoTokenizerTask(Task):
             raise ConfigError(f"recon.num_tokens: {bad} outside 1..model.num_registers={cfg.model.num_registers}")
         if cfg.recon.num_clips < 1:
             raise ConfigError(f"recon.num_clips: must be at least 1, got {cfg.recon.num_clips}")
+        if cfg.recon.steps is not None and cfg.recon.steps < 1:
+            raise ConfigError(f"recon.steps: must be at least 1 decoder step (or null for sample.steps), got {cfg.recon.steps}")
         if cfg.model.latent_norm and cfg.trainer.micro_batch_size < 2:
             raise ConfigError("trainer.micro_batch_size: model.latent_norm standardises latents over the batch, which needs "
                               "at least 2 clips per micro-batch")
@@ -133,15 +136,21 @@ class VideoTokenizerTask(Task):
         metrics["val/loss"] = metrics[f"val/loss_k{num_registers}"]
         return metrics
 
+    @property
+    def recon_steps(self) -> int:
+        """Decoder steps of the reconstruction metrics: recon.steps, else sample.steps."""
+        return self.cfg.recon.steps or self.cfg.sample.steps
+
     @torch.no_grad()
     def reconstructions(self, model: VideoTokenizer, clips: torch.Tensor, steps: int | None = None) -> dict[int, torch.Tensor]:
         """{k: clips (N, T, C, H, W) decoded from their first k tokens}, with the sample section's
-        solver, steps and guidance and noise seeded by trainer.seed (the same at every evaluation)."""
+        solver and guidance, ``steps`` (default: ``recon_steps``) and noise seeded by trainer.seed
+        (the same at every evaluation)."""
         s = self.cfg.sample
         device = next(model.parameters()).device
         indices = model.encode(clips.to(device)).indices
         return {
-            k: model.decode(indices[:, :k], steps=steps or s.steps, cfg_scale=s.cfg_scale, sampler=s.sampler,
+            k: model.decode(indices[:, :k], steps=steps or self.recon_steps, cfg_scale=s.cfg_scale, sampler=s.sampler,
                             generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).cpu()
             for k in self.num_tokens
         }
