@@ -167,10 +167,9 @@ class _GeluTanh(torch.autograd.Function):
         square = x * x
         slope = torch.mul(square, 3 * _GELU_A * _GELU_C).add_(_GELU_C).mul_(x)  # x·z'
         sigmoid = square.mul_(_GELU_A * _GELU_C).add_(_GELU_C).mul_(x).sigmoid_()
-        out = x * sigmoid
         # d/dx x·sigmoid(z) = s·(1 + x·z'·(1 - s)), s = sigmoid(z)
         ctx.save_for_backward(slope.addcmul_(slope, sigmoid, value=-1).add_(1).mul_(sigmoid))
-        return out
+        return sigmoid.mul_(x)  # the output, in the sigmoid's buffer: one allocation fewer
 
     @staticmethod
     @once_differentiable  # a second derivative raises instead of silently being wrong
