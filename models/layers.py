@@ -99,12 +99,8 @@ class Modulation:
         # One pass over the activations instead of a product and then a sum.
         return torch.addcmul(self.shift[:, None, :], x, 1 + self.scale[:, None, :])
 
-    def gated(self, residual: torch.Tensor) -> torch.Tensor:
-        """Scale a (B, L, D) residual branch by the gate."""
-        return residual if self.gate is None else self.gate[:, None, :] * residual
-
     def add_gated(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``x + gated(residual)`` in one pass over the activations."""
+        """``x`` plus a (B, L, D) residual branch scaled by the gate, in one pass over the activations."""
         return x + residual if self.gate is None else torch.addcmul(x, self.gate[:, None, :], residual)
 
 
@@ -229,5 +225,5 @@ class DiTBlock(nn.Module):
         batch, length, dim = x.shape
         qkv = self.qkv(attn_mod.apply(self.norm1(x)))  # (B, L, 3D)
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
-        x = x + attn_mod.gated(self.proj(attention(self.q_norm(q), self.k_norm(k), v, mask)))
-        return x + mlp_mod.gated(self.mlp(mlp_mod.apply(self.norm2(x))))
+        x = attn_mod.add_gated(x, self.proj(attention(self.q_norm(q), self.k_norm(k), v, mask)))
+        return mlp_mod.add_gated(x, self.mlp(mlp_mod.apply(self.norm2(x))))
