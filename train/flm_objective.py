@@ -91,16 +91,20 @@ def _weighted(model: nn.Module, per_token: torch.Tensor, t: torch.Tensor) -> tup
     return loss, {"loss_weight": weight.detach().mean()}
 
 
+def flm_inputs(tokens: torch.Tensor, vocab_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FLM's training inputs for tokens (B, L): x_t (B, L, V) at times t (B,) uniform in the clock (stratified)."""
+    t = continuous_time(stratified_clock(tokens.shape[0], generator, tokens.device), vocab_size).float()
+    x_t, _ = corrupt(tokens, t, vocab_size, generator)
+    return x_t, t
+
+
 def flm_loss(model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
     """Scalar FLM loss of tokens (B, L) and metrics (detached 0-dim tensors).
 
-    t uniform in the clock (stratified), x_t from the one-hot tokens, and cross-entropy of the
-    predicted clean distribution against the tokens, averaged over tokens (paper ``FLM.loss``).
+    x_t from ``flm_inputs`` and cross-entropy of the predicted clean distribution against the
+    tokens, averaged over tokens (paper ``FLM.loss``).
     """
-    batch, _ = tokens.shape
-    vocab_size = model.vocab_size
-    t = continuous_time(stratified_clock(batch, generator, tokens.device), vocab_size).float()
-    x_t, _ = corrupt(tokens, t, vocab_size, generator)
+    x_t, t = flm_inputs(tokens, model.vocab_size, generator)
     logits = model(x_t, t).float()
     ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, L)
     loss, metrics = _weighted(model, ce, t)

@@ -160,6 +160,17 @@ def test_flm_zero3_on_two_processes(text, judges, tmp_path):
     assert json.loads((run / "checkpoints" / "step-00000003" / "flowmill.json").read_text())["world_size"] == 2
 
 
+def test_flm_pipeline_stages_match_the_plain_model(flm_run, text, judges, tmp_path):
+    """Two pipeline stages on two processes train the plain run's losses (fp32) and evaluate its EMA."""
+    run = tmp_path / "piped"
+    overrides = {**COMMON, **flm_model_overrides(text), "judge.cache_dir": judges, "parallel.pipeline_stages": 2}
+    train_ok("launch", "local", "--nproc", "2", str(FLM_TINY), *flm_overrides(text, run, **overrides), cwd=tmp_path)
+    plain, piped = read_jsonl(flm_run / "logs" / "metrics.jsonl"), read_jsonl(run / "logs" / "metrics.jsonl")
+    assert [r["step"] for r in piped] == [r["step"] for r in plain] == list(range(1, 7))
+    assert max(abs(a["train/loss"] - b["train/loss"]) for a, b in zip(piped[:5], plain[:5])) <= 1e-5
+    assert piped[-1]["val/ce"] == pytest.approx(plain[-1]["val/ce"], abs=1e-4)  # the stages' EMA, gathered
+
+
 def fake_run(root: Path, task: str, family: str) -> Path:
     """A run dir with one complete checkpoint of ``family``, as far as a teacher lookup reads it."""
     step = root / "checkpoints" / "step-00000001"
@@ -191,8 +202,10 @@ def test_bad_inputs_are_refused_before_training(text, tmp_path):
         flm_task(**{"text.tokenizer": foreign, "model.vocab_size": foreign_size}).decoder()
     with pytest.raises(ConfigError, match="text.tokenizer: .* does not exist"):
         flm_task(**{"text.tokenizer": tmp_path / "missing.model"})
-    with pytest.raises(ConfigError, match="parallel.pipeline_stages: flm trains without pipeline stages"):
-        load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2}))
+    with pytest.raises(ConfigError, match="model.learned_loss_weight: the loss weight is no pipeline stage"):
+        load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2, "model.learned_loss_weight": True}))
+    with pytest.raises(ConfigError, match="parallel.pipeline_stages: fmlm trains without pipeline stages"):
+        load_config(FMLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2, "distill.teacher": "x"}))
 
     image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import TokenDecoder
@@ -135,8 +136,6 @@ class TextFlowTask(Task):
         clock = cfg.lm_eval.val_clock
         if not clock or not all(0.0 <= tau <= 1.0 for tau in clock):
             raise ConfigError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
-        if cfg.parallel.pipeline_stages > 1:
-            raise ConfigError(f"parallel.pipeline_stages: {cfg.task} trains without pipeline stages (ZeRO 0-3 only); set it to 1")
 
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
@@ -266,8 +265,25 @@ class FLMTask(TextFlowTask):
         self.live = FlowLM(self.model_config)
         return self.live
 
+    @classmethod
+    def validate_config(cls, cfg: Any) -> None:
+        super().validate_config(cfg)
+        if cfg.parallel.pipeline_stages > 1 and cfg.model.learned_loss_weight:
+            raise ConfigError(
+                "model.learned_loss_weight: the loss weight is no pipeline stage; set it to false or parallel.pipeline_stages=1"
+            )
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         return objective.flm_loss(Trainee(model, self.live), batch["tokens"].to(self.env.device), generator)
+
+    def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Pipeline stages: ``(x_t, t)`` for the first stage, the tokens for ``criterion`` on the last; the
+        same draws as ``loss``."""
+        tokens = batch["tokens"].to(self.env.device)
+        return objective.flm_inputs(tokens, self.model_config.vocab_size, generator), tokens
+
+    def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output.float().transpose(1, 2), target)
 
     def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
         return objective.sample_flm(model, num_samples, steps, generator)

@@ -86,6 +86,9 @@ class FMLMTask(TextFlowTask):
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         super().validate_config(cfg)
+        if cfg.parallel.pipeline_stages > 1:
+            # Its loss calls teacher, corrector and the trainee on points made from their outputs: no single pass through stages.
+            raise ConfigError("parallel.pipeline_stages: fmlm trains without pipeline stages (ZeRO 0-3 only); set it to 1")
         distill = cfg.distill
         if distill.stage not in STAGES:
             raise ConfigError(f"distill.stage: {distill.stage!r} is not one of {', '.join(STAGES)}")
