@@ -49,6 +49,7 @@ class FlowLMConfig:
     qk_norm: bool = True  # RMSNorm on queries and keys; stands in for the paper's attention-logit softcap (50)
     flow_map: bool = False  # take a second (end) time s: the FMLM student / corrector (paper algo.double_temb)
     learned_loss_weight: bool = False  # carry a per-time loss weight w(t): loss -> exp(-w)·loss + w (paper learnable_loss_weighting)
+    rotary: bool = False  # rotary position embedding in attention (the paper's DiT); false: learned absolute positions, as runs before it
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -156,7 +157,9 @@ class FlowLMEmbed(nn.Module):
         super().__init__()
         self.flow_map = config.flow_map
         self.input_proj = nn.Linear(config.vocab_size, config.dim, bias=False)  # x_t @ E, the paper's vocab_embed
-        self.pos_embed = nn.Parameter(torch.randn(1, config.seq_len, config.dim) * 0.02)
+        self.seq_len = config.seq_len
+        # Learned absolute positions, unless the blocks rotate queries and keys by position.
+        self.pos_embed = None if config.rotary else nn.Parameter(torch.randn(1, config.seq_len, config.dim) * 0.02)
         self.time_embed = TimeEmbedder(config.vocab_size, config.time_freq_dim, config.cond_dim)
         self.end_time_embed = None
         if config.flow_map:
@@ -169,9 +172,11 @@ class FlowLMEmbed(nn.Module):
             raise ValueError(f"flow LM with flow_map={self.flow_map} takes {expected}, got {len(inputs)} tensors")
         x_t, t = inputs[0], inputs[1]
         length = x_t.shape[1]
-        if length > self.pos_embed.shape[1]:
-            raise ValueError(f"sequence of {length} tokens is longer than seq_len {self.pos_embed.shape[1]}")
-        h = self.input_proj(x_t.to(self.input_proj.weight.dtype)) + self.pos_embed[:, :length]  # (B, L, D)
+        if length > self.seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than seq_len {self.seq_len}")
+        h = self.input_proj(x_t.to(self.input_proj.weight.dtype))  # (B, L, D)
+        if self.pos_embed is not None:
+            h = h + self.pos_embed[:, :length]
         cond = self.time_embed(t)  # (B, C)
         if self.flow_map:
             cond = cond + self.end_time_embed(inputs[2])
@@ -253,7 +258,7 @@ class FlowLM(nn.Module):
         self.seq_len = config.seq_len
         self.embed = FlowLMEmbed(config)
         self.blocks = nn.ModuleList(
-            DiTBlock(config.dim, config.num_heads, config.cond_dim, config.mlp_ratio, config.qk_norm)
+            DiTBlock(config.dim, config.num_heads, config.cond_dim, config.mlp_ratio, config.qk_norm, rotary=config.rotary)
             for _ in range(config.depth)
         )
         self.head = FlowLMHead(config)

@@ -6,6 +6,7 @@ D = model width, H = heads.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
     batch, heads, length, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+@functools.lru_cache(maxsize=8)
+def rotary_tables(length: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (L, Dh) float32 of rotary position embedding, frequencies 10000^(-2k/Dh), halves repeated."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]  # (L, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, L, Dh) queries or keys by their position (rotary embedding, the half-split form):
+    attention scores then depend on the positions' difference only."""
+    cos, sin = rotary_tables(x.shape[-2], x.shape[-1], x.device)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-second, first], dim=-1) * sin.to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -201,11 +219,12 @@ class DiTBlock(nn.Module):
     identity: deep stacks start stable.
     """
 
-    def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True, rotary: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.rotary = rotary  # rotary position embedding on queries and keys (after their norm)
         head_dim = dim // num_heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -225,5 +244,8 @@ class DiTBlock(nn.Module):
         batch, length, dim = x.shape
         qkv = self.qkv(attn_mod.apply(self.norm1(x)))  # (B, L, 3D)
         q, k, v = qkv.view(batch, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
-        x = attn_mod.add_gated(x, self.proj(attention(self.q_norm(q), self.k_norm(k), v, mask)))
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary:
+            q, k = apply_rotary(q), apply_rotary(k)
+        x = attn_mod.add_gated(x, self.proj(attention(q, k, v, mask)))
         return mlp_mod.add_gated(x, self.mlp(mlp_mod.apply(self.norm2(x))))

@@ -86,9 +86,10 @@ def test_fresh_model_predicts_uniform_and_output_depends_on_time():
 
 
 @pytest.mark.parametrize("flow_map", [False, True])
-def test_pipeline_layers_chain_to_forward(flow_map):
+@pytest.mark.parametrize("rotary", [False, True])
+def test_pipeline_layers_chain_to_forward(flow_map, rotary):
     torch.manual_seed(0)
-    model = FlowLM(dataclasses.replace(CONFIG, flow_map=flow_map, learned_loss_weight=True))
+    model = FlowLM(dataclasses.replace(CONFIG, flow_map=flow_map, learned_loss_weight=True, rotary=rotary))
     randomize(model, seed=2)
     x_t, t = torch.randn(2, L, V), torch.rand(2)
     inputs = (x_t, t, 0.5 * t) if flow_map else (x_t, t)
@@ -128,3 +129,15 @@ def test_student_starts_as_its_teacher():
         FlowLM(CONFIG).init_from_teacher(teacher, zero_head=False)
     with pytest.raises(RuntimeError, match="size mismatch"):
         FlowLM(dataclasses.replace(CONFIG, dim=64, flow_map=True)).init_from_teacher(teacher, zero_head=False)
+
+
+def test_rotary_positions_replace_learned_ones():
+    """With ``rotary`` the model has no absolute position table, yet it tells positions apart: swapping two
+    positions of the input does not just swap those outputs (a transformer without positions would)."""
+    rotary = FlowLM(dataclasses.replace(CONFIG, rotary=True)).eval()
+    randomize(rotary, seed=3)
+    assert not any("pos_embed" in name for name, _ in rotary.named_parameters())
+    x_t, t = torch.randn(2, L, V), torch.rand(2)
+    swap = [1, 0, *range(2, L)]
+    with torch.no_grad():
+        assert not torch.allclose(rotary(x_t[:, swap], t), rotary(x_t, t)[:, swap], atol=1e-4)

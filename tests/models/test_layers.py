@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowmill.models.layers import RMSNorm, gelu_tanh
+from flowmill.models.layers import RMSNorm, apply_rotary, gelu_tanh
 
 
 def grad_of(fn, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
@@ -61,3 +61,13 @@ def test_bf16_and_inference_take_pytorchs_kernels():
         assert torch.equal(gelu_tanh(x), F.gelu(x, approximate="tanh"))
     bf16 = x.bfloat16().requires_grad_()
     assert torch.equal(gelu_tanh(bf16), F.gelu(bf16, approximate="tanh"))
+
+
+def test_rotary_scores_depend_on_the_distance_only():
+    """The same query and key at every position: after ``apply_rotary`` their scores depend on i - j only,
+    and position 0 is left as it is."""
+    q, k = torch.randn(1, 2, 1, 8).expand(1, 2, 6, 8), torch.randn(1, 2, 1, 8).expand(1, 2, 6, 8)
+    scores = apply_rotary(q) @ apply_rotary(k).transpose(-1, -2)  # (1, 2, 6, 6)
+    torch.testing.assert_close(scores[..., 1:, 1:], scores[..., :-1, :-1])
+    assert not torch.allclose(scores[..., 0, 0], scores[..., 0, 3])
+    torch.testing.assert_close(apply_rotary(q)[..., 0, :], q[..., 0, :])
