@@ -39,7 +39,7 @@ class FlowLMConfig:
     """Sizes of a flow LM; defaults are the paper's "small" model on OpenWebText (GPT-2 vocabulary)."""
 
     vocab_size: int = 50257  # V, token ids are in [0, V)
-    seq_len: int = 1024  # L, tokens per sequence (learned positions are this long)
+    seq_len: int = 1024  # L, tokens per sequence (the longest the model takes)
     dim: int = 768  # D, transformer width
     depth: int = 12  # number of DiT blocks
     num_heads: int = 12  # attention heads per block (head width D / heads)

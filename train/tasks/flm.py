@@ -76,7 +76,7 @@ def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokeni
     """The manifest facts of packed text at ``path``; ConfigError (naming ``key``) unless it fits the model.
 
     The data must have been packed with this very tokenizer (sha256 in its manifest) and hold
-    sequences of exactly the model's length: longer ones do not fit its learned positions, shorter
+    sequences of exactly the model's length: longer ones do not fit its seq_len, shorter
     ones would train positions the sampler never fills.
     """
     try:
