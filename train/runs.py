@@ -30,18 +30,18 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 import requests
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from rich.console import Console
 from rich.table import Table
 
 from flowmill.train.run_dir import RUN_JSON
-from flowmill.train.tracking import HTTP_ENV_DEFAULTS, default_tracking_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 Direction = Literal["min", "max"]
 
@@ -121,8 +121,25 @@ def summarize_metric(key: str, history: Sequence[tuple[int, float]]) -> MetricSu
     return MetricSummary(final, final_step, direction, best, best_step)
 
 
+def _tracking():
+    """flowmill.train.tracking, imported on first use: it imports MLflow (~3 s, after turning its
+    telemetry off), which the command line's parser and every command that reads no run need not pay."""
+    from flowmill.train import tracking
+
+    return tracking
+
+
+def _mlflow_error() -> type[Exception]:
+    """MLflow's exception class (imported on first use, as ``_tracking``)."""
+    _tracking()
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
 def open_store(tracking_uri: str) -> MlflowClient:
     """A client on ``tracking_uri``; a ``sqlite:///`` store must already exist (MLflow would create an empty one)."""
+    tracking = _tracking()
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri.removeprefix("sqlite:///"))
         if not path.is_file():
@@ -131,8 +148,10 @@ def open_store(tracking_uri: str) -> MlflowClient:
                 "pass --tracking-uri URI, or run the command in the folder that holds runs/"
             )
     elif tracking_uri.startswith(("http://", "https://")):
-        for name, value in HTTP_ENV_DEFAULTS.items():
+        for name, value in tracking.HTTP_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=tracking_uri)
 
 
@@ -169,7 +188,7 @@ def load_runs(names: Sequence[str], tracking_uri: str, metrics: Sequence[str] | 
             clients[uri] = open_store(uri)
         try:
             run = clients[uri].get_run(run_id)
-        except MlflowException as exc:
+        except _mlflow_error() as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise RunsError(f"{name}: no run {run_id} in the MLflow store {uri}; pass --tracking-uri for another store") from exc
@@ -408,7 +427,7 @@ class MlflowServer:
                 raise RunsError(f"port {self.port} on 127.0.0.1 is in use; choose another with --port")
         command = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--backend-store-uri", default_tracking_uri(self.runs_root),
+            "--workers", "1", "--backend-store-uri", _tracking().default_tracking_uri(self.runs_root),
             "--artifacts-destination", str(self.runs_root / "mlartifacts"),
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
@@ -467,7 +486,7 @@ class MlflowServer:
 def ui_runs(runs_root: Path, names: Sequence[str]) -> list[RunSummary]:
     """Runs for the compare page: the named ones, which must be tracked in the store of ``runs_root``, or else
     its newest ``MAX_COMPARED_RUNS`` runs."""
-    uri = default_tracking_uri(runs_root)
+    uri = _tracking().default_tracking_uri(runs_root)
     for name in names:
         run_uri = resolve_run(name, uri)[0]
         if run_uri != uri:
@@ -506,7 +525,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _default_uri() -> str:
-    return default_tracking_uri(Path("runs"))
+    return _tracking().default_tracking_uri(Path("runs"))
 
 
 def _list_command(args: argparse.Namespace) -> int:
@@ -540,7 +559,7 @@ def _reporting_errors(handler):
         except RunsError as error:
             print(f"flowmill: error: {error}", file=sys.stderr)
             return 2
-        except (MlflowException, requests.RequestException) as error:
+        except (_mlflow_error(), requests.RequestException) as error:
             print(f"flowmill: error: MLflow store query failed: {' '.join(str(error).split())[:500]}", file=sys.stderr)
             return 2
 

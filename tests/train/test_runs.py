@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -219,3 +221,10 @@ def test_server_refuses_a_busy_port(store: dict) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(RunsError, match=f"port {port} on 127.0.0.1 is in use; choose another with --port"):
             runs.MlflowServer(store["root"], port).__enter__()
+
+
+def test_the_command_line_parser_leaves_mlflow_unimported():
+    """`flowmill --help` and the commands that read no run do not pay MLflow's seconds-long import."""
+    code = "import sys; from flowmill.cli import build_parser; build_parser(); print(sorted(m for m in sys.modules if m.startswith('mlflow')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
