@@ -500,7 +500,10 @@ def serve_ui(runs_root: Path, port: int, names: Sequence[str] = ()) -> int:
     """``flowmill ui``: serve the store of ``runs_root`` in the foreground until Ctrl-C, SIGTERM or SIGHUP; exit code."""
     runs = ui_runs(runs_root, names)
     # The server runs in its own session, so a closed terminal or a `kill` must reach it through us.
-    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a process started with it ignored or blocked (a script's background job) inherits that.
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _interrupt) for signum in stop_signals}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     try:
         with MlflowServer(runs_root, port) as server:
             store = server.runs_root / "mlflow.db"

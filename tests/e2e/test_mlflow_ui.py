@@ -102,6 +102,7 @@ def test_compare_page_shows_both_runs_and_their_metric(
     ui = subprocess.Popen(
         [sys.executable, "-m", "flowmill.cli", "ui", "--runs-root", str(root), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as a script's background job starts: Ctrl-C must still stop it
     )  # fmt: skip
     server_pid = None
     try:
