@@ -55,7 +55,7 @@ def npy(array: np.ndarray) -> bytes:
 
 @pytest.mark.parametrize("array", [
     np.arange(12, dtype=np.int32), np.zeros((2, 3, 4), np.uint8), np.asfortranarray(np.arange(6.0).reshape(2, 3)),
-    np.ones((), np.float16),
+    np.ones((), np.float16), np.zeros((0, 3), np.float32),
 ])
 def test_npy_array_reads_what_numpy_wrote(array):
     decoded = npy_array(npy(array))
@@ -67,6 +67,8 @@ def test_npy_array_refuses_objects_and_garbage():
         npy_array(npy(np.array([{"a": 1}], dtype=object)))
     with pytest.raises(ValueError, match="bad magic"):
         npy_array(b"PK\x03\x04 not numpy")
+    with pytest.raises(ValueError, match=r"truncated: 15 bytes for a \(2, 2\) float32 array of 16"):
+        npy_array(npy(np.zeros((2, 2), np.float32))[:-1])
 
 
 def test_generic_decoder_decodes_every_known_field():
