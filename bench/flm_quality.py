@@ -4,7 +4,10 @@ For each model and step count: generative perplexity of the samples under the ju
 causal LM flowmill trains on the same training split, cached), their unigram entropy (low
 values flag repetition collapse) and the model's validation cross-entropy on held-out text over
 its run's clock grid. The first row scores held-out real text the same way, as the reference.
-Every row uses the same seeds and the same judge.
+Every row uses the same seeds and the same judge. Every row starts from the same noise, so the
+column "same as FLM N" (N the FLM's most steps) is the share of token positions where a row's
+samples equal the FLM's N-step samples: for the FLM rows how far fewer steps land from its
+converged flow, for the FMLM rows how closely the distilled flow map follows the teacher's flow.
 
     python bench/flm_quality.py --flm runs/flm-shakespeare --fmlm runs/fmlm-student --num-samples 64
 
@@ -71,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     flm_ce = flm_task.validation_metrics(flm, flm_task.validation_tokens(), torch.Generator().manual_seed(args.seed))["val/ce"]
     student_ce = fmlm_task.validation_metrics(student, fmlm_task.validation_tokens(), torch.Generator().manual_seed(args.seed))["val/ce"]
     rows = [{"model": "held-out text", "steps": None, "calls": None, "val_ce": None, "seconds": 0.0, **score(judge, reference)}]
+    samples = [None]  # per row, its tokens (N, L)
 
     def add(name: str, task, model, steps: int, calls: int, val_ce: float | None) -> None:
         started = time.perf_counter()
         tokens = task.generate(model, args.num_samples, steps, args.seed)
         rows.append({"model": name, "steps": steps, "calls": calls, "val_ce": val_ce,
                      "seconds": time.perf_counter() - started, **score(judge, tokens)})
+        samples.append(tokens)
         print(f"  {name} {steps} steps: gen ppl {rows[-1]['gen_ppl']:.1f}, entropy {rows[-1]['entropy']:.2f}", flush=True)
 
     for steps in args.flm_steps:
@@ -90,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.num_samples} samples of {flm_task.model_config.seq_len} tokens per row, seed {args.seed}; "
           f"judge {judge_dir(flm_task.cfg.data.path, flm_task.cfg.judge)}\n")
-    print("| model | steps | network calls | gen. perplexity | unigram entropy | val CE | sampling s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    most = max(args.flm_steps)
+    converged = samples[next(i for i, row in enumerate(rows) if row["model"] == "FLM" and row["steps"] == most)]
+    for row, tokens in zip(rows, samples):
+        row["same_as_flm"] = None if tokens is None else (tokens == converged).float().mean().item()
+    print(f"| model | steps | network calls | gen. perplexity | unigram entropy | same as FLM {most} | val CE | sampling s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         cells = [row["model"], row["steps"] or "–", row["calls"] or "–", f"{row['gen_ppl']:.1f}", f"{row['entropy']:.3f}",
+                 "–" if row["same_as_flm"] is None else f"{row['same_as_flm']:.2f}",
                  "–" if row["val_ce"] is None else f"{row['val_ce']:.3f}", f"{row['seconds']:.1f}"]
         print("| " + " | ".join(map(str, cells)) + " |")
     one = next((r for r in rows if r["model"] == "FMLM" and r["steps"] == 1), None)
