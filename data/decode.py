@@ -53,7 +53,7 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, str, int]:
 def npy_array(data: bytes) -> np.ndarray:
     """``.npy`` bytes → read-only array viewing ``data`` (no copy). Headers are parsed once per
     distinct header, and the array is one ``np.ndarray`` call on the bytes, which makes this
-    ~100× faster than ``np.load`` on small arrays (it is a per-sample cost of the loader)."""
+    ~35× faster than ``np.load`` on an 8 KB array (it is a per-sample cost of the loader)."""
     if not data.startswith(b"\x93NUMPY") or len(data) < 10:
         raise ValueError("not .npy data (bad magic)")
     header_end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
