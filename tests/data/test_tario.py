@@ -159,3 +159,21 @@ def test_local_plain_tars_are_read_at_their_offsets_others_as_streams(tmp_path):
 ])
 def test_members_split_into_key_and_field_as_webdataset_splits_them(name):
     assert tario._key_and_field(name) == base_plus_ext(name)
+
+
+def test_shards_written_by_webdataset_read_alike_both_ways(tmp_path):
+    # webdataset's TarWriter stamps a float mtime: tarfile then puts a pax header before every member.
+    import webdataset as wds
+
+    path = str(tmp_path / "wds.tar")
+    with wds.TarWriter(path) as sink:
+        for index in range(5):
+            sink.write({"__key__": f"dir/s{index}", "txt": f"t{index}", "cls": index, "bin": bytes(range(index * 50))})
+    with tarfile.open(path) as tar:
+        assert any(member.pax_headers for member in tar)  # the case this test is about
+    local, piped = (list(read_samples(Shard(shard_url(path, p)), [])) for p in (False, True))
+    assert [sample["__key__"] for sample in local] == [f"dir/s{index}" for index in range(5)]
+    assert [sample["bin"] for sample in local] == [bytes(range(index * 50)) for index in range(5)]
+    assert [{k: v for k, v in s.items() if k != "__url__"} for s in local] == [
+        {k: v for k, v in s.items() if k != "__url__"} for s in piped
+    ]
