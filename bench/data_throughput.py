@@ -4,8 +4,8 @@ For each kind of sample (pre-decoded ``.npy`` arrays, PNG images, JPEG images) t
 shards are read three ways per worker count (0, 1, 2):
 
   (a) raw: the standard library's ``tarfile`` reads every member's bytes (stream mode,
-      ``extractfile``, as webdataset's reader does), one process per
-      worker (a single process for 0 and 1 workers), each reading its share of the shards;
+      ``extractfile``, as webdataset's reader does), one process per worker (a single
+      process for 0 and 1 workers), each reading its share of the shards;
       the processes for 2 workers are started before the clock starts, like flowmill's;
   (a') raw+dec: the same loop gathering each sample's members and decoding it with the
       loader's decoder below (``npy_array`` + ``class_id``; PIL for images), one sample at a

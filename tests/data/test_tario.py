@@ -4,6 +4,7 @@ import io
 import tarfile
 
 import pytest
+import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from flowmill.data import tario
@@ -163,8 +164,6 @@ def test_members_split_into_key_and_field_as_webdataset_splits_them(name):
 
 def test_shards_written_by_webdataset_read_alike_both_ways(tmp_path):
     # webdataset's TarWriter stamps a float mtime: tarfile then puts a pax header before every member.
-    import webdataset as wds
-
     path = str(tmp_path / "wds.tar")
     with wds.TarWriter(path) as sink:
         for index in range(5):
