@@ -101,16 +101,17 @@ class _StreamedTar:
         """``{"fname", "data"}`` of each regular member, in file order."""
         return tar_file_iterator(self.source, skip_meta=None)  # metadata members are left out by _Members
 
-    def finish(self) -> None:
-        """Read to the end of the file, so that ``cut`` and ``sha256`` cover all of it."""
-        self.source.read_to_end()
-
     def cut(self) -> bool:
         """Whether the file, read to its end, is a plain tar that stops inside a 512-byte block."""
+        self.source.read_to_end()
         return self.source.head[257:262] == b"ustar" and self.source.size % _TAR_BLOCK != 0
 
     def sha256(self) -> str | None:
-        return None if self.source.digest is None else self.source.digest.hexdigest()
+        """The whole file's sha256 when hashing (what tarfile left unread is read first), else None."""
+        if self.source.digest is None:
+            return None
+        self.source.read_to_end()
+        return self.source.digest.hexdigest()
 
 
 class _LocalTar:
@@ -121,7 +122,6 @@ class _LocalTar:
         self.stream = stream
         self.archive = tarfile.open(fileobj=stream, mode="r:")
         self.hashing = hashing
-        self.digest: str | None = None
 
     def members(self) -> Iterator[dict]:
         for info in self.archive:
@@ -137,17 +137,15 @@ class _LocalTar:
                     raise tarfile.ReadError("unexpected end of data")
             yield {"fname": info.name, "data": data}
 
-    def finish(self) -> None:
-        if self.hashing and self.digest is None:
-            self.stream.seek(0)
-            self.digest = hashlib.file_digest(self.stream, "sha256").hexdigest()
-
     def cut(self) -> bool:
         # Opened in random-access mode, so a plain tar: it must be whole 512-byte blocks.
         return os.fstat(self.stream.fileno()).st_size % _TAR_BLOCK != 0
 
     def sha256(self) -> str | None:
-        return self.digest
+        if not self.hashing:
+            return None
+        self.stream.seek(0)
+        return hashlib.file_digest(self.stream, "sha256").hexdigest()
 
 
 def _open_tar(stream: BinaryIO, url: str, hashing: bool) -> _LocalTar | _StreamedTar:
@@ -256,14 +254,12 @@ def _samples(shard: Shard, tar: _LocalTar | _StreamedTar, reports: list[dict]) -
             "reason": f"unreadable after {count}{expected} samples, the rest of the shard is lost ({_exception_text(exn)})",
         })
     else:
-        tar.finish()
         # tarfile takes a tar cut at a header for a complete one; the block size and the manifest tell.
         if tar.cut() or (shard.samples is not None and count + len(members.repeated) < shard.samples):
             reports.append({
                 "key": None, "shard": url,
                 "reason": f"truncated: the tar ends after {count}{expected} samples, the rest of the shard is lost",
             })
-    tar.finish()
     actual = tar.sha256()
     if actual is not None and actual != shard.sha256:
         raise ShardChecksumError(
