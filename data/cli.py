@@ -27,6 +27,7 @@ from flowmill.data.builtin import (
     pack_moving_digits,
 )
 from flowmill.data.tokenizer import MODEL_TYPES, train_tokenizer
+from flowmill.errors import UsageError
 
 IMAGES, TEXT, VIDEO = "images", "text", "video"
 PACK_SOURCES = (DIGITS_SOURCE, MOVING_DIGITS_SOURCE, IMAGES, TEXT, VIDEO)
@@ -48,10 +49,6 @@ OPTION_SOURCES = {
 DIGIT_CAPTIONS = "builtin:digit-captions"
 MOVING_DIGITS_CAPTIONS = "builtin:moving-digits-captions"
 BYTE_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-class UsageError(Exception):
-    """A command line that cannot be run; the message is printed as one line."""
 
 
 def parse_bytes(text: str) -> int:
@@ -81,12 +78,8 @@ def _check_pack_args(args: argparse.Namespace) -> tuple[list[str], str]:
     return inputs, out_dir
 
 
-def _pack(args: argparse.Namespace) -> int:
-    try:
-        inputs, out_dir = _check_pack_args(args)
-    except UsageError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+def pack_command(args: argparse.Namespace) -> int:
+    inputs, out_dir = _check_pack_args(args)
     shard_samples = args.shard_samples
     if shard_samples is None and args.shard_bytes is None:
         shard_samples = DEFAULT_SHARD_SAMPLES[args.source]
@@ -97,8 +90,7 @@ def _pack(args: argparse.Namespace) -> int:
     try:
         manifests = _run_pack(args, inputs, out_dir, common)
     except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exn)) from None
     for where, manifest in manifests.items():
         rejected = len(manifest["made"].get("notes", {}).get("rejected", []))  # manifests before notes have none
         print(
@@ -159,13 +151,13 @@ def _read_lines(paths: list[str]) -> list[str]:
         try:
             lines.extend(Path(path).read_text(encoding="utf-8").splitlines())
         except FileNotFoundError:
-            raise SystemExit(f"error: text file {path} does not exist")
+            raise UsageError(f"text file {path} does not exist") from None
         except UnicodeDecodeError as exn:
-            raise SystemExit(f"error: {path} is not UTF-8 text ({exn.reason} at byte {exn.start})")
+            raise UsageError(f"{path} is not UTF-8 text ({exn.reason} at byte {exn.start})") from None
     return lines
 
 
-def _tokenizer(args: argparse.Namespace) -> int:
+def tokenizer_command(args: argparse.Namespace) -> int:
     path = train_tokenizer(
         _read_lines(args.text), args.out_prefix, args.vocab_size, model_type=args.model_type, newlines=args.newlines
     )
@@ -186,7 +178,7 @@ def _print_inspection(result: dict) -> None:
         print(f"  {entry['key']}: {entry['reason']}")
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def inspect_command(args: argparse.Namespace) -> int:
     from flowmill.data.audit import inspect_epoch
 
     try:
@@ -196,8 +188,7 @@ def _inspect(args: argparse.Namespace) -> int:
             resampled=args.resampled, verify=not args.no_verify,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exn:  # RuntimeError: checksum mismatch, nothing decodable
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exn)) from None
     if args.json:
         print(json.dumps(result))
     else:
@@ -216,7 +207,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _encode(args: argparse.Namespace) -> int:
+def encode_command(args: argparse.Namespace) -> int:
     from flowmill.data.encode import encode_dataset, load_encoder
 
     shard_samples = 1000 if args.shard_samples is None and args.shard_bytes is None else args.shard_samples
@@ -233,8 +224,7 @@ def _encode(args: argparse.Namespace) -> int:
             shard_bytes=args.shard_bytes, progress=not args.quiet, overwrite=args.overwrite,
         )
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exn)) from None
     rejected = len(manifest["made"]["notes"]["rejected"])
     print(
         f"{args.out_dir}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
@@ -271,7 +261,7 @@ def _add_encode(commands: argparse._SubParsersAction) -> None:
     encode.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes")
     encode.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
     encode.add_argument("--quiet", action="store_true", help="no progress bar")
-    encode.set_defaults(func=_encode)
+    encode.set_defaults(handler="flowmill.data.cli:encode_command")
 
 
 def _add_pack(commands: argparse._SubParsersAction) -> None:
@@ -322,7 +312,7 @@ def _add_pack(commands: argparse._SubParsersAction) -> None:
     text.add_argument("--tokenizer", metavar="TOK.model", help="sentencepiece model from `flowmill data tokenizer`")
     text.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
     text.add_argument("--val-fraction", type=float, help="tail of each file held out as OUT_DIR/val (default 0.1; 0: none)")
-    pack.set_defaults(func=_pack)
+    pack.set_defaults(handler="flowmill.data.cli:pack_command")
 
 
 def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
@@ -348,7 +338,7 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("--vocab-size", type=int, required=True, help="largest vocabulary, special ids included")
     tokenizer.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece algorithm (default unigram)")
     tokenizer.add_argument("--newlines", action="store_true", help="keep line breaks and runs of spaces (for language-model text)")
-    tokenizer.set_defaults(func=_tokenizer)
+    tokenizer.set_defaults(handler="flowmill.data.cli:tokenizer_command")
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
@@ -381,7 +371,7 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--no-verify", action="store_true", help="do not check shards against the manifest's sha256")
     inspect.add_argument("--json", action="store_true", help='print {"ranks": [...], "skipped": [...], "dropped": [...]}')
-    inspect.set_defaults(func=_inspect)
+    inspect.set_defaults(handler="flowmill.data.cli:inspect_command")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

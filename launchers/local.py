@@ -7,19 +7,21 @@ uses): if one dies, the others are stopped and the failing rank is reported.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import uuid
 from pathlib import Path
 
 from flowmill.train import run_dir as rundir
-from flowmill.train.config import ConfigError, load_config, validate
+from flowmill.train.config import load_config, validate
 from flowmill.train.distributed import free_port
+from flowmill.errors import UsageError
 
 
 def check_before_launch(cfg, nproc: int, resume: bool) -> None:
     """Everything that can be refused without starting a worker."""
     if nproc < 1:
-        raise ConfigError(f"--nproc: must be at least 1, got {nproc}")
+        raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
     from flowmill.data.loader import resolve_shards
 
@@ -31,7 +33,7 @@ def check_before_launch(cfg, nproc: int, resume: bool) -> None:
 
         latest_checkpoint(run_dir)
     elif rundir.is_run_dir(run_dir):
-        raise ConfigError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
+        raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
 
 
 def launch_local(config_path: str, overrides: list[str], nproc: int) -> int:
@@ -41,6 +43,16 @@ def launch_local(config_path: str, overrides: list[str], nproc: int) -> int:
         cfg.run.dir = str(rundir.default_run_dir(cfg.run.name))
     check_before_launch(cfg, nproc, resume=False)
     return run_workers(["train", config_path, *overrides, f"run.dir={cfg.run.dir}"], nproc, cfg.run.dir)
+
+
+def launch_command(args: argparse.Namespace) -> int:
+    """``flowmill launch local``."""
+    return launch_local(args.config, args.overrides, args.nproc)
+
+
+def resume_command(args: argparse.Namespace) -> int:
+    """``flowmill resume``."""
+    return resume_local(args.run_dir, args.overrides, args.nproc)
 
 
 def resume_local(run_dir: str, overrides: list[str], nproc: int | None) -> int:

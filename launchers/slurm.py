@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from flowmill.train import run_dir as rundir
-from flowmill.train.config import ConfigError, load_config, to_dict
+from flowmill.train.config import load_config, to_dict
 from flowmill.train.preemption import StopRequest
+from flowmill.errors import UsageError
 
 MASTER_PORT_BASE = 20000  # rendezvous ports are MASTER_PORT_BASE + job id % MASTER_PORT_SPAN
 MASTER_PORT_SPAN = 10000  # below Linux's ephemeral range (32768+), so no client socket holds the port
@@ -58,71 +59,8 @@ RESERVED_SBATCH_OPTIONS = {
     "gpus-per-node", "signal", "output", "error", "array", "job-name", "open-mode", "requeue",
 }
 
-EXAMPLES = """examples:
-  flowmill launch slurm configs/mmdit_digits.yaml --partition gpu --nodes 2 --tasks-per-node 8 --gpus-per-node 8 --time 240
-  flowmill launch slurm configs/mmdit_digits.yaml --sweep optim.lr=1e-4,3e-4 --sweep model.depth=4,8
-  flowmill launch slurm --resume runs/mmdit-digits-20260101-120000 trainer.max_steps=4000
-  flowmill runs logs runs/mmdit-digits-20260101-120000 --rank 1
-"""
-
-
-class SlurmError(RuntimeError):
-    """SLURM cannot take the job (no sbatch, no controller, sbatch refused); nothing was submitted."""
-
 
 # ---------------------------------------------------------------- command line
-
-
-def register(launch_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``slurm`` to the ``flowmill launch`` sub-commands."""
-    parser = launch_subparsers.add_parser(
-        "slurm",
-        help="a SLURM job through submitit: nodes x tasks, checkpoint and requeue on preemption",
-        description="Submit the run described by CONFIG (or continue RUN_DIR with --resume) as one SLURM job of "
-        "NODES x TASKS_PER_NODE training processes. Every option can also live in the config under "
-        "launcher.slurm.*; the flags override it. On preemption or near the time limit the job checkpoints and "
-        "requeues itself; a crash is retried launcher.slurm.max_retries times. With --sweep, the cartesian "
-        "product of the values is submitted as one job array, one run dir and MLflow run per element.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("config", nargs="?", help="YAML config, e.g. configs/mmdit_digits.yaml (not with --resume)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. trainer.max_steps=40")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="resubmit a stopped run; it continues from its latest checkpoint")
-    parser.add_argument("--partition", help="SLURM partition (launcher.slurm.partition; default: the cluster's default)")
-    parser.add_argument("--nodes", type=int, help="nodes (launcher.slurm.nodes, default 1)")
-    parser.add_argument("--tasks-per-node", type=int, help="training processes per node, one per GPU (default 1)")
-    parser.add_argument("--time", type=int, metavar="MIN", help="time limit of one attempt in minutes (default 60)")
-    parser.add_argument("--account", help="sbatch --account")
-    parser.add_argument("--qos", help="sbatch --qos")
-    parser.add_argument("--constraint", help="sbatch --constraint")
-    parser.add_argument("--mem", help="memory per node in sbatch syntax, e.g. 64G")
-    parser.add_argument("--cpus-per-task", type=int, help="CPU cores per process")
-    parser.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 0)")
-    parser.add_argument(
-        "--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
-        help="another sbatch option, e.g. reservation=r1 or exclusive (repeat for several)",
-    )
-    parser.add_argument("--max-retries", type=int, help="requeues after a crash before the job fails (default 2)")
-    parser.add_argument("--folder", help="submitit folder for scripts and logs (default <run dir parent>/slurm/<run name>)")
-    parser.add_argument(
-        "--sweep", action="append", default=[], metavar="KEY=V1,V2",
-        help="sweep KEY over comma-separated values; repeat for a cartesian product (one job array)",
-    )
-    parser.set_defaults(func=launch_command)
-
-
-def register_runs_logs(runs_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``logs`` to the ``flowmill runs`` sub-commands."""
-    parser = runs_subparsers.add_parser(
-        "logs",
-        help="print a run's SLURM stdout and stderr",
-        description="Print the stdout and stderr that SLURM/submitit wrote for one process of RUN's latest job "
-        "(the folder and job id come from RUN/run.json).",
-    )
-    parser.add_argument("run", metavar="RUN", help="a run directory launched with `flowmill launch slurm`")
-    parser.add_argument("--rank", type=int, default=0, help="global rank of the process (default 0)")
-    parser.set_defaults(func=logs_command)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -145,24 +83,20 @@ def launch_command(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *flag_overrides(args)]
     if args.resume:
         if args.sweep:
-            raise ConfigError("--sweep starts new runs; it cannot be combined with --resume")
+            raise UsageError("--sweep starts new runs; it cannot be combined with --resume")
         if args.config:
             # argparse hands the first override to the optional CONFIG positional.
             if "=" not in args.config:
-                raise ConfigError(f"--resume continues with the run's own config.yaml; drop {args.config}")
+                raise UsageError(f"--resume continues with the run's own config.yaml; drop {args.config}")
             overrides.insert(0, args.config)
         configs = [resumed_config(Path(args.resume), overrides)]
     elif not args.config:
-        raise ConfigError("pass a CONFIG file (or --resume RUN_DIR)")
+        raise UsageError("pass a CONFIG file (or --resume RUN_DIR)")
     else:
         configs = new_run_configs(args.config, overrides, args.sweep)
-    try:
-        check_before_submit(configs, resume=bool(args.resume))
-        create_tracking_stores(configs)
-        jobs = submit(configs)
-    except SlurmError as error:
-        print(f"flowmill: error: {error}", file=sys.stderr)
-        return 2
+    check_before_submit(configs, resume=bool(args.resume))
+    create_tracking_stores(configs)
+    jobs = submit(configs)
     print_submission(configs, jobs, args.sweep)
     return 0
 
@@ -206,7 +140,7 @@ def new_run_configs(config_path: str, overrides: list[str], sweeps: list[str]) -
     swept = {item.partition("=")[0] for item in grid[0]}
     for item in overrides:
         if item.partition("=")[0] in swept:
-            raise ConfigError(f"--sweep {item.partition('=')[0]} is also set by the override {item}; keep one")
+            raise UsageError(f"--sweep {item.partition('=')[0]} is also set by the override {item}; keep one")
     configs = []
     for index, point in enumerate(grid):
         cfg = load_config(config_path, [*overrides, *point])
@@ -229,11 +163,11 @@ def sweep_grid(sweeps: list[str]) -> list[list[str]]:
         key, has_values, values = sweep.partition("=")
         choices = values.split(",")
         if not has_values or not key or not all(choices):
-            raise ConfigError(f"--sweep {sweep!r} must look like dotted.key=value1,value2")
+            raise UsageError(f"--sweep {sweep!r} must look like dotted.key=value1,value2")
         if key in keys:
-            raise ConfigError(f"--sweep {key} is given twice; list all its values in one --sweep")
+            raise UsageError(f"--sweep {key} is given twice; list all its values in one --sweep")
         if key.startswith("launcher.") or key in ("run.dir", "run.sweep_id"):
-            raise ConfigError(f"--sweep {key}: the runs of one job array share the launcher and the sweep's run dirs")
+            raise UsageError(f"--sweep {key}: the runs of one job array share the launcher and the sweep's run dirs")
         keys.add(key)
         axes.append([f"{key}={value}" for value in choices])
     return [list(point) for point in itertools.product(*axes)]
@@ -258,12 +192,12 @@ def check_before_submit(configs: list[Any], resume: bool) -> None:
             continue
         # rank 0 creates a new run's dir inside the job and refuses one that is not empty
         if Path(slurm.folder).is_relative_to(run_dir):
-            raise ConfigError(
+            raise UsageError(
                 f"launcher.slurm.folder: {slurm.folder} is inside the run dir {run_dir}, which the job creates "
                 "empty; choose a folder outside it"
             )
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run.dir: {run_dir} exists and is not empty; choose another run.dir")
+            raise UsageError(f"run.dir: {run_dir} exists and is not empty; choose another run.dir")
 
 
 def check_not_queued(run_dir: Path) -> None:
@@ -271,7 +205,7 @@ def check_not_queued(run_dir: Path) -> None:
     job_id = rundir.read_run_json(run_dir).get("slurm_job_id")
     state = live_state(job_id) if job_id else None
     if state:
-        raise SlurmError(
+        raise UsageError(
             f"{run_dir} is still in SLURM job {job_id} ({state}); a preempted job continues by itself. "
             f"Wait for it to end or `scancel {job_id}` first"
         )
@@ -286,15 +220,15 @@ def check_slurm_options(slurm: Any) -> None:
         at_least["cpus_per_task"] = (slurm.cpus_per_task, 1)
     for key, (value, minimum) in at_least.items():
         if value < minimum:
-            raise ConfigError(f"launcher.slurm.{key}: must be at least {minimum}, got {value}")
+            raise UsageError(f"launcher.slurm.{key}: must be at least {minimum}, got {value}")
     if slurm.signal_delay_s >= slurm.time_min * 60:
-        raise ConfigError(
+        raise UsageError(
             f"launcher.slurm.signal_delay_s: the checkpoint signal {slurm.signal_delay_s} s before the limit would come "
             f"at the start of a {slurm.time_min}-minute attempt; raise launcher.slurm.time_min or lower signal_delay_s"
         )
     for key in slurm.extra:
         if key.replace("_", "-") in RESERVED_SBATCH_OPTIONS:
-            raise ConfigError(
+            raise UsageError(
                 f"launcher.slurm.extra.{key}: set by flowmill; use its own launcher.slurm key or flag "
                 f"(reserved: {', '.join(sorted(RESERVED_SBATCH_OPTIONS))})"
             )
@@ -304,28 +238,28 @@ def check_cluster(slurm: Any) -> None:
     """SLURM's commands exist, the partition exists and has the nodes asked for."""
     for tool in ("sbatch", "srun", "sinfo", "squeue"):
         if shutil.which(tool) is None:
-            raise SlurmError(
+            raise UsageError(
                 f"{tool} is not on PATH: `flowmill launch slurm` submits with SLURM's commands; run it on a login "
                 "node of the cluster (`make slurm-up` starts a local test cluster)"
             )
     nodes, default = partitions()
     partition = slurm.partition or default
     if partition is None:
-        raise ConfigError(f"launcher.slurm.partition: the cluster has no default partition; choose one of: {', '.join(nodes)}")
+        raise UsageError(f"launcher.slurm.partition: the cluster has no default partition; choose one of: {', '.join(nodes)}")
     if partition not in nodes:
-        raise ConfigError(f"launcher.slurm.partition: {partition!r} is not a partition of this cluster; choose one of: {', '.join(nodes)}")
+        raise UsageError(f"launcher.slurm.partition: {partition!r} is not a partition of this cluster; choose one of: {', '.join(nodes)}")
     if slurm.nodes > nodes[partition]:
-        raise ConfigError(f"launcher.slurm.nodes: {slurm.nodes} nodes asked for, partition {partition} has {nodes[partition]}")
+        raise UsageError(f"launcher.slurm.nodes: {slurm.nodes} nodes asked for, partition {partition} has {nodes[partition]}")
 
 
 def run_slurm(*command: str) -> str:
-    """Run a SLURM command; returns its stdout, raises SlurmError with its message."""
+    """Run a SLURM command; returns its stdout, raises UsageError with its message."""
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
-        raise SlurmError(f"{command[0]} got no answer in 60 s; is the SLURM controller up?") from None
+        raise UsageError(f"{command[0]} got no answer in 60 s; is the SLURM controller up?") from None
     if done.returncode != 0:
-        raise SlurmError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()}")
+        raise UsageError(f"{' '.join(command)} failed: {(done.stderr or done.stdout).strip()}")
     return done.stdout
 
 
@@ -374,7 +308,7 @@ def submit(configs: list[Any]) -> list[Any]:
     try:
         return [executor.submit(tasks[0])] if len(tasks) == 1 else executor.submit_array(tasks)
     except FailedJobError as error:
-        raise SlurmError(f"sbatch refused the job: {str(error).strip()}") from None
+        raise UsageError(f"sbatch refused the job: {str(error).strip()}") from None
 
 
 def tracking_uri(cfg: Any) -> str:
@@ -452,7 +386,7 @@ def live_state(job_id: str) -> str | None:
     """The queue state of a pending or running job (``PENDING``, ``RUNNING``...), None once it has ended."""
     try:
         return run_slurm("squeue", "--noheader", "--format=%T", f"--jobs={job_id}").strip() or None
-    except SlurmError as error:
+    except UsageError as error:
         if "Invalid job id" in str(error):  # squeue's answer for a job that left the queue
             return None
         raise
@@ -514,7 +448,7 @@ class TrainingJob:
         run_dir = Path(cfg.run.dir)
         resume = (run_dir / LATEST).is_file()
         if not resume and rundir.is_run_dir(run_dir):
-            raise ConfigError(f"{run_dir} stopped before its first checkpoint: nothing to resume; start a new run")
+            raise UsageError(f"{run_dir} stopped before its first checkpoint: nothing to resume; start a new run")
 
         def record() -> None:
             if (run_dir / rundir.RUN_JSON).is_file():
@@ -526,7 +460,7 @@ class TrainingJob:
         stop.install((signal.SIGUSR2,))
         try:
             _, outcome = train(cfg, resume=resume, stop=stop)
-        except ConfigError:
+        except UsageError:
             raise
         except Exception:
             if rank == 0 and self.retries_left > 0:
@@ -572,7 +506,7 @@ def log_paths(run_dir: Path, rank: int) -> list[Path]:
     info = rundir.read_run_json(run_dir)
     job_id, folder = info.get("slurm_job_id"), info.get("slurm_folder")
     if not job_id or not folder:
-        raise ConfigError(
+        raise UsageError(
             f"{run_dir}/run.json names no SLURM job: the run was not launched with `flowmill launch slurm`, "
             "or its job has not reached its first step yet (`flowmill launch slurm` printed the log paths)"
         )

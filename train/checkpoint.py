@@ -22,15 +22,12 @@ import numpy as np
 import torch
 
 from flowmill.train.distributed import DistEnv, barrier
+from flowmill.errors import UsageError
 
 LATEST = "latest"
 COMPLETE_MARKER = "flowmill.json"
 EMA_FILE = "ema.safetensors"
 UNIVERSAL_SUFFIX = "_universal"  # step-N_universal/: step-N in DeepSpeed's universal format (world-size change)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says what to do."""
 
 
 def step_tag(step: int) -> str:
@@ -109,7 +106,7 @@ class CheckpointManager:
             shutil.rmtree(universal_dir(old), ignore_errors=True)
 
     def latest(self) -> Path:
-        """The newest complete checkpoint, or CheckpointError saying what is wrong."""
+        """The newest complete checkpoint, or UsageError saying what is wrong."""
         return latest_checkpoint(self.run_dir)
 
     def latest_meta(self) -> dict:
@@ -138,7 +135,7 @@ class CheckpointManager:
             tag = universal_dir(step_dir).name
         load_path, _ = engine.load_checkpoint(str(self.root), tag=tag)
         if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {step_dir}; the checkpoint is incomplete or corrupt")
+            raise UsageError(f"DeepSpeed could not load {step_dir}; the checkpoint is incomplete or corrupt")
         from safetensors.torch import load_file
 
         ema.module.load_state_dict(load_file(step_dir / EMA_FILE))
@@ -166,7 +163,7 @@ class CheckpointManager:
                 write_atomic(target / COMPLETE_MARKER, (step_dir / COMPLETE_MARKER).read_text())
         barrier()
         if not (target / COMPLETE_MARKER).exists():
-            raise CheckpointError(error or f"{target} was not written; see rank 0's error")
+            raise UsageError(error or f"{target} was not written; see rank 0's error")
 
 
 def step_dirs(root: Path) -> list[Path]:
@@ -183,10 +180,10 @@ def latest_checkpoint(run_dir: Path) -> Path:
     """Resolve ``RUN_DIR/latest`` to a complete checkpoint folder."""
     pointer = Path(run_dir) / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"{run_dir} has no checkpoint yet ({pointer} is missing); start a new run with `flowmill train`")
+        raise UsageError(f"{run_dir} has no checkpoint yet ({pointer} is missing); start a new run with `flowmill train`")
     target = Path(run_dir) / pointer.read_text().strip()
     if not target.name.startswith("step-") or not (target / COMPLETE_MARKER).is_file():
-        raise CheckpointError(
+        raise UsageError(
             f"{pointer} is corrupt: it names {target}, which is not a complete checkpoint; "
             f"point it at one of {[p.name for p in step_dirs(Path(run_dir) / 'checkpoints')]} "
             "(write e.g. 'checkpoints/step-00000010' into it)"

@@ -16,10 +16,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-
-
-class ConfigError(ValueError):
-    """A config the run cannot start with; the CLI prints it and exits with code 2."""
+from flowmill.errors import UsageError
 
 
 @dataclass
@@ -167,39 +164,39 @@ def _message(error: OmegaConfBaseException) -> str:
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Any:
     """Read a YAML config (or ``base``, a resolved config dict) and apply overrides.
 
-    Returns the task's config dataclass. Raises ConfigError naming the offending key.
+    Returns the task's config dataclass. Raises UsageError naming the offending key.
     """
     if base is None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
+            raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            raise UsageError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+            raise UsageError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     else:
         raw = base
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like dotted.key=value")
+            raise UsageError(f"override {item!r} must look like dotted.key=value")
     try:
         override_cfg = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
-        raise ConfigError(f"bad override: {_message(error)}") from None
+        raise UsageError(f"bad override: {_message(error)}") from None
     task_name = OmegaConf.select(override_cfg, "task", default=raw.get("task", Config.task))
     try:
         schema = schema_for(task_name)
     except KeyError as error:
-        raise ConfigError(f"task: {error.args[0]}") from None
+        raise UsageError(f"task: {error.args[0]}") from None
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw, override_cfg)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(_message(error)) from None
+        raise UsageError(_message(error)) from None
     except ValueError as error:  # a section's own checks (its __post_init__)
-        raise ConfigError(f"{_failing_section(merged)}: {error}") from None
+        raise UsageError(f"{_failing_section(merged)}: {error}") from None
     validate(cfg)
     return cfg
 
@@ -224,7 +221,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, valid))}")
+            raise UsageError(f"{key}: {value!r} is not one of {', '.join(map(str, valid))}")
     positive = {
         "trainer.max_steps": cfg.trainer.max_steps,
         "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
@@ -235,7 +232,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     }
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+            raise UsageError(f"{key}: must be positive, got {value}")
     non_negative = {
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "data.num_workers": cfg.data.num_workers,
@@ -248,22 +245,22 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     }
     for key, value in non_negative.items():
         if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
+            raise UsageError(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
-        raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+        raise UsageError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
     if cfg.eval.num_samples < 1:
-        raise ConfigError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
+        raise UsageError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
     if not cfg.eval.timesteps or not all(0.0 <= t <= 1.0 for t in cfg.eval.timesteps):
-        raise ConfigError(f"eval.timesteps: need at least one time in [0, 1], got {cfg.eval.timesteps}")
+        raise UsageError(f"eval.timesteps: need at least one time in [0, 1], got {cfg.eval.timesteps}")
     if not 0.0 <= cfg.ema.decay < 1.0:
-        raise ConfigError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
+        raise UsageError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:
-        raise ConfigError(
+        raise UsageError(
             f"parallel.zero_stage: ZeRO stage {cfg.parallel.zero_stage} cannot be combined with "
             f"parallel.pipeline_stages={cfg.parallel.pipeline_stages} (DeepSpeed supports ZeRO 0-1 with pipeline stages)"
         )
     if world_size is not None and world_size % cfg.parallel.pipeline_stages:
-        raise ConfigError(
+        raise UsageError(
             f"parallel.pipeline_stages: {cfg.parallel.pipeline_stages} stages do not divide the world size {world_size}"
         )
     from flowmill.train.tasks import get_task_class

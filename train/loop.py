@@ -23,13 +23,14 @@ from tqdm import tqdm
 from flowmill.data.loader import StreamingLoader
 from flowmill.train import run_dir as rundir
 from flowmill.train.checkpoint import CheckpointManager, rng_state, set_rng_state
-from flowmill.train.config import ConfigError, to_dict, validate
+from flowmill.train.config import to_dict, validate
 from flowmill.train.distributed import DistEnv, all_reduce_mean, init_distributed, shutdown
 from flowmill.train.ema import EMA
 from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.preemption import StopRequest
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri, flatten_config, run_tags
+from flowmill.errors import UsageError
 
 log = logging.getLogger("flowmill")
 
@@ -105,11 +106,11 @@ def prepare_run_dir(cfg: Any, env: DistEnv, resume: bool) -> Path:
                 rundir.check_resumable(run_dir, cfg)
             else:
                 rundir.create_run_dir(run_dir, cfg)
-        except ConfigError as exc:
+        except UsageError as exc:
             error = str(exc)
     run_dir, error = agree(env, (str(run_dir), error))
     if error:
-        raise ConfigError(error)
+        raise UsageError(error)
     cfg.run.dir = run_dir
     return Path(run_dir)
 
@@ -158,7 +159,7 @@ def train(cfg: Any, resume: bool = False, stop: StopRequest | None = None) -> tu
         outcome = _train(cfg, env, run_dir, resume, stop or StopRequest())
         return run_dir, outcome
     except BaseException as error:
-        if not isinstance(error, (ConfigError, KeyboardInterrupt, SystemExit)):
+        if not isinstance(error, (UsageError, KeyboardInterrupt, SystemExit)):
             print(f"[flowmill rank {env.rank}] fatal: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         raise
     finally:
@@ -281,7 +282,7 @@ def keep_global_batch(cfg: Any, global_batch: int, env: DistEnv) -> None:
             log.info("global batch %d kept: micro-batch %d x accumulation %d x %d replicas",
                      global_batch, micro, cfg.trainer.grad_accum_steps, replicas)
             return
-    raise ConfigError(f"trainer.micro_batch_size: the global batch {global_batch} cannot be split over {replicas} replicas")
+    raise UsageError(f"trainer.micro_batch_size: the global batch {global_batch} cannot be split over {replicas} replicas")
 
 
 def reschedule(engine: Any, cfg: Any) -> None:
@@ -427,7 +428,7 @@ def run_from_cli(config_path: str | None, overrides: list[str], resume_dir: str 
         import yaml
 
         if not rundir.is_run_dir(Path(resume_dir)):
-            raise ConfigError(f"{resume_dir} is not a flowmill run dir (no run.json/config.yaml)")
+            raise UsageError(f"{resume_dir} is not a flowmill run dir (no run.json/config.yaml)")
         base = yaml.safe_load((Path(resume_dir) / rundir.CONFIG_YAML).read_text())
         cfg = load_config(None, overrides, base=base)
         cfg.run.dir = str(resume_dir)

@@ -38,12 +38,21 @@ from flowmill.models.sd3_convert import (
 )
 from flowmill.train import run_dir as rundir
 from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, latest_checkpoint
+from flowmill.errors import UsageError
 
 # Model families that load_model can build, by the name model folders and tasks use.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"mmdit": MMDiT}
 # What activation checkpointing (train/engine.py's checkpoint_wrapper) inserts into parameter names.
 WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 SOURCES = "a flowmill model folder (flowmill_model.json), a run dir or one of its checkpoints/step-* folders"
+
+
+def user_facing(reader, *args):
+    """Call a models-layer folder reader; its ValueError (a folder that is not what it must be) is a UsageError."""
+    try:
+        return reader(*args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -57,9 +66,9 @@ def resolve_run(path: Path) -> tuple[Path, Path]:
     if (path / COMPLETE_MARKER).is_file() and rundir.is_run_dir(path.parent.parent):
         return path.parent.parent, path
     if (path / DIFFUSERS_CONFIG).is_file():
-        raise ValueError(f"{path} is a diffusers folder, not a flowmill model: import it first with "
+        raise UsageError(f"{path} is a diffusers folder, not a flowmill model: import it first with "
                          f"`flowmill import sd3 {path} --out MODEL_DIR`")
-    raise ValueError(f"{path} is not {SOURCES}")
+    raise UsageError(f"{path} is not {SOURCES}")
 
 
 def run_model_config(run_dir: Path):
@@ -70,9 +79,9 @@ def run_model_config(run_dir: Path):
     try:
         family = get_task_class(saved["task"]).family
     except KeyError as error:
-        raise ValueError(f"{run_dir}: {error.args[0]}") from None
+        raise UsageError(f"{run_dir}: {error.args[0]}") from None
     if family not in CONFIG_CLASSES:
-        raise ValueError(f"{run_dir} trains a {family!r} model; model files are supported for: {', '.join(CONFIG_CLASSES)}")
+        raise UsageError(f"{run_dir} trains a {family!r} model; model files are supported for: {', '.join(CONFIG_CLASSES)}")
     config_class = CONFIG_CLASSES[family]
     names = {field.name for field in dataclasses.fields(config_class)}
     # The run's model section also holds how it was built (init_from, compile), not the architecture.
@@ -104,20 +113,20 @@ def live_weights(checkpoint: Path, family: str, cfg) -> dict[str, torch.Tensor]:
         return _unwrapped(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     states = checkpoint / "mp_rank_00_model_states.pt"
     if not states.is_file():
-        raise ValueError(f"{checkpoint} has no DeepSpeed model states (mp_rank_00_model_states.pt or layer_*-model_states.pt)")
+        raise UsageError(f"{checkpoint} has no DeepSpeed model states (mp_rank_00_model_states.pt or layer_*-model_states.pt)")
     return _unwrapped(torch.load(states, map_location="cpu", weights_only=False)["module"])
 
 
 def load_weights(path: str | Path, live: bool = False):
     """(family, architecture config, state dict) of a model folder, or of a run (EMA weights,
-    or the trained weights with ``live``). ValueError says what ``path`` is not."""
+    or the trained weights with ``live``). UsageError says what ``path`` is not."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass {SOURCES}")
+        raise UsageError(f"{path} does not exist; pass {SOURCES}")
     if is_model_folder(path):
         if live:
-            raise ValueError(f"{path} is a model folder, which holds one set of weights; --live reads a run's checkpoint")
-        return load_model_folder(path)
+            raise UsageError(f"{path} is a model folder, which holds one set of weights; --live reads a run's checkpoint")
+        return user_facing(load_model_folder, path)
     run_dir, checkpoint = resolve_run(path)
     family, cfg = run_model_config(run_dir)
     if live:
@@ -140,17 +149,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
 
 def _fresh_folder(path: Path) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"{path} exists and is not an empty folder; choose a new output folder")
+        raise UsageError(f"{path} exists and is not an empty folder; choose a new output folder")
 
 
 def import_sd3(diffusers_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a diffusers SD3 transformer folder as a flowmill model folder; returns it."""
     source, out = Path(diffusers_dir), Path(out_dir)
     if (source / "model_index.json").is_file():
-        raise ValueError(f"{source} is a whole diffusers pipeline; pass its transformer folder, {source / 'transformer'}")
+        raise UsageError(f"{source} is a whole diffusers pipeline; pass its transformer folder, {source / 'transformer'}")
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} is not a folder; pass a diffusers SD3Transformer2DModel folder")
-    cfg, state_dict = load_diffusers_folder(source)
+        raise UsageError(f"{source} is not a folder; pass a diffusers SD3Transformer2DModel folder")
+    cfg, state_dict = user_facing(load_diffusers_folder, source)
     _fresh_folder(out)
     save_model_folder(out, "mmdit", cfg, state_dict)
     return out
@@ -160,7 +169,7 @@ def export_sd3(source: str | Path, out_dir: str | Path, live: bool = False) -> P
     """Write an MMDiT (model folder, or a run's EMA or ``live`` weights) as a diffusers SD3 folder."""
     family, cfg, state_dict = load_weights(source, live)
     if family != "mmdit":
-        raise ValueError(f"{source} holds a {family!r} model; `export sd3` writes MMDiTs only")
+        raise UsageError(f"{source} holds a {family!r} model; `export sd3` writes MMDiTs only")
     out = Path(out_dir)
     _fresh_folder(out)
     save_diffusers_folder(out, cfg, state_dict)
@@ -181,66 +190,22 @@ def load_run_task(source: str | Path):
 
 def sample_model_folder(args: argparse.Namespace) -> int:
     """``flowmill sample MODEL_DIR --text-from RUN_DIR``: the folder's model, the run's text side."""
-    from flowmill.train.config import ConfigError
+    from flowmill.train.config import UsageError
 
     if not args.text_from:
-        raise ConfigError(f"--text-from: {args.source} is a model folder, which holds no text encoder; pass "
+        raise UsageError(f"--text-from: {args.source} is a model folder, which holds no text encoder; pass "
                           "--text-from RUN_DIR, a run whose text encoder gives the widths the model takes")
     for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
         if value < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {value}")
+            raise UsageError(f"{name}: must be at least 1, got {value}")
     task = load_run_task(args.text_from)
     family, _, _ = load_weights(args.source)
     if family != task.family:
-        raise ConfigError(f"--text-from: {args.text_from} trains {task.family!r} models; {args.source} holds a {family!r} one")
+        raise UsageError(f"--text-from: {args.text_from} trains {task.family!r} models; {args.source} holds a {family!r} one")
     model = load_model(args.source, task.env.device)
     encoder = task.text_encoder
     if (model.config.txt_dim, model.config.vec_dim) != (encoder.txt_dim, encoder.vec_dim):
-        raise ConfigError(f"--text-from: {args.text_from}'s text encoder gives txt width {encoder.txt_dim} and vec width "
+        raise UsageError(f"--text-from: {args.text_from}'s text encoder gives txt width {encoder.txt_dim} and vec width "
                           f"{encoder.vec_dim}; {args.source} takes txt_dim={model.config.txt_dim}, "
                           f"vec_dim={model.config.vec_dim}")
     return task.sample_command(model, Path(args.source), args)
-
-
-def _run(action) -> int:
-    try:
-        print(action())
-    except (ValueError, FileNotFoundError) as error:
-        print(f"flowmill: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    """Add ``import`` and ``export`` (each with an ``sd3`` format) to the main parser's ``commands``."""
-    importer = commands.add_parser(
-        "import", help="turn weights of another library into a flowmill model folder",
-        description="Read another library's weights into a flowmill model folder, which `flowmill sample`, "
-        "`flowmill export` and a training config's model.init_from=MODEL_DIR accept.",
-    )
-    formats = importer.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    sd3 = formats.add_parser(
-        "sd3", help="a diffusers SD3Transformer2DModel folder",
-        description="Import a diffusers SD3Transformer2DModel folder (config.json + diffusion_pytorch_model"
-        "[.safetensors|-*.safetensors]), e.g. the transformer/ folder of a Stable Diffusion 3 pipeline. "
-        "Example: flowmill import sd3 sd3-medium/transformer --out models/sd3-medium",
-    )
-    sd3.add_argument("source", metavar="DIR", help="the diffusers transformer folder")
-    sd3.add_argument("--out", required=True, metavar="MODEL_DIR", help="the flowmill model folder to write (new or empty)")
-    sd3.set_defaults(func=lambda args: _run(lambda: f"wrote {import_sd3(args.source, args.out)}"))
-
-    exporter = commands.add_parser(
-        "export", help="write a run's or model folder's weights in another library's format",
-        description="Write a model in another library's format. A run exports its EMA weights (the ones "
-        "`flowmill sample` uses) unless --live is given.",
-    )
-    formats = exporter.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    sd3 = formats.add_parser(
-        "sd3", help="an MMDiT as a diffusers SD3Transformer2DModel folder",
-        description="Write an MMDiT as a diffusers SD3Transformer2DModel folder that "
-        "SD3Transformer2DModel.from_pretrained(OUT_DIR) loads. Example: flowmill export sd3 runs/mmdit-digits-1 out/sd3",
-    )
-    sd3.add_argument("source", metavar="RUN_DIR|CKPT|MODEL_DIR", help="a run dir, one of its checkpoints/step-* folders, or a model folder")
-    sd3.add_argument("out", metavar="OUT_DIR", help="the diffusers folder to write (new or empty)")
-    sd3.add_argument("--live", action="store_true", help="a run's trained weights from its DeepSpeed checkpoint instead of the EMA")
-    sd3.set_defaults(func=lambda args: _run(lambda: f"wrote {export_sd3(args.source, args.out, args.live)}"))

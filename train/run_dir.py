@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from flowmill.train.checkpoint import write_atomic
-from flowmill.train.config import ConfigError, save_config, to_dict
+from flowmill.train.config import save_config, to_dict
+from flowmill.errors import UsageError
 
 RUN_JSON = "run.json"
 CONFIG_YAML = "config.yaml"
@@ -34,12 +35,12 @@ def create_run_dir(run_dir: Path, cfg: Any) -> None:
     """Make a fresh run dir; refuse one that already holds a run (that is what resume is for)."""
     run_dir = Path(run_dir)
     if is_run_dir(run_dir):
-        raise ConfigError(
+        raise UsageError(
             f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}` "
             "or choose another run.dir"
         )
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run.dir: {run_dir} exists and is not empty; choose another run.dir")
+        raise UsageError(f"run.dir: {run_dir} exists and is not empty; choose another run.dir")
     for sub in SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / CONFIG_YAML)
@@ -55,10 +56,10 @@ def check_resumable(run_dir: Path, cfg: Any) -> None:
         if saved.get(section) != new.get(section):
             old_section, new_section = saved.get(section) or {}, new.get(section) or {}
             if not isinstance(old_section, dict):
-                raise ConfigError(f"{section}: the run was trained as {old_section!r}, not {new_section!r}")
+                raise UsageError(f"{section}: the run was trained as {old_section!r}, not {new_section!r}")
             changed = sorted(k for k in set(old_section) | set(new_section) if old_section.get(k) != new_section.get(k))
             key = f"{section}.{changed[0]}" if changed else section
-            raise ConfigError(
+            raise UsageError(
                 f"{key}: the checkpoints in {run_dir} were trained with {key}={old_section.get(changed[0]) if changed else old_section!r}, "
                 f"not {new_section.get(changed[0]) if changed else new_section!r}; start a new run to change the model"
             )
@@ -67,7 +68,7 @@ def check_resumable(run_dir: Path, cfg: Any) -> None:
 def read_run_json(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_JSON
     if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a flowmill run dir (no {RUN_JSON}); pass the folder a run created")
+        raise UsageError(f"{run_dir} is not a flowmill run dir (no {RUN_JSON}); pass the folder a run created")
     return json.loads(path.read_text())
 
 

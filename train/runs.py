@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowmill.train.run_dir import RUN_JSON
+from flowmill.errors import UsageError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -60,10 +61,6 @@ SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TEL
 SERVER_LOG = "mlflow-server.log"
 SERVER_STARTUP_S = 120  # a loaded 2-core machine needs ~40 s to import MLflow twice and open the store
 NONE = "—"
-
-
-class RunsError(Exception):
-    """A run, store or experiment that cannot be found or served; the message says what to pass instead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +140,7 @@ def open_store(tracking_uri: str) -> MlflowClient:
     if tracking_uri.startswith("sqlite:///"):
         path = Path(tracking_uri.removeprefix("sqlite:///"))
         if not path.is_file():
-            raise RunsError(
+            raise UsageError(
                 f"no MLflow store at {path} (flowmill creates <runs root>/mlflow.db with the first run); "
                 "pass --tracking-uri URI, or run the command in the folder that holds runs/"
             )
@@ -163,14 +160,14 @@ def resolve_run(name: str, tracking_uri: str) -> tuple[str, str, Path | None]:
     path = Path(name)
     if path.is_dir():
         if not (path / RUN_JSON).is_file():
-            raise RunsError(f"{name} is a folder but not a flowmill run dir (no {RUN_JSON}); pass a run dir or an MLflow run id")
+            raise UsageError(f"{name} is a folder but not a flowmill run dir (no {RUN_JSON}); pass a run dir or an MLflow run id")
         info = json.loads((path / RUN_JSON).read_text())
         if not info.get("run_id") or not info.get("tracking_uri"):
-            raise RunsError(f"{name} has no MLflow run in its {RUN_JSON} (tracking was unreachable when it started)")
+            raise UsageError(f"{name} has no MLflow run in its {RUN_JSON} (tracking was unreachable when it started)")
         return info["tracking_uri"], info["run_id"], path.resolve()
     if RUN_ID.fullmatch(name):
         return tracking_uri, name, None
-    raise RunsError(f"{name} is neither a run dir nor an MLflow run id (32 hex digits)")
+    raise UsageError(f"{name} is neither a run dir nor an MLflow run id (32 hex digits)")
 
 
 def load_runs(names: Sequence[str], tracking_uri: str, metrics: Sequence[str] | None = None) -> list[RunSummary]:
@@ -191,7 +188,7 @@ def load_runs(names: Sequence[str], tracking_uri: str, metrics: Sequence[str] | 
         except _mlflow_error() as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise RunsError(f"{name}: no run {run_id} in the MLflow store {uri}; pass --tracking-uri for another store") from exc
+            raise UsageError(f"{name}: no run {run_id} in the MLflow store {uri}; pass --tracking-uri for another store") from exc
         resolved[run_id] = (uri, run_dir, run)
     keys = _metric_keys([run for _, _, run in resolved.values()], metrics, defaults=None)
     experiment_names: dict[tuple[str, str], str] = {}
@@ -227,7 +224,7 @@ def experiments_of(client: MlflowClient, tracking_uri: str, experiment: str | No
         if experiment in (name, experiment_id):
             return {experiment_id: name}
     names = ", ".join(sorted(experiments.values())) or "(none)"
-    raise RunsError(f"no experiment {experiment!r} in {tracking_uri}; choose one of: {names}")
+    raise UsageError(f"no experiment {experiment!r} in {tracking_uri}; choose one of: {names}")
 
 
 def _metric_keys(runs: Sequence[Run], wanted: Sequence[str] | None, defaults: Sequence[str] | None) -> list[str]:
@@ -236,7 +233,7 @@ def _metric_keys(runs: Sequence[Run], wanted: Sequence[str] | None, defaults: Se
     if wanted is not None:
         missing = [key for key in wanted if key not in present]
         if missing:
-            raise RunsError(f"no metric {', '.join(missing)} in these runs; choose from: {', '.join(present) or '(none)'}")
+            raise UsageError(f"no metric {', '.join(missing)} in these runs; choose from: {', '.join(present) or '(none)'}")
         return list(dict.fromkeys(wanted))
     if defaults is not None:
         return [key for key in defaults if key in present]
@@ -418,13 +415,13 @@ class MlflowServer:
 
     def __enter__(self) -> MlflowServer:
         if not (self.runs_root / "mlflow.db").is_file():
-            raise RunsError(
+            raise UsageError(
                 f"no MLflow store at {self.runs_root / 'mlflow.db'}; pass --runs-root, the folder holding a run's "
                 "mlflow.db (runs/ by default)"
             )
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                raise RunsError(f"port {self.port} on 127.0.0.1 is in use; choose another with --port")
+                raise UsageError(f"port {self.port} on 127.0.0.1 is in use; choose another with --port")
         command = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
             "--workers", "1", "--backend-store-uri", _tracking().default_tracking_uri(self.runs_root),
@@ -450,7 +447,7 @@ class MlflowServer:
         deadline = time.monotonic() + SERVER_STARTUP_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RunsError(
+                raise UsageError(
                     f"mlflow server exited with code {self.process.returncode}; see {self.log_path}:\n{self.log_tail()}"
                 )
             try:
@@ -459,7 +456,7 @@ class MlflowServer:
             except requests.RequestException:
                 pass
             time.sleep(0.25)
-        raise RunsError(f"mlflow server did not answer on {self.url} within {SERVER_STARTUP_S} s; see {self.log_path}")
+        raise UsageError(f"mlflow server did not answer on {self.url} within {SERVER_STARTUP_S} s; see {self.log_path}")
 
     def log_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the server wrote."""
@@ -490,7 +487,7 @@ def ui_runs(runs_root: Path, names: Sequence[str]) -> list[RunSummary]:
     for name in names:
         run_uri = resolve_run(name, uri)[0]
         if run_uri != uri:
-            raise RunsError(f"{name} is tracked in {run_uri}, not in {uri}; pass that store's folder as --runs-root")
+            raise UsageError(f"{name} is tracked in {run_uri}, not in {uri}; pass that store's folder as --runs-root")
     if names:
         return load_runs(names, uri, metrics=[])
     return list_runs(uri, metrics=[], max_runs=MAX_COMPARED_RUNS)
@@ -520,7 +517,7 @@ def serve_ui(runs_root: Path, port: int, names: Sequence[str] = ()) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    raise RunsError(f"mlflow server exited with code {code}; see {server.log_path}:\n{server.log_tail()}")
+    raise UsageError(f"mlflow server exited with code {code}; see {server.log_path}:\n{server.log_tail()}")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -533,7 +530,7 @@ def _default_uri() -> str:
 
 def _list_command(args: argparse.Namespace) -> int:
     if args.max_runs < 1:
-        raise RunsError(f"--max-runs must be at least 1, got {args.max_runs}")
+        raise UsageError(f"--max-runs must be at least 1, got {args.max_runs}")
     runs = list_runs(args.tracking_uri or _default_uri(), args.experiment, args.metric, args.max_runs)
     if not runs:
         print(f"no runs in {args.experiment or 'any experiment'} of {args.tracking_uri or _default_uri()}")
@@ -549,73 +546,24 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 def _ui_command(args: argparse.Namespace) -> int:
     if not 1 <= args.port <= 65535:
-        raise RunsError(f"--port must be between 1 and 65535, got {args.port}")
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     return serve_ui(Path(args.runs_root), args.port, args.runs)
 
 
-def _reporting_errors(handler):
-    """Wrap a command handler: a RunsError or a failing store prints one ``flowmill: error:`` line and exits 2."""
+def _store_errors(handler):
+    """A failing MLflow store becomes a UsageError naming what failed."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except RunsError as error:
-            print(f"flowmill: error: {error}", file=sys.stderr)
-            return 2
         except (_mlflow_error(), requests.RequestException) as error:
-            print(f"flowmill: error: MLflow store query failed: {' '.join(str(error).split())[:500]}", file=sys.stderr)
-            return 2
+            raise UsageError(f"MLflow store query failed: {' '.join(str(error).split())[:500]}") from None
 
     return run
 
 
-def _add_store_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--tracking-uri", metavar="URI", help="MLflow store for run ids (default: runs/mlflow.db in the current folder)"
-    )
-    parser.add_argument(
-        "--metric", action="append", metavar="KEY", help="a metric to summarise, e.g. val/loss; repeat for several"
-    )
+list_command = _store_errors(_list_command)
+compare_command = _store_errors(_compare_command)
+ui_command = _store_errors(_ui_command)
 
 
-def register(runs_subparsers: argparse._SubParsersAction) -> None:
-    """Add ``list`` and ``compare`` to the ``flowmill runs`` group."""
-    listing = runs_subparsers.add_parser(
-        "list",
-        help="table of the runs of an experiment",
-        description="One row per run (newest first): status, start, duration, SLURM job id, the params that differ "
-        "between the runs listed, and the final and best value of train/loss and val/loss (best = min for "
-        "loss-like metrics, max for *_per_s). Each value is shown with its step as VALUE @STEP.",
-    )
-    listing.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="experiment name or id (default: all)")
-    _add_store_options(listing)
-    listing.add_argument("--max-runs", type=int, default=MAX_LISTED_RUNS, help=f"newest runs shown (default {MAX_LISTED_RUNS})")
-    listing.set_defaults(func=_reporting_errors(_list_command))
-
-    compare = runs_subparsers.add_parser(
-        "compare",
-        help="side-by-side table of some runs",
-        description="One column per run: status, start, duration, SLURM job id, the params that differ, and the "
-        "final and best value of every metric but system/* (best = min for loss-like metrics, max for *_per_s). "
-        "Name a run by its run dir or by its MLflow run id (looked up in --tracking-uri).",
-        epilog="example: flowmill runs compare runs/mmdit-digits-20260101-120000 runs/mmdit-digits-20260102-090000",
-    )
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="a run dir or an MLflow run id")
-    _add_store_options(compare)
-    compare.set_defaults(func=_reporting_errors(_compare_command))
-
-
-def register_ui(commands: argparse._SubParsersAction) -> None:
-    """Add the top-level ``flowmill ui`` command."""
-    ui = commands.add_parser(
-        "ui",
-        help="serve the MLflow UI on the run store and print the compare page's URL",
-        description="Start a lean local `mlflow server` (bound to 127.0.0.1, one worker) on RUNS_ROOT/mlflow.db "
-        "with the artifacts in RUNS_ROOT/mlartifacts, and print the URL of the MLflow UI's page comparing the "
-        f"named runs (default: the newest {MAX_COMPARED_RUNS} runs). Its log goes to RUNS_ROOT/{SERVER_LOG}. "
-        "Runs in the foreground; Ctrl-C stops it.",
-    )
-    ui.add_argument("runs", nargs="*", metavar="RUN", help="runs to compare: run dirs or MLflow run ids of this store")
-    ui.add_argument("--runs-root", default="runs", help="the folder holding mlflow.db (default runs)")
-    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
-    ui.set_defaults(func=_reporting_errors(_ui_command))

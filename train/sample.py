@@ -8,10 +8,11 @@ from pathlib import Path
 import yaml
 
 from flowmill.train import run_dir as rundir
-from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError, latest_checkpoint
-from flowmill.train.config import ConfigError, load_config
+from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, latest_checkpoint
+from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
 from flowmill.train.tasks import get_task_class
+from flowmill.errors import UsageError
 
 
 def resolve_checkpoint(source: Path) -> tuple[Path, Path]:
@@ -20,7 +21,7 @@ def resolve_checkpoint(source: Path) -> tuple[Path, Path]:
         return source, latest_checkpoint(source)
     if (source / COMPLETE_MARKER).is_file() and rundir.is_run_dir(source.parent.parent):
         return source.parent.parent, source
-    raise CheckpointError(f"{source} is neither a flowmill run dir nor a complete checkpoint folder (checkpoints/step-*)")
+    raise UsageError(f"{source} is neither a flowmill run dir nor a complete checkpoint folder (checkpoints/step-*)")
 
 
 def load_task_and_model(source: Path):
@@ -36,10 +37,10 @@ def load_task_and_model(source: Path):
     return task, model.to(env.device).eval(), checkpoint
 
 
-def sample_command(args: argparse.Namespace) -> int:
+def sample_run(args: argparse.Namespace) -> int:
     """``flowmill sample``: the run's task writes its own kind of samples (images, text...)."""
     for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
         if value < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {value}")
+            raise UsageError(f"{name}: must be at least 1, got {value}")
     task, model, checkpoint = load_task_and_model(Path(args.source))
     return task.sample_command(model, checkpoint, args)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from flowmill.train.config import ConfigError, load_config, validate
+from flowmill.train.config import load_config, validate
 from tests.helpers import TINY_CONFIG, flowmill
+from flowmill.errors import UsageError
 
 
 def test_yaml_and_overrides_load_into_typed_sections():
@@ -30,7 +31,7 @@ def test_yaml_and_overrides_load_into_typed_sections():
     ],
 )
 def test_bad_values_name_the_key(override, key):
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UsageError) as error:
         load_config(TINY_CONFIG, [override])
     assert str(error.value).startswith(key), str(error.value)
 
@@ -38,12 +39,12 @@ def test_bad_values_name_the_key(override, key):
 def test_pipeline_stages_must_divide_world_size():
     cfg = load_config(TINY_CONFIG, ["parallel.pipeline_stages=2"])
     validate(cfg, world_size=2)
-    with pytest.raises(ConfigError, match="parallel.pipeline_stages"):
+    with pytest.raises(UsageError, match="parallel.pipeline_stages"):
         validate(cfg, world_size=3)
 
 
 def test_zero_2_with_pipeline_refused():
-    with pytest.raises(ConfigError, match="parallel.zero_stage.*pipeline"):
+    with pytest.raises(UsageError, match="parallel.zero_stage.*pipeline"):
         load_config(TINY_CONFIG, ["parallel.pipeline_stages=2", "parallel.zero_stage=2"])
 
 

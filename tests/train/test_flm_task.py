@@ -13,12 +13,13 @@ import yaml
 
 from flowmill.cli import main as flowmill_main
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
-from flowmill.train.config import ConfigError, load_config
+from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.tasks.flm import FLMTask
 from flowmill.train.tasks.fmlm import FMLMTask
 from tests.helpers import flowmill
 from tests.text_helpers import FLM_TINY, FMLM_TINY, SEQ_LEN, flm_model_overrides, flm_overrides, pack_tiny_text
+from flowmill.errors import UsageError
 
 pytestmark = pytest.mark.slow
 
@@ -141,11 +142,11 @@ def test_fmlm_distills_in_two_stages(corrector_run, flm_run, text, judges, tmp_p
     assert len(read_jsonl(out)) == 3
     # A flow-map run is no teacher; an FLM run is no corrector.
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{"distill.teacher": corrector_run}))
-    with pytest.raises(ConfigError, match="distill.teacher: .* is a fmlm run \\(a flow map\\)"):
+    with pytest.raises(UsageError, match="distill.teacher: .* is a fmlm run \\(a flow map\\)"):
         FMLMTask(cfg, CPU, tmp_path / "x")
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{
         "distill.teacher": flm_run, "distill.stage": "student", "distill.corrector": flm_run}))
-    with pytest.raises(ConfigError, match="distill.corrector: .* is a flm run; it must be an fmlm run with distill.stage=corrector"):
+    with pytest.raises(UsageError, match="distill.corrector: .* is a flm run; it must be an fmlm run with distill.stage=corrector"):
         FMLMTask(cfg, CPU, tmp_path / "x")
 
 
@@ -188,34 +189,34 @@ def test_bad_inputs_are_refused_before_training(text, tmp_path):
         return FLMTask(cfg, CPU, tmp_path / "run")
 
     flm_task().decoder()  # the matching inputs pass
-    with pytest.raises(ConfigError, match=f"model.vocab_size: 100, but the tokenizer .* has {text.vocab_size} pieces"):
+    with pytest.raises(UsageError, match=f"model.vocab_size: 100, but the tokenizer .* has {text.vocab_size} pieces"):
         flm_task(**{"model.vocab_size": 100})
-    with pytest.raises(ConfigError, match="data.path: .* sequences of 16 tokens, longer than the model's maximum model.seq_len=8"):
+    with pytest.raises(UsageError, match="data.path: .* sequences of 16 tokens, longer than the model's maximum model.seq_len=8"):
         flm_task(**{"model.seq_len": 8}).decoder()
-    with pytest.raises(ConfigError, match="eval.path: .* sequences of 16 tokens but model.seq_len=32"):
+    with pytest.raises(UsageError, match="eval.path: .* sequences of 16 tokens but model.seq_len=32"):
         flm_task(**{"model.seq_len": 32}).validation_tokens()
     # Another tokenizer: the data's ids would mean other pieces.
     reversed_text = (text.root / "corpus.txt").read_text()[::-1]
     foreign = train_tokenizer(reversed_text.splitlines(), tmp_path / "foreign", vocab_size=text.vocab_size, newlines=True)
     foreign_size = Tokenizer.load(foreign).vocab_size
-    with pytest.raises(ConfigError, match="data.path: .* was packed with another tokenizer"):
+    with pytest.raises(UsageError, match="data.path: .* was packed with another tokenizer"):
         flm_task(**{"text.tokenizer": foreign, "model.vocab_size": foreign_size}).decoder()
-    with pytest.raises(ConfigError, match="text.tokenizer: .* does not exist"):
+    with pytest.raises(UsageError, match="text.tokenizer: .* does not exist"):
         flm_task(**{"text.tokenizer": tmp_path / "missing.model"})
-    with pytest.raises(ConfigError, match="model.learned_loss_weight: the loss weight is no pipeline stage"):
+    with pytest.raises(UsageError, match="model.learned_loss_weight: the loss weight is no pipeline stage"):
         load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2, "model.learned_loss_weight": True}))
-    with pytest.raises(ConfigError, match="parallel.pipeline_stages: fmlm trains without pipeline stages"):
+    with pytest.raises(UsageError, match="parallel.pipeline_stages: fmlm trains without pipeline stages"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2, "distill.teacher": "x"}))
 
     image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}))
-    with pytest.raises(ConfigError, match="distill.teacher: .* holds a mmdit model \\(task mmdit\\); FMLM distils a flow language model"):
+    with pytest.raises(UsageError, match="distill.teacher: .* holds a mmdit model \\(task mmdit\\); FMLM distils a flow language model"):
         FMLMTask(cfg, CPU, tmp_path / "d")
-    with pytest.raises(ConfigError, match="distill.teacher: give the FLM run"):
+    with pytest.raises(UsageError, match="distill.teacher: give the FLM run"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d"))
-    with pytest.raises(ConfigError, match="distill.corrector: the student stage needs"):
+    with pytest.raises(UsageError, match="distill.corrector: the student stage needs"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run, "distill.stage": "student"}))
-    with pytest.raises(ConfigError, match="distill.stage: 'students' is not one of corrector, student"):
+    with pytest.raises(UsageError, match="distill.stage: 'students' is not one of corrector, student"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run, "distill.stage": "students"}))
 
 

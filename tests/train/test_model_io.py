@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from flowmill.cli import main
 from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
-from flowmill.train.config import ConfigError, load_config
+from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
 from flowmill.train.tasks.mmdit import MMDiTTask
 from tests.helpers import TINY_CONFIG, tiny_overrides
+from flowmill.errors import UsageError
 
 torch.set_num_threads(1)
 
@@ -154,11 +155,11 @@ def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_fol
 
     mismatched = tiny_task(digits_dir, tmp_path / "run2", **{"model.init_from": tmp_path / "model", "model.depth": 3,
                                                             "model.head_dim": 8})
-    with pytest.raises(ConfigError, match=r"model.init_from: .*differs.*depth: 3 vs 2; head_dim: 8 vs 16"):
+    with pytest.raises(UsageError, match=r"model.init_from: .*differs.*depth: 3 vs 2; head_dim: 8 vs 16"):
         mismatched.build_model()
     meta = json.loads((tmp_path / "model" / "flowmill_model.json").read_text())
     (tmp_path / "model" / "flowmill_model.json").write_text(json.dumps({**meta, "family": "flow_lm"}))
-    with pytest.raises(ConfigError, match="unknown model family 'flow_lm'; choose one of: mmdit"):
+    with pytest.raises(UsageError, match="unknown model family 'flow_lm'; choose one of: mmdit"):
         task.__class__(task.cfg, task.env, tmp_path / "run3").build_model()
 
 
@@ -242,7 +243,7 @@ def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir
     (inputs_, target) = cached.inputs_and_target(batch, torch.Generator().manual_seed(0))
     assert inputs_[0].shape == target.shape == (8, 1, 32, 32)
 
-    with pytest.raises(ConfigError, match="text.cached: .* other text encoder weights"):
+    with pytest.raises(UsageError, match="text.cached: .* other text encoder weights"):
         tiny_task(digits_dir, tmp_path / "run2", **{"text.cached": "true", "data.path": tmp_path / "cached", "text.seed": 1})
-    with pytest.raises(ConfigError, match="text.cached: .* has no txt_emb.npy, vec_emb.npy fields"):
+    with pytest.raises(UsageError, match="text.cached: .* has no txt_emb.npy, vec_emb.npy fields"):
         tiny_task(digits_dir, tmp_path / "run3", **{"text.cached": "true"})

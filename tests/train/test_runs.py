@@ -14,10 +14,11 @@ import pytest
 
 from flowmill.cli import main
 from flowmill.train import runs
-from flowmill.train.runs import MetricSummary, RunsError
+from flowmill.train.runs import MetricSummary
 from flowmill.train.tracking import default_tracking_uri, sqlite_artifact_location
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from flowmill.errors import UsageError
 
 START_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 
@@ -181,7 +182,7 @@ def test_missing_store_is_refused_not_created(
     code, _, err = run_cli(capsys, "runs", "list")
     assert code == 2 and f"no MLflow store at {tmp_path / 'runs' / 'mlflow.db'}" in err
     assert not (tmp_path / "runs").exists()
-    with pytest.raises(RunsError, match="no MLflow store"):
+    with pytest.raises(UsageError, match="no MLflow store"):
         runs.MlflowServer(tmp_path, port=5999).__enter__()
 
 
@@ -210,7 +211,7 @@ def test_ui_runs_newest_by_default_named_runs_from_this_store_only(store: dict, 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "run.json").write_text(json.dumps({"tracking_uri": "sqlite:////x/mlflow.db", "run_id": store["a"]}))
-    with pytest.raises(RunsError, match="is tracked in sqlite:////x/mlflow.db, not in sqlite:///"):
+    with pytest.raises(UsageError, match="is tracked in sqlite:////x/mlflow.db, not in sqlite:///"):
         runs.ui_runs(store["root"], [str(elsewhere)])
 
 
@@ -219,7 +220,7 @@ def test_server_refuses_a_busy_port(store: dict) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(RunsError, match=f"port {port} on 127.0.0.1 is in use; choose another with --port"):
+        with pytest.raises(UsageError, match=f"port {port} on 127.0.0.1 is in use; choose another with --port"):
             runs.MlflowServer(store["root"], port).__enter__()
 
 

@@ -21,6 +21,7 @@ from flowmill.data.tokenizer import train_tokenizer
 from flowmill.data.video import read_video
 from flowmill.models.fsq import FSQ
 from tests.helpers import REPO, flowmill, shard_members
+from flowmill.errors import UsageError
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +194,7 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, t
 def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
     """recon.steps (1: the decoder's estimate of the clip, its best in PSNR) sets the decoder steps
     of the reconstruction metrics, apart from sample.steps; without it they use sample.steps."""
-    from flowmill.train.config import ConfigError, load_config
+    from flowmill.train.config import UsageError, load_config
     from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
 
     clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1
@@ -204,5 +205,5 @@ def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
         expected = model.decode(indices[:, :2], steps=steps, generator=torch.Generator().manual_seed(task.cfg.trainer.seed))
         assert task.recon_steps == steps
         assert torch.equal(task.reconstructions(model, clips)[2], expected)
-    with pytest.raises(ConfigError, match="recon.steps: must be at least 1 decoder step"):
+    with pytest.raises(UsageError, match="recon.steps: must be at least 1 decoder step"):
         load_config(TOKENIZER_TINY, ["recon.steps=0"])

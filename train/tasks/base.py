@@ -10,6 +10,7 @@ from torch import nn
 
 from flowmill.data.loader import StreamingLoader
 from flowmill.train.distributed import DistEnv
+from flowmill.errors import UsageError
 
 
 class Task:
@@ -25,7 +26,7 @@ class Task:
 
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
-        """Raise ConfigError for values this task cannot train with."""
+        """Raise UsageError for values this task cannot train with."""
 
     def prepare_run_dir(self) -> None:
         """Rank 0, once per run: copy into the run dir what sampling and resume need."""

@@ -31,10 +31,11 @@ from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time
 from flowmill.train import flm_objective as objective
-from flowmill.train.config import ConfigError, EvalConfig
+from flowmill.train.config import EvalConfig
 from flowmill.train.judge import JudgeConfig, TextDataInfo, load_or_train_judge, text_data_info
 from flowmill.train.tasks.base import Task
 from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
+from flowmill.errors import UsageError
 
 TOKENIZER_FILE = "tokenizer.model"
 SAMPLE_CHUNK = 64  # samples generated per sampler call; fixed so a seed gives the same samples for any count
@@ -73,7 +74,7 @@ def write_atomic_copy(source: Path, target: Path) -> None:
 
 
 def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
-    """The manifest facts of packed text at ``path``; ConfigError (naming ``key``) unless it fits the model.
+    """The manifest facts of packed text at ``path``; UsageError (naming ``key``) unless it fits the model.
 
     The data must have been packed with this very tokenizer (sha256 in its manifest) and hold
     sequences of exactly the model's length: longer ones do not fit its seq_len, shorter
@@ -82,19 +83,19 @@ def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokeni
     try:
         info = text_data_info(path)
     except (FileNotFoundError, ValueError, KeyError) as error:
-        raise ConfigError(f"{key}: {error}; flow LMs read token sequences packed by `flowmill data pack text`") from None
+        raise UsageError(f"{key}: {error}; flow LMs read token sequences packed by `flowmill data pack text`") from None
     if info.tokenizer_sha256 != sha256_file(tokenizer_path):
-        raise ConfigError(
+        raise UsageError(
             f"{key}: {path} was packed with another tokenizer ({info.vocab_size} pieces) than {tokenizer_path} "
             f"({tokenizer.vocab_size} pieces); pack the text with this tokenizer or use the one it was packed with"
         )
     if info.seq_len > model.seq_len:
-        raise ConfigError(
+        raise UsageError(
             f"{key}: {path} holds sequences of {info.seq_len} tokens, longer than the model's maximum "
             f"{model_key}={model.seq_len}; repack with --seq-len {model.seq_len} or raise {model_key}"
         )
     if info.seq_len < model.seq_len:
-        raise ConfigError(
+        raise UsageError(
             f"{key}: {path} holds sequences of {info.seq_len} tokens but {model_key}={model.seq_len} "
             f"(samples are {model.seq_len} tokens long); set {model_key}={info.seq_len} or repack with --seq-len {model.seq_len}"
         )
@@ -125,17 +126,17 @@ class TextFlowTask(Task):
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         if cfg.sample.prompts:
-            raise ConfigError(f"sample.prompts: {cfg.task} models are unconditional; remove the prompts")
+            raise UsageError(f"sample.prompts: {cfg.task} models are unconditional; remove the prompts")
         if cfg.sample.sampler != "euler":
-            raise ConfigError(f"sample.sampler: {cfg.task} samples with Euler jumps on the clock grid; {cfg.sample.sampler!r} is not available, use euler")
+            raise UsageError(f"sample.sampler: {cfg.task} samples with Euler jumps on the clock grid; {cfg.sample.sampler!r} is not available, use euler")
         for key, value in (("sample.steps", cfg.sample.steps), ("sample.num_per_prompt", cfg.sample.num_per_prompt)):
             if value < 1:
-                raise ConfigError(f"{key}: must be at least 1, got {value}")
+                raise UsageError(f"{key}: must be at least 1, got {value}")
         if cfg.eval.timesteps != EvalConfig().timesteps:
-            raise ConfigError(f"eval.timesteps: {cfg.task} validates on a grid of the discrete clock; set lm_eval.val_clock instead")
+            raise UsageError(f"eval.timesteps: {cfg.task} validates on a grid of the discrete clock; set lm_eval.val_clock instead")
         clock = cfg.lm_eval.val_clock
         if not clock or not all(0.0 <= tau <= 1.0 for tau in clock):
-            raise ConfigError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
+            raise UsageError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
 
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
@@ -220,12 +221,12 @@ class TextFlowTask(Task):
     def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
         """``args.num_samples`` samples of ``args.steps`` steps into the JSON-lines file ``args.out``: {"text": ...} each."""
         if args.prompt:
-            raise ConfigError(f"--prompt: {self.cfg.task} runs generate unconditionally; drop --prompt")
+            raise UsageError(f"--prompt: {self.cfg.task} runs generate unconditionally; drop --prompt")
         if args.sampler != "euler":
-            raise ConfigError(f"--sampler: {self.cfg.task} runs sample with Euler jumps; {args.sampler!r} is not available")
+            raise UsageError(f"--sampler: {self.cfg.task} runs sample with Euler jumps; {args.sampler!r} is not available")
         out = Path(args.out)
         if out.suffix != ".jsonl":
-            raise ConfigError(f"--out: a text run writes a .jsonl file (one {{\"text\": ...}} per line), got {out}")
+            raise UsageError(f"--out: a text run writes a .jsonl file (one {{\"text\": ...}} per line), got {out}")
         texts = self.texts(self.generate(model, args.num_samples, args.steps, args.seed))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
@@ -245,13 +246,13 @@ class FLMTask(TextFlowTask):
         own = self.run_dir / TOKENIZER_FILE
         self.tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
         if not self.tokenizer_path.is_file():
-            raise ConfigError(
+            raise UsageError(
                 f"text.tokenizer: {self.tokenizer_path} does not exist; train one with "
                 "`flowmill data tokenizer PREFIX --text FILE --vocab-size N --newlines` and pack the text with it"
             )
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
-            raise ConfigError(
+            raise UsageError(
                 f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.tokenizer_path} has "
                 f"{self.tokenizer.vocab_size} pieces; set model.vocab_size={self.tokenizer.vocab_size}"
             )
@@ -269,7 +270,7 @@ class FLMTask(TextFlowTask):
     def validate_config(cls, cfg: Any) -> None:
         super().validate_config(cfg)
         if cfg.parallel.pipeline_stages > 1 and cfg.model.learned_loss_weight:
-            raise ConfigError(
+            raise UsageError(
                 "model.learned_loss_weight: the loss weight is no pipeline stage; set it to false or parallel.pipeline_stages=1"
             )
 

@@ -36,8 +36,7 @@ from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig
 from flowmill.train import flm_objective as objective
-from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, CheckpointError
-from flowmill.train.config import ConfigError
+from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE
 from flowmill.train.judge import JudgeConfig
 from flowmill.train.tasks.flm import (
     EVAL_CHUNK,
@@ -49,6 +48,7 @@ from flowmill.train.tasks.flm import (
     clock_ce_metrics,
     write_atomic_copy,
 )
+from flowmill.errors import UsageError
 
 CONFIG_FILE = "config.yaml"
 SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
@@ -88,16 +88,16 @@ class FMLMTask(TextFlowTask):
         super().validate_config(cfg)
         if cfg.parallel.pipeline_stages > 1:
             # Its loss calls teacher, corrector and the trainee on points made from their outputs: no single pass through stages.
-            raise ConfigError("parallel.pipeline_stages: fmlm trains without pipeline stages (ZeRO 0-3 only); set it to 1")
+            raise UsageError("parallel.pipeline_stages: fmlm trains without pipeline stages (ZeRO 0-3 only); set it to 1")
         distill = cfg.distill
         if distill.stage not in STAGES:
-            raise ConfigError(f"distill.stage: {distill.stage!r} is not one of {', '.join(STAGES)}")
+            raise UsageError(f"distill.stage: {distill.stage!r} is not one of {', '.join(STAGES)}")
         if not distill.teacher:
-            raise ConfigError("distill.teacher: give the FLM run to distil, e.g. distill.teacher=runs/flm-shakespeare")
+            raise UsageError("distill.teacher: give the FLM run to distil, e.g. distill.teacher=runs/flm-shakespeare")
         if distill.stage == "student" and not distill.corrector:
-            raise ConfigError("distill.corrector: the student stage needs the corrector run of stage 1, e.g. distill.corrector=runs/fmlm-corrector")
+            raise UsageError("distill.corrector: the student stage needs the corrector run of stage 1, e.g. distill.corrector=runs/fmlm-corrector")
         if distill.stage == "corrector" and distill.corrector:
-            raise ConfigError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
+            raise UsageError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
 
     def __init__(self, cfg: Any, env: Any, run_dir: Path):
         super().__init__(cfg, env, run_dir)
@@ -216,7 +216,7 @@ def refuse_changed_distill(cfg: Any, run_dir: Path) -> None:
     saved = read_yaml(run_dir / CONFIG_FILE).get("distill") or {}
     for key, value in dataclasses.asdict(cfg.distill).items():
         if saved.get(key) != value:
-            raise ConfigError(
+            raise UsageError(
                 f"distill.{key}: {run_dir} was distilled with distill.{key}={saved.get(key)}, not {value}; "
                 "start a new run to change what is distilled"
             )
@@ -228,8 +228,8 @@ def resolve_run(source: str, key: str) -> tuple[Path, Path, dict, dict]:
 
     try:
         run_dir, checkpoint = resolve_checkpoint(Path(source))
-    except CheckpointError as error:
-        raise ConfigError(f"{key}: {error}") from None
+    except UsageError as error:
+        raise UsageError(f"{key}: {error}") from None
     meta = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     return run_dir, checkpoint, read_yaml(run_dir / CONFIG_FILE), meta
 
@@ -237,31 +237,31 @@ def resolve_run(source: str, key: str) -> tuple[Path, Path, dict, dict]:
 def teacher_source(source: str) -> tuple[ModelFiles, Path]:
     """The teacher's files and its tokenizer.model, from the FLM run (or checkpoint) ``source``.
 
-    ConfigError unless it is an FLM run: another model family, or a flow-map run given as the
+    UsageError unless it is an FLM run: another model family, or a flow-map run given as the
     teacher, is refused.
     """
     run_dir, checkpoint, config, meta = resolve_run(source, "distill.teacher")
     task, family = config.get("task"), meta.get("family")
     if family != FAMILY:
-        raise ConfigError(
+        raise UsageError(
             f"distill.teacher: {source} holds a {family} model (task {task}); FMLM distils a flow language model, a run of task flm"
         )
     if task != "flm":
-        raise ConfigError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
+        raise UsageError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
     origin = f"{run_dir.resolve()} {checkpoint.name}"
     return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, origin), run_dir / TOKENIZER_FILE
 
 
 def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
-    """The files of the stage-1 run ``source``; ConfigError unless it is a corrector run distilled from
+    """The files of the stage-1 run ``source``; UsageError unless it is a corrector run distilled from
     the teacher whose weights are ``teacher_weights``."""
     run_dir, checkpoint, config, _ = resolve_run(source, "distill.corrector")
     stage = (config.get("distill") or {}).get("stage")
     if config.get("task") != "fmlm" or stage != "corrector":
-        raise ConfigError(
+        raise UsageError(
             f"distill.corrector: {source} is a {config.get('task')} run{f' of stage {stage}' if stage else ''}; "
             "it must be an fmlm run with distill.stage=corrector"
         )
     if sha256_file(run_dir / TEACHER_DIR / EMA_FILE) != sha256_file(teacher_weights):
-        raise ConfigError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
+        raise UsageError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
     return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, f"{run_dir.resolve()} {checkpoint.name}")

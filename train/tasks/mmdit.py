@@ -27,9 +27,9 @@ from flowmill.models.mmdit import MMDiT, MMDiTConfig
 from flowmill.models.samplers import build_sampler, cfg_velocity
 from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, TextEncoder, TextEncoderConfig, text_widths
 from flowmill.train.checkpoint import LATEST
-from flowmill.train.config import ConfigError
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
+from flowmill.errors import UsageError
 
 log = logging.getLogger("flowmill")
 
@@ -99,23 +99,23 @@ class MMDiTTask(Task):
         try:
             build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         except ValueError as error:
-            raise ConfigError(f"flow.timesteps: {error}") from None
+            raise UsageError(f"flow.timesteps: {error}") from None
         if not 0.0 <= cfg.flow.cfg_drop_prob < 1.0:
-            raise ConfigError(f"flow.cfg_drop_prob: must be in [0, 1), got {cfg.flow.cfg_drop_prob}")
+            raise UsageError(f"flow.cfg_drop_prob: must be in [0, 1), got {cfg.flow.cfg_drop_prob}")
         try:
             txt_dim, vec_dim = text_widths(cfg.text)
         except ValueError as error:
-            raise ConfigError(str(error)) from None
+            raise UsageError(str(error)) from None
         if (cfg.model.txt_dim, cfg.model.vec_dim) != (txt_dim, vec_dim):
-            raise ConfigError(
+            raise UsageError(
                 f"model.txt_dim: the MMDiT takes txt_dim={cfg.model.txt_dim}, vec_dim={cfg.model.vec_dim}; the "
                 f"{cfg.text.kind} text encoder gives txt width {txt_dim} and vec width {vec_dim} (set both to match)"
             )
         if cfg.flow.token_decoder is not None and cfg.flow.image_field != "codes.npy":
-            raise ConfigError(f"flow.image_field: a generator of video tokens reads their codes; set flow.image_field=codes.npy "
+            raise UsageError(f"flow.image_field: a generator of video tokens reads their codes; set flow.image_field=codes.npy "
                               f"(got {cfg.flow.image_field!r})")
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
-            raise ConfigError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
+            raise UsageError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
                               "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
 
     def __init__(self, cfg: Any, env: Any, run_dir: Path):
@@ -125,7 +125,7 @@ class MMDiTTask(Task):
             own_tokenizer = self.run_dir / TOKENIZER_FILE
             self.tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
             if not Path(self.tokenizer_path).is_file():
-                raise ConfigError(
+                raise UsageError(
                     f"text.tokenizer: {self.tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
                     "(make run does it for the digits)"
                 )
@@ -172,19 +172,19 @@ class MMDiTTask(Task):
         try:
             manifest = read_manifest(source)
         except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"text.cached: cannot check the cached embeddings of {source}: {error}") from None
+            raise UsageError(f"text.cached: cannot check the cached embeddings of {source}: {error}") from None
         missing = [name for name in (CACHED_TXT, CACHED_VEC) if name not in manifest.get("fields", [])]
         if missing:
-            raise ConfigError(
+            raise UsageError(
                 f"text.cached: {source} has no {', '.join(missing)} fields; cache them with `flowmill data encode "
                 f"{source} OUT --encoder flowmill.data.encode:text_encoder --arg run_dir=RUN --keep png txt`"
             )
         made_with = manifest.get("made", {}).get("params", {}).get("args", {}).get("description", {}).get("weights_sha256")
         if made_with is None:
-            raise ConfigError(f"text.cached: {source}'s manifest does not say which text encoder weights made it "
+            raise UsageError(f"text.cached: {source}'s manifest does not say which text encoder weights made it "
                               "(description.weights_sha256)")
         if made_with != self.text_encoder_sha256():
-            raise ConfigError(f"text.cached: {source} was encoded by other text encoder weights than this run's "
+            raise UsageError(f"text.cached: {source} was encoded by other text encoder weights than this run's "
                               f"(sha256 {made_with[:12]}... vs {self.text_encoder_sha256()[:12]}...); re-encode it or "
                               "use the text section of the run that encoded it")
 
@@ -216,14 +216,14 @@ class MMDiTTask(Task):
 
         try:
             family, theirs, state_dict = load_weights(source)
-        except (ValueError, FileNotFoundError) as error:
-            raise ConfigError(f"model.init_from: {error}") from None
+        except UsageError as error:
+            raise UsageError(f"model.init_from: {error}") from None
         if family != self.family:
-            raise ConfigError(f"model.init_from: {source} holds a {family!r} model; an mmdit run starts only from an "
+            raise UsageError(f"model.init_from: {source} holds a {family!r} model; an mmdit run starts only from an "
                               f"{self.family!r} one")
         differences = architecture_differences(arch, theirs)
         if differences:
-            raise ConfigError(f"model.init_from: {source}'s architecture differs from model.* (this run vs the folder): "
+            raise UsageError(f"model.init_from: {source}'s architecture differs from model.* (this run vs the folder): "
                               + "; ".join(differences))
         return state_dict
 
@@ -305,14 +305,14 @@ class MMDiTTask(Task):
         """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``; a
         generator of video tokens writes clips instead (see ``write_clips``)."""
         if not args.prompt:
-            raise ConfigError("--prompt: an MMDiT run needs at least one --prompt TEXT")
+            raise UsageError("--prompt: an MMDiT run needs at least one --prompt TEXT")
         if self.token_decoder is None and model.config.in_channels not in (1, 3):
-            raise ConfigError(f"{checkpoint}: the model makes {model.config.in_channels}-channel latents, not 1- or "
+            raise UsageError(f"{checkpoint}: the model makes {model.config.in_channels}-channel latents, not 1- or "
                               "3-channel images; flowmill has no latent decoder (SD3 latents need SD3's VAE, in diffusers)")
         try:
             build_sampler(args.sampler)
         except ValueError as error:
-            raise ConfigError(f"--sampler: {error}") from None
+            raise UsageError(f"--sampler: {error}") from None
         images = self.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

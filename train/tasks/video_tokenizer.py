@@ -26,8 +26,8 @@ from torch import nn
 
 from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
 from flowmill.models.video_tokenizer import VideoTokenizer, VideoTokenizerConfig, patchify
-from flowmill.train.config import ConfigError
 from flowmill.train.tasks.base import Task
+from flowmill.errors import UsageError
 
 FAMILY = "video_tokenizer"
 CLIP_FIELDS = ("npy", "mp4")
@@ -63,25 +63,25 @@ class VideoTokenizerTask(Task):
     @classmethod
     def validate_config(cls, cfg: Any) -> None:
         if cfg.video.field not in CLIP_FIELDS:
-            raise ConfigError(f"video.field: {cfg.video.field!r} is not one of {', '.join(CLIP_FIELDS)}")
+            raise UsageError(f"video.field: {cfg.video.field!r} is not one of {', '.join(CLIP_FIELDS)}")
         if cfg.video.fit not in CLIP_FITS:
-            raise ConfigError(f"video.fit: {cfg.video.fit!r} is not one of {', '.join(CLIP_FITS)}")
+            raise UsageError(f"video.fit: {cfg.video.fit!r} is not one of {', '.join(CLIP_FITS)}")
         if cfg.model.channels != 3:
-            raise ConfigError(f"model.channels: clips are RGB (T, H, W, 3); set model.channels=3, got {cfg.model.channels}")
+            raise UsageError(f"model.channels: clips are RGB (T, H, W, 3); set model.channels=3, got {cfg.model.channels}")
         bad = [k for k in cfg.recon.num_tokens if not 1 <= k <= cfg.model.num_registers]
         if bad:
-            raise ConfigError(f"recon.num_tokens: {bad} outside 1..model.num_registers={cfg.model.num_registers}")
+            raise UsageError(f"recon.num_tokens: {bad} outside 1..model.num_registers={cfg.model.num_registers}")
         if cfg.recon.num_clips < 1:
-            raise ConfigError(f"recon.num_clips: must be at least 1, got {cfg.recon.num_clips}")
+            raise UsageError(f"recon.num_clips: must be at least 1, got {cfg.recon.num_clips}")
         if cfg.recon.steps is not None and cfg.recon.steps < 1:
-            raise ConfigError(f"recon.steps: must be at least 1 decoder step (or null for sample.steps), got {cfg.recon.steps}")
+            raise UsageError(f"recon.steps: must be at least 1 decoder step (or null for sample.steps), got {cfg.recon.steps}")
         if cfg.model.latent_norm and cfg.trainer.micro_batch_size < 2:
-            raise ConfigError("trainer.micro_batch_size: model.latent_norm standardises latents over the batch, which needs "
+            raise UsageError("trainer.micro_batch_size: model.latent_norm standardises latents over the batch, which needs "
                               "at least 2 clips per micro-batch")
         if cfg.sample.prompts:
-            raise ConfigError("sample.prompts: a video tokenizer reconstructs clips and takes no prompts; remove them")
+            raise UsageError("sample.prompts: a video tokenizer reconstructs clips and takes no prompts; remove them")
         if cfg.parallel.pipeline_stages > 1:
-            raise ConfigError("parallel.pipeline_stages: the video tokenizer trains without pipeline stages (ZeRO 0-3); set it to 1")
+            raise UsageError("parallel.pipeline_stages: the video tokenizer trains without pipeline stages (ZeRO 0-3); set it to 1")
 
     def __init__(self, cfg: Any, env: Any, run_dir: Path):
         super().__init__(cfg, env, run_dir)
@@ -191,7 +191,7 @@ class VideoTokenizerTask(Task):
         return [gif, psnr_plot, ssim_plot]
 
     def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
-        raise ConfigError(f"{checkpoint} is a video tokenizer: it reconstructs clips instead of sampling; use "
+        raise UsageError(f"{checkpoint} is a video tokenizer: it reconstructs clips instead of sampling; use "
                           f"`flowmill reconstruct {self.run_dir} INPUT... --num-tokens K --out DIR`")
 
     # ----- flowmill reconstruct --------------------------------------------------------------
@@ -199,26 +199,26 @@ class VideoTokenizerTask(Task):
     def read_input(self, path: Path, fit: str) -> np.ndarray:
         """An ``.mp4`` file or an ``.npy`` uint8 (T, H, W, 3) array → a clip of the model's shape (``fit``: see ``fit_clip``)."""
         if not path.is_file():
-            raise ConfigError(f"{path}: no such file")
+            raise UsageError(f"{path}: no such file")
         if path.suffix == ".npy":
             try:
                 frames = np.load(path, allow_pickle=False)
             except ValueError as error:
-                raise ConfigError(f"{path}: not a readable .npy array ({error})") from None
+                raise UsageError(f"{path}: not a readable .npy array ({error})") from None
         elif path.suffix == ".mp4":
             from flowmill.data.video import read_video
 
             try:
                 frames = read_video(path)
             except Exception as error:  # PyAV raises many types for an unreadable file
-                raise ConfigError(f"{path}: PyAV cannot read it ({type(error).__name__}: {error})") from None
+                raise UsageError(f"{path}: PyAV cannot read it ({type(error).__name__}: {error})") from None
         else:
-            raise ConfigError(f"{path}: reconstruct reads .mp4 files and .npy arrays (T, H, W, 3) uint8")
+            raise UsageError(f"{path}: reconstruct reads .mp4 files and .npy arrays (T, H, W, 3) uint8")
         m = self.cfg.model
         try:
             return fit_clip(frames, m.frames, m.image_size, fit)
         except ValueError as error:
-            raise ConfigError(f"{path}: {error}") from None
+            raise UsageError(f"{path}: {error}") from None
 
     def reconstruct_command(self, model: VideoTokenizer, checkpoint: Path, args: Any) -> int:
         """``<name>.npy`` (uint8, the input's clip shape) and ``<name>.mp4`` per input, decoded from its first k tokens."""
@@ -228,17 +228,17 @@ class VideoTokenizerTask(Task):
 
         k = args.num_tokens
         if not 1 <= k <= model.config.num_registers:
-            raise ConfigError(f"--num-tokens: this tokenizer has K={model.config.num_registers} tokens; pass 1..{model.config.num_registers}, got {k}")
+            raise UsageError(f"--num-tokens: this tokenizer has K={model.config.num_registers} tokens; pass 1..{model.config.num_registers}, got {k}")
         if args.steps < 1:
-            raise ConfigError(f"--steps: must be at least 1, got {args.steps}")
+            raise UsageError(f"--steps: must be at least 1, got {args.steps}")
         try:
             build_sampler(args.sampler)
         except ValueError as error:
-            raise ConfigError(f"--sampler: {error}") from None
+            raise UsageError(f"--sampler: {error}") from None
         inputs = [Path(name) for name in args.inputs]
         stems = [path.stem for path in inputs]
         if len(set(stems)) != len(stems):
-            raise ConfigError(f"inputs share a file name ({', '.join(sorted(s for s in stems if stems.count(s) > 1))}); "
+            raise UsageError(f"inputs share a file name ({', '.join(sorted(s for s in stems if stems.count(s) > 1))}); "
                               "each writes <name>.npy and <name>.mp4 into --out")
         fit = args.fit or self.cfg.video.fit
         clips = [self.read_input(path, fit) for path in inputs]  # every input checked before any work
@@ -318,7 +318,6 @@ def token_encoder(run_dir: str) -> TokenEncoder:
     return TokenEncoder(model, task.decoder(), description)
 
 
-
 class TokenVideoDecoder:
     """Turns a generator's token codes back into clips with the video tokenizer that made them.
 
@@ -333,25 +332,25 @@ class TokenVideoDecoder:
         try:
             task, model, checkpoint = load_task_and_model(Path(run_dir))
         except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(f"flow.token_decoder: {error}") from None
+            raise UsageError(f"flow.token_decoder: {error}") from None
         if not isinstance(task, VideoTokenizerTask):
-            raise ConfigError(f"flow.token_decoder: {run_dir} trains a {task.family!r} model, not a video tokenizer")
+            raise UsageError(f"flow.token_decoder: {run_dir} trains a {task.family!r} model, not a video tokenizer")
         self.run_dir = run_dir
         self.model = model.to(device)
         self.task = task
         self.weights_sha256 = tokenizer_weights_sha256(checkpoint)
 
     def check(self, source: str) -> None:
-        """ConfigError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""
+        """UsageError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""
         from flowmill.data.shards import read_manifest
 
         description = read_manifest(source).get("made", {}).get("params", {}).get("args", {}).get("description", {})
         made_with = description.get("weights_sha256")
         if description.get("video_tokenizer") is None or made_with is None:
-            raise ConfigError(f"flow.token_decoder: {source} was not encoded by a video tokenizer (flowmill data encode "
+            raise UsageError(f"flow.token_decoder: {source} was not encoded by a video tokenizer (flowmill data encode "
                               f"--encoder flowmill.train.tasks.video_tokenizer:token_encoder)")
         if made_with != self.weights_sha256:
-            raise ConfigError(
+            raise UsageError(
                 f"flow.token_decoder: {source} was encoded by the tokenizer {description['video_tokenizer']} "
                 f"({description.get('checkpoint')}, weights sha256 {made_with[:12]}...), but the decoder {self.run_dir} "
                 f"has weights {self.weights_sha256[:12]}...; decode with the tokenizer checkpoint that encoded the data"
