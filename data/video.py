@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,16 @@ def read_video(source: str | Path | bytes) -> np.ndarray:
     return np.stack(frames)
 
 
+# A pack must reproduce its bytes (the manifest's sha256; packs made with 1 or N processes agree).
+# With the CPU features x264 detects itself, its AVX-512 code paths gave different bytes for the same
+# frames from one call to the next; held to AVX2 on x86 (same speed), it is reproducible.
+X264_REPRODUCIBLE = (
+    {"x264-params": "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2"}
+    if platform.machine().lower() in ("x86_64", "amd64")
+    else {}
+)
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     """uint8 frames (T, H, W, 3) with even H and W → H.264 ``.mp4`` bytes (lossy, crf 18)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -49,7 +60,7 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(MP4_CODEC, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18"}
+        stream.options = {"crf": "18", **X264_REPRODUCIBLE}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
