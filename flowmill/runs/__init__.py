@@ -1,0 +1,1 @@
+"""Reading runs back: MLflow queries, terminal tables, the MLflow UI server."""
