@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 
 from flowmill.arguments import set_handler
-from flowmill.train.runs import MAX_COMPARED_RUNS, MAX_LISTED_RUNS, SERVER_LOG
+from flowmill.runs.defaults import MAX_COMPARED_RUNS, MAX_LISTED_RUNS, SERVER_LOG
 
-COMMANDS = "flowmill.train.runs"
+COMMANDS = "flowmill.runs.commands"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
