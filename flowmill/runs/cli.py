@@ -83,4 +83,4 @@ def _add_logs(runs_subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", metavar="RUN", help="a run directory launched with `flowmill launch slurm`")
     parser.add_argument("--rank", type=int, default=0, help="global rank of the process (default 0)")
-    set_handler(parser, "flowmill.launchers.slurm:logs_command")
+    set_handler(parser, "flowmill.runs.logs:logs_command")

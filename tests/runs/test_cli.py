@@ -20,7 +20,7 @@ def test_the_command_line_parser_leaves_mlflow_unimported():
 
 @pytest.mark.parametrize(
     "argv",
-    [["runs", "list"], ["runs", "compare", "RUN"], ["ui"]],
+    [["runs", "list"], ["runs", "compare", "RUN"], ["runs", "logs", "RUN"], ["ui"]],
 )
 def test_every_command_names_a_handler_that_exists(argv: list[str]) -> None:
     module_name, function_name = build_parser().parse_args(argv).handler.split(":")
