@@ -101,15 +101,6 @@ def launch_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def logs_command(args: argparse.Namespace) -> int:
-    """``flowmill runs logs``: print rank R's stdout then stderr of the run's latest SLURM job."""
-    for path in log_paths(Path(args.run), args.rank):
-        print(f"==> {path} <==", flush=True)
-        sys.stdout.write(path.read_text(errors="replace"))
-        sys.stdout.flush()
-    return 0
-
-
 # ---------------------------------------------------------------- configs of the runs to submit
 
 
@@ -494,27 +485,3 @@ class TrainingJob:
         requeue(job_env.job_id)
         print(f"[flowmill rank 0] crashed; job {job_env.job_id} requeued ({self.retries_left - 1} retries left)",
               file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- logs
-
-
-def log_paths(run_dir: Path, rank: int) -> list[Path]:
-    """The stdout and stderr files of process ``rank`` of the run's latest SLURM job."""
-    from submitit.core.utils import JobPaths
-
-    info = rundir.read_run_json(run_dir)
-    job_id, folder = info.get("slurm_job_id"), info.get("slurm_folder")
-    if not job_id or not folder:
-        raise UsageError(
-            f"{run_dir}/run.json names no SLURM job: the run was not launched with `flowmill launch slurm`, "
-            "or its job has not reached its first step yet (`flowmill launch slurm` printed the log paths)"
-        )
-    paths = JobPaths(folder, job_id=job_id, task_id=rank)
-    found = [path for path in (paths.stdout, paths.stderr) if path.is_file()]
-    if not found:
-        ranks = sorted({int(path.name.split("_")[-2]) for path in Path(folder).glob(f"{job_id}_*_log.*")})
-        raise FileNotFoundError(
-            f"no logs of rank {rank} for job {job_id} in {folder}; ranks with logs: {', '.join(map(str, ranks)) or 'none'}"
-        )
-    return found

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from flowmill.train import runs, tracking
+from flowmill.runs.server import compare_url
+from flowmill.runs.store import load_runs
+from flowmill.runs.tables import differing_params
+from flowmill.train import tracking
 from flowmill.train.tracking import MLflowTracker
 
 pytestmark = pytest.mark.slow
@@ -126,12 +129,12 @@ def test_compare_page_shows_both_runs_and_their_metric(
         for run_id in logged.values():  # served artifacts land on disk under the runs root
             assert list((root / "mlartifacts").glob(f"*/{run_id}/artifacts/config.yaml")), run_id
 
-        summaries = runs.load_runs(list(logged.values()), base)
+        summaries = load_runs(list(logged.values()), base)
         assert [summary.metrics["train/loss"].final for summary in summaries] == list(FINAL_LOSS.values())
-        assert runs.differing_params(summaries) == ["optim.lr"]
+        assert differing_params(summaries) == ["optim.lr"]
 
         before_browser = time.monotonic()
-        dom = dump_dom(chromium, runs.compare_url(base, summaries))
+        dom = dump_dom(chromium, compare_url(base, summaries))
         print(f"chromium rendered the compare page in {time.monotonic() - before_browser:.1f} s")
         assert "Comparing 2 Runs from 1 Experiment" in dom
         for name, run_id in logged.items():
