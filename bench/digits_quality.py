@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     predicted = classifier.predict(to_features(pixels)).reshape(10, args.num_samples)
     per_digit = (predicted == np.arange(10)[:, None]).mean(axis=1)
     result = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint.path),
         "samples_per_digit": args.num_samples,
         "steps": args.steps,
         "cfg": args.cfg,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"checkpoint: {checkpoint}")
+    print(f"checkpoint: {checkpoint.path}")
     print(f"classifier accuracy on held-out real digits: {real_accuracy:.3f}")
     for label in range(10):
         print(f"  {DIGIT_WORDS[label]:>5}: {per_digit[label]:.2f}")

@@ -18,6 +18,7 @@ steps, at comparable entropy (within ``--entropy-tolerance`` nats).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def load(source: str, kind: type, judge_cache: str | None):
     if not isinstance(task, kind):
         raise SystemExit(f"{source} is a {task.cfg.task} run, expected {kind.__name__}")
     if judge_cache is not None:
-        task.cfg.judge.cache_dir = judge_cache
+        task.cfg = dataclasses.replace(task.cfg, judge=dataclasses.replace(task.cfg.judge, cache_dir=judge_cache))
     if task.cfg.judge.cache_dir is None:
         raise SystemExit(f"{source} has no judge.cache_dir; pass --judge-cache DIR")
     return task, model

@@ -145,14 +145,15 @@ def bench_size(name: str, reps: int, compile_blocks: bool, engine: bool) -> dict
 
 def bench_engine(model, compile_blocks: bool, inputs: tuple, target: torch.Tensor, batch: int, reps: int) -> dict:
     """Milliseconds of bare fwd+bwd, a plain PyTorch step and a DeepSpeed engine step (ZeRO 0), interleaved."""
-    from flowmill.train.config import Config
+    from flowmill.run_dir import RunDir
+    from flowmill.train.config import Config, ParallelConfig, TrainerConfig
     from flowmill.train.distributed import init_distributed
     from flowmill.train.engine import build_engine
+    from flowmill.train.plan import Plan
 
     env = init_distributed("cpu")
-    cfg = Config()
-    cfg.trainer.micro_batch_size = batch
-    cfg.parallel.zero_stage = 0
+    cfg = Config(trainer=TrainerConfig(micro_batch_size=batch), parallel=ParallelConfig(zero_stage=0))
+    plan = Plan.of(cfg, RunDir("unused"), env.world_size, resume=False)
     variants = {"eager": False, "compile": True} if compile_blocks else {"eager": False}
     out = {}
     for label, compiled in variants.items():
@@ -160,7 +161,7 @@ def bench_engine(model, compile_blocks: bool, inputs: tuple, target: torch.Tenso
         for module in (bare, plain, owned):
             if compiled:
                 module.compile_blocks()
-        ds_engine = build_engine(owned, cfg, env)
+        ds_engine = build_engine(owned, cfg, plan)
         optimizer = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr, fused=True)
 
         def bare_step():

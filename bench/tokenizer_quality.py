@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     mean_clip = first_clips(task, task.cfg.data.path, args.train_clips).mean(dim=0, keepdim=True)
     mean_recon = mean_clip.expand_as(held_out)
     mean_psnr, mean_ssim = psnr(mean_recon, held_out), ssim(mean_recon, held_out)
-    print(f"{checkpoint}: {len(held_out)} held-out clips, K = {model.config.num_registers} tokens of "
+    print(f"{checkpoint.path}: {len(held_out)} held-out clips, K = {model.config.num_registers} tokens of "
           f"{model.fsq.codebook_size} codes, decoder: {task.cfg.sample.sampler} {args.steps or task.recon_steps} steps, "
           f"cfg {task.cfg.sample.cfg_scale}")
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         quality_plot(ks, {"tokenizer": [r["ssim"] for r in rows]}, "SSIM", out / "tokenizer_quality_ssim.png",
                      baselines={"grid code, same bits": [r["grid_ssim"] for r in rows], "mean clip": [mean_ssim] * len(rows)}),
     ]
-    (out / "results.json").write_text(json.dumps({"checkpoint": str(checkpoint), "rows": rows, "rises": rises,
+    (out / "results.json").write_text(json.dumps({"checkpoint": str(checkpoint.path), "rows": rows, "rises": rises,
                                                   "beats_mean": beats_mean, "beats_grid": beats_grid}, indent=1))
     print(f"plots: {', '.join(map(str, plots))}")
     if not args.no_mlflow:

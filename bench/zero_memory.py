@@ -170,17 +170,16 @@ def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> No
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from flowmill.train.config import Config
+    from flowmill.run_dir import RunDir
+    from flowmill.train.config import Config, ParallelConfig, TrainerConfig
     from flowmill.train.distributed import init_distributed, shutdown
     from flowmill.train.engine import autocast_dtype, build_engine
+    from flowmill.train.plan import Plan
 
     env = init_distributed("cpu")
     torch.manual_seed(0)
-    cfg = Config()
-    cfg.trainer.micro_batch_size = 1
-    cfg.parallel.zero_stage = stage
-    cfg.trainer.precision = precision
-    engine = build_engine(MMDiT(BENCH_CONFIG), cfg, env)
+    cfg = Config(trainer=TrainerConfig(micro_batch_size=1, precision=precision), parallel=ParallelConfig(zero_stage=stage))
+    engine = build_engine(MMDiT(BENCH_CONFIG), cfg, Plan.of(cfg, RunDir("unused"), env.world_size, resume=False))
     measured: list[dict] = []
 
     def in_step(*_) -> None:

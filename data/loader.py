@@ -440,8 +440,9 @@ class StreamingLoader:
         stream = self._plan.stream
         stream.resharded = resharded_from(state.get("resharded"), stream.shards, stream.verify)
 
-    def load_resharded(self, states: list[dict]) -> None:
+    def load_resharded(self, states: list[dict], step: int = 0) -> None:
         """Continue a run saved on another world size: ``states[r]`` is the ``state_dict`` of old rank r.
+        (``step``, the checkpoint's step, is not needed: the position is in the states.)
 
         This rank starts at the beginning of the first epoch some old worker had not finished
         and leaves out every sample the old ranks consumed in it and in the later epochs they

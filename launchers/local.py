@@ -10,75 +10,60 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
-from pathlib import Path
 
-from flowmill.train import run_dir as rundir
-from flowmill.train.config import load_config, validate
-from flowmill.train.distributed import free_port
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from flowmill.data.loader import resolve_shards
 from flowmill.errors import UsageError
+from flowmill.run_dir import RunDir
+from flowmill.train.config import Config, load_config, to_dict, validate
+from flowmill.train.distributed import free_port
 
 
-def check_before_launch(cfg, nproc: int, resume: bool) -> None:
+def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) -> None:
     """Everything that can be refused without starting a worker."""
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    from flowmill.data.loader import resolve_shards
-
-    resolve_shards(cfg.data.path)  # raises FileNotFoundError naming the path when there are no shards
-    run_dir = Path(cfg.run.dir)
+    try:
+        resolve_shards(cfg.data.path)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"data.path: {error}") from None
     if resume:
-        rundir.check_resumable(run_dir, cfg)
-        from flowmill.train.checkpoint import latest_checkpoint
-
-        latest_checkpoint(run_dir)
-    elif rundir.is_run_dir(run_dir):
+        run_dir.refuse_changed_model(to_dict(cfg))
+        run_dir.latest()
+    elif run_dir.is_run():
         raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
 
 
-def launch_local(config_path: str, overrides: list[str], nproc: int) -> int:
-    """Start a new run on ``nproc`` local processes."""
-    cfg = load_config(config_path, overrides)
-    if not cfg.run.dir:
-        cfg.run.dir = str(rundir.default_run_dir(cfg.run.name))
-    check_before_launch(cfg, nproc, resume=False)
-    return run_workers(["train", config_path, *overrides, f"run.dir={cfg.run.dir}"], nproc, cfg.run.dir)
-
-
 def launch_command(args: argparse.Namespace) -> int:
-    """``flowmill launch local``."""
-    return launch_local(args.config, args.overrides, args.nproc)
+    """``flowmill launch local``: start a new run on ``--nproc`` local processes."""
+    cfg = load_config(args.config, args.overrides)
+    run_dir = RunDir(cfg.run.dir) if cfg.run.dir else RunDir.default(cfg.run.name)
+    check_before_launch(cfg, run_dir, args.nproc, resume=False)
+    # Every worker must write into the one run dir chosen here (a default one is timestamped).
+    return run_workers(["train", args.config, *args.overrides, f"run.dir={run_dir}"], args.nproc, run_dir)
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    """``flowmill resume``."""
-    return resume_local(args.run_dir, args.overrides, args.nproc)
+    """``flowmill resume``: continue a run from its latest checkpoint (by default on its own world size)."""
+    run_dir = RunDir(args.run_dir)
+    info = run_dir.info()
+    cfg = load_config(None, args.overrides, base=run_dir.saved_config())
+    nproc = args.nproc or int(info.get("world_size", 1))
+    check_before_launch(cfg, run_dir, nproc, resume=True)
+    return run_workers(["train", "--resume", str(run_dir), *args.overrides], nproc, run_dir)
 
 
-def resume_local(run_dir: str, overrides: list[str], nproc: int | None) -> int:
-    """Continue ``run_dir`` from its latest checkpoint."""
-    import yaml
-
-    info = rundir.read_run_json(Path(run_dir))
-    base = yaml.safe_load((Path(run_dir) / rundir.CONFIG_YAML).read_text())
-    cfg = load_config(None, overrides, base=base)
-    cfg.run.dir = str(run_dir)
-    nproc = nproc or int(info.get("world_size", 1))
-    check_before_launch(cfg, nproc, resume=True)
-    return run_workers(["train", "--resume", str(run_dir), *overrides], nproc, run_dir)
-
-
-def mark_failed(run_dir: Path) -> None:
+def mark_failed(run_dir: RunDir) -> None:
     """A worker killed outright cannot record its end; the launcher does it for the run."""
-    if (run_dir / rundir.RUN_JSON).is_file() and rundir.read_run_json(run_dir).get("status") == "running":
-        rundir.update_run_json(run_dir, status="failed")
+    if run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
+        run_dir.update_info(status="failed")
 
 
-def run_workers(cli_args: list[str], nproc: int, run_dir: str) -> int:
+def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
     """Run ``flowmill <cli_args>`` in ``nproc`` supervised processes; returns an exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -98,7 +83,7 @@ def run_workers(cli_args: list[str], nproc: int, run_dir: str) -> int:
         first_line = (message or "").strip().splitlines()
         detail = first_line[0] if first_line else f"exit code {failure.exitcode}"
         print(f"flowmill: rank {rank} failed (exit code {failure.exitcode}): {detail}", file=sys.stderr)
-        mark_failed(Path(run_dir))
+        mark_failed(run_dir)
         print(f"flowmill: the job was stopped; run dir: {run_dir}", file=sys.stderr)
         return 2 if failure.exitcode == 2 else 1
     print(f"flowmill: run dir: {run_dir}", file=sys.stderr)

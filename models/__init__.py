@@ -4,13 +4,6 @@
 (a run gives its EMA weights); an MMDiT is then called as ``model(img, t, txt, vec)``.
 """
 
+from flowmill.models.loading import load_model
 
-def load_model(path, device="cpu"):
-    """A model folder, run dir or checkpoint folder → the model in eval mode (EMA weights for a run).
-
-    Reading a run dir needs flowmill.train's knowledge of the run layout, imported here on
-    first use (it imports no DeepSpeed, MLflow or submitit).
-    """
-    from flowmill.train.model_io import load_model as load
-
-    return load(path, device)
+__all__ = ["load_model"]

@@ -97,7 +97,7 @@ def text_widths(cfg: TextEncoderConfig) -> tuple[int, int]:
 
 
 def _random_clip(cfg: TextEncoderConfig, vocab_size: int, pad_id: int, bos_id: int, eos_id: int) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel  # deliberately lazy (start-up time): transformers is slow to import
 
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.dim, intermediate_size=4 * cfg.dim, num_hidden_layers=cfg.depth,
@@ -107,7 +107,7 @@ def _random_clip(cfg: TextEncoderConfig, vocab_size: int, pad_id: int, bos_id: i
 
 
 def _random_t5(cfg: TextEncoderConfig, dim: int, vocab_size: int, pad_id: int, eos_id: int) -> nn.Module:
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel  # deliberately lazy (start-up time): transformers is slow to import
 
     if dim % cfg.num_heads:
         raise ValueError(f"text.num_heads: {cfg.num_heads} heads do not divide the T5 width {dim}")
@@ -120,7 +120,7 @@ def _random_t5(cfg: TextEncoderConfig, dim: int, vocab_size: int, pad_id: int, e
 
 
 def _pretrained(folder: str, t5: bool) -> nn.Module:
-    from transformers import CLIPTextModel, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel  # deliberately lazy (start-up time): transformers is slow to import
 
     model_class = T5EncoderModel if t5 else CLIPTextModel
     return model_class.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
@@ -191,7 +191,7 @@ class PretrainedTokenizer:
     (``encode``, ``encode_padded``), so prompts reach any encoder the same way."""
 
     def __init__(self, folder: str | Path):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deliberately lazy (start-up time): transformers is slow to import
 
         self.folder = str(folder)
         self._tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)

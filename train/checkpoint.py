@@ -1,191 +1,219 @@
-"""Sharded checkpoints: DeepSpeed's engine files plus flowmill's run state, and ``latest``.
+"""Sharded checkpoints: DeepSpeed's engine files plus every other piece of run state, by name.
 
-Layout of one checkpoint, ``RUN_DIR/checkpoints/step-00000010/``:
-  DeepSpeed's files (model states, ZeRO optimizer shards: every rank writes its own),
-  ``rank-00000.pt`` ... per-rank flowmill state (data position, RNG, generator),
-  ``ema.safetensors`` (rank 0: full EMA weights, readable without DeepSpeed),
-  ``flowmill.json`` written last, after every rank has finished: the checkpoint is complete.
-``RUN_DIR/latest`` names the newest complete checkpoint; it is replaced atomically only
-after ``flowmill.json`` exists, so a crash mid-save never leaves a half checkpoint as latest.
+Every piece that must survive a restart follows one protocol, ``state_dict()`` /
+``load_state_dict(state)``, and is registered with the ``CheckpointManager`` under a name.
+The manager drives them; the training loop never sees their keys.
+
+- *Per-rank* pieces (data position, noise stream, global RNGs) are saved by every rank into
+  ``rank-RRRRR.pt`` as ``{name: state}``. On another world size, a piece that can re-split
+  its state implements ``load_resharded(states, step)`` (the states of every saving rank).
+- *Shared* pieces (the EMA weights) are saved once, by rank 0, as ``<name>.safetensors``: their
+  state dict is flat, tensors in the file's body and plain numbers in its metadata, so the
+  file is readable without flowmill (``ema.safetensors`` is what sampling and export load).
+- The model and optimizer are the engine's: DeepSpeed writes its own files (every rank its
+  ZeRO shard).
+
+``flowmill.json`` is written last, after every rank has finished: the checkpoint is complete.
+``RUN_DIR/latest`` names the newest complete checkpoint and is replaced atomically only then,
+so a crash mid-save never leaves a half checkpoint as latest (layout: flowmill.run_dir).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-from pathlib import Path
-from typing import Any
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from flowmill.train.distributed import DistEnv, barrier
 from flowmill.errors import UsageError
+from flowmill.files import write_atomic
+from flowmill.run_dir import COMPLETE_MARKER, Checkpoint, RunDir, step_tag
+from flowmill.train.distributed import DistEnv, barrier
 
-LATEST = "latest"
-COMPLETE_MARKER = "flowmill.json"
-EMA_FILE = "ema.safetensors"
-UNIVERSAL_SUFFIX = "_universal"  # step-N_universal/: step-N in DeepSpeed's universal format (world-size change)
-
-
-def step_tag(step: int) -> str:
-    return f"step-{step:08d}"
+# DeepSpeed's client state: lets ds_to_universal re-shard the optimizer for another world size.
+UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+@runtime_checkable
+class Stateful(Protocol):
+    """A piece of run state the checkpoint manager saves and restores by name."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def rng_state() -> dict:
-    """Every global RNG a step can touch."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+@runtime_checkable
+class Reshardable(Stateful, Protocol):
+    """A per-rank piece that can continue on another world size."""
+
+    def load_resharded(self, states: list[dict[str, Any]], step: int) -> None:
+        """Restore from ``states``, the states of every rank of the saving job, after ``step`` steps."""
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class GlobalRNG:
+    """Python's, NumPy's and torch's global generators (and CUDA's): what a step may draw from
+    besides the task's own noise stream (dropout, DataLoader seeds)."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed = seed
+        self.rank = rank
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def load_resharded(self, states: list[dict[str, Any]], step: int) -> None:
+        # A new rank has no saved counterpart: its stream starts afresh, distinct per rank and step.
+        torch.manual_seed(self.seed + self.rank + 7919 * step)
+
+
+class NoiseStream:
+    """The generator of a task's random draws (noise, timesteps, condition dropout).
+
+    Seeded per data-parallel replica, so that the stages of one pipeline draw the same values.
+    """
+
+    def __init__(self, seed: int, replica: int):
+        self.seed = seed
+        self.replica = replica
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + replica)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def load_resharded(self, states: list[dict[str, Any]], step: int) -> None:
+        self.generator.manual_seed(self.seed * 100_003 + self.replica + 7919 * step)
 
 
 class CheckpointManager:
-    """Saves and restores everything a run needs to continue exactly."""
+    """Saves and restores everything a run needs to continue exactly.
 
-    def __init__(self, run_dir: Path, keep_last: int, env: DistEnv):
-        self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+    ``per_rank`` and ``shared`` name the pieces (see the module docstring); ``engine`` is the
+    DeepSpeed engine holding model and optimizer.
+    """
+
+    def __init__(self, run_dir: RunDir, keep_last: int, env: DistEnv, engine: Any,
+                 per_rank: Mapping[str, Stateful], shared: Mapping[str, Stateful]):
+        self.run_dir = run_dir
         self.keep_last = keep_last
         self.env = env
+        self.engine = engine
+        self.per_rank = dict(per_rank)
+        self.shared = dict(shared)
 
-    def save(self, step: int, engine: Any, ema: Any, rank_state: dict, meta: dict) -> Path:
+    def save(self, step: int, meta: dict[str, Any]) -> Checkpoint:
         """Write checkpoint ``step`` on every rank, then mark it complete and move ``latest``."""
         tag = step_tag(step)
-        step_dir = self.root / tag
-        if self.env.is_main and step_dir.exists():
-            shutil.rmtree(step_dir)  # a leftover of a save that crashed before completing
+        checkpoint = Checkpoint(self.run_dir.checkpoints / tag)
+        if self.env.is_main and checkpoint.path.exists():
+            shutil.rmtree(checkpoint.path)  # a leftover of a save that crashed before completing
         barrier()
-        # universal_checkpoint_info lets DeepSpeed re-shard the optimizer for another world size.
-        engine.save_checkpoint(
-            str(self.root),
-            tag=tag,
-            client_state={"flowmill_step": step, "universal_checkpoint_info": {"universal_checkpoint_version": 0.4}},
-            save_latest=False,
-        )
-        torch.save(rank_state, step_dir / f"rank-{self.env.rank:05d}.pt")
+        self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=tag,
+                                    client_state={"flowmill_step": step, **UNIVERSAL_INFO}, save_latest=False)
+        torch.save({name: piece.state_dict() for name, piece in self.per_rank.items()}, checkpoint.rank_file(self.env.rank))
         if self.env.is_main:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, step_dir / EMA_FILE)
-            torch.save({"num_updates": ema.num_updates}, step_dir / "ema_meta.pt")
+            for name, piece in self.shared.items():
+                save_flat(piece.state_dict(), checkpoint.path / f"{name}.safetensors")
         barrier()
         if self.env.is_main:
-            write_atomic(step_dir / COMPLETE_MARKER, json.dumps({**meta, "step": step, "world_size": self.env.world_size}))
-            write_atomic(self.run_dir / LATEST, f"checkpoints/{tag}\n")
+            write_atomic(checkpoint.path / COMPLETE_MARKER, json.dumps({**meta, "step": step, "world_size": self.env.world_size}))
+            self.run_dir.mark_latest(checkpoint)
             self._prune()
         barrier()
-        return step_dir
+        return checkpoint
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        complete = [p for p in step_dirs(self.root) if (p / COMPLETE_MARKER).exists()]
+        complete = [path for path in self.run_dir.step_dirs() if Checkpoint.is_complete(path)]
         for old in complete[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(universal_dir(old), ignore_errors=True)
+            shutil.rmtree(Checkpoint(old).universal, ignore_errors=True)
 
-    def latest(self) -> Path:
-        """The newest complete checkpoint, or UsageError saying what is wrong."""
-        return latest_checkpoint(self.run_dir)
-
-    def latest_meta(self) -> dict:
-        """What the newest complete checkpoint records (step, world_size, global_batch, ...)."""
-        return json.loads((self.latest() / COMPLETE_MARKER).read_text())
-
-    def needs_universal(self) -> bool:
-        """Whether resuming the latest checkpoint here re-shards ZeRO partitions: saved on another
-        world size with partitioned optimizer files. Without ZeRO (stage 0) every rank saved the
-        whole optimizer state, which loads on any world size as it is."""
-        return self.latest_meta()["world_size"] != self.env.world_size and any(self.latest().glob("*optim_states.pt"))
-
-    def load(self, engine: Any, ema: Any) -> tuple[int, list[dict]]:
-        """Restore engine and EMA; returns (step, the per-rank states of the saving job).
+    def load(self) -> int:
+        """Restore the engine and every piece from the latest checkpoint; returns its step.
 
         On the world size it was saved with, DeepSpeed's own files load directly. On another
         world size, the ZeRO partitions are re-sharded through DeepSpeed's universal
-        checkpoint format (converted once, next to the checkpoint); the engine must then
-        have been built with ``load_universal`` (see ``engine.build_engine``).
+        checkpoint format (converted once, next to the checkpoint; the engine must then have
+        been built with ``load_universal``, see ``engine.build_engine``), and each per-rank
+        piece is restored from all the saving ranks' states.
         """
-        step_dir = self.latest()
-        meta = self.latest_meta()
-        tag = step_dir.name
-        if self.needs_universal():
-            self._convert_to_universal(step_dir)
-            tag = universal_dir(step_dir).name
-        load_path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+        checkpoint = self.run_dir.latest()
+        tag = checkpoint.path.name
+        if needs_universal(checkpoint, self.env.world_size):
+            self._convert_to_universal(checkpoint)
+            tag = checkpoint.universal.name
+        load_path, _ = self.engine.load_checkpoint(str(self.run_dir.checkpoints), tag=tag)
         if load_path is None:
-            raise UsageError(f"DeepSpeed could not load {step_dir}; the checkpoint is incomplete or corrupt")
-        from safetensors.torch import load_file
+            raise UsageError(f"DeepSpeed could not load {checkpoint.path}; the checkpoint is incomplete or corrupt")
+        for name, piece in self.shared.items():
+            piece.load_state_dict(load_flat(checkpoint.path / f"{name}.safetensors"))
+        saved = [torch.load(checkpoint.rank_file(rank), weights_only=False) for rank in range(checkpoint.world_size)]
+        for name, piece in self.per_rank.items():
+            if checkpoint.world_size == self.env.world_size:
+                piece.load_state_dict(saved[self.env.rank][name])
+            else:
+                piece.load_resharded([state[name] for state in saved], checkpoint.step)
+        return checkpoint.step
 
-        ema.module.load_state_dict(load_file(step_dir / EMA_FILE))
-        ema.num_updates = torch.load(step_dir / "ema_meta.pt")["num_updates"]
-        rank_states = [torch.load(step_dir / f"rank-{rank:05d}.pt", weights_only=False) for rank in range(meta["world_size"])]
-        return meta["step"], rank_states
-
-    def _convert_to_universal(self, step_dir: Path) -> None:
-        """Rank 0 converts ``step_dir`` to DeepSpeed's universal format once; every rank waits."""
-        target = universal_dir(step_dir)
+    def _convert_to_universal(self, checkpoint: Checkpoint) -> None:
+        """Rank 0 converts ``checkpoint`` to DeepSpeed's universal format once; every rank waits."""
+        target = checkpoint.universal
         error = None
         if self.env.is_main and not (target / COMPLETE_MARKER).exists():
-            import subprocess
-            import sys
-
             shutil.rmtree(target, ignore_errors=True)
             done = subprocess.run(
-                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
                  "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
                 capture_output=True, text=True,
             )
             if done.returncode != 0:
-                error = f"converting {step_dir} for a new world size failed: {done.stderr.strip().splitlines()[-1:]}"
+                error = f"converting {checkpoint.path} for a new world size failed: {done.stderr.strip().splitlines()[-1:]}"
             else:
-                write_atomic(target / COMPLETE_MARKER, (step_dir / COMPLETE_MARKER).read_text())
+                write_atomic(target / COMPLETE_MARKER, (checkpoint.path / COMPLETE_MARKER).read_text())
         barrier()
         if not (target / COMPLETE_MARKER).exists():
             raise UsageError(error or f"{target} was not written; see rank 0's error")
 
 
-def step_dirs(root: Path) -> list[Path]:
-    """The checkpoint folders under ``root``, oldest first; not their universal-format copies."""
-    return sorted(p for p in root.glob("step-*") if not p.name.endswith(UNIVERSAL_SUFFIX))
+def needs_universal(checkpoint: Checkpoint, world_size: int) -> bool:
+    """Whether resuming ``checkpoint`` on ``world_size`` processes re-shards ZeRO partitions: saved
+    on another world size with partitioned optimizer files. Without ZeRO (stage 0) every rank
+    saved the whole optimizer state, which loads on any world size as it is."""
+    return checkpoint.world_size != world_size and any(checkpoint.path.glob("*optim_states.pt"))
 
 
-def universal_dir(step_dir: Path) -> Path:
-    """Where the universal-format copy of a checkpoint goes."""
-    return step_dir.with_name(step_dir.name + UNIVERSAL_SUFFIX)
+def save_flat(state: Mapping[str, Any], path) -> None:
+    """A flat state dict as safetensors: tensors in the body, other values (JSON) in the metadata."""
+    tensors = {key: value.detach().contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
+    metadata = {key: json.dumps(value) for key, value in state.items() if not isinstance(value, torch.Tensor)}
+    save_file(tensors, path, metadata=metadata)
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """Resolve ``RUN_DIR/latest`` to a complete checkpoint folder."""
-    pointer = Path(run_dir) / LATEST
-    if not pointer.is_file():
-        raise UsageError(f"{run_dir} has no checkpoint yet ({pointer} is missing); start a new run with `flowmill train`")
-    target = Path(run_dir) / pointer.read_text().strip()
-    if not target.name.startswith("step-") or not (target / COMPLETE_MARKER).is_file():
-        raise UsageError(
-            f"{pointer} is corrupt: it names {target}, which is not a complete checkpoint; "
-            f"point it at one of {[p.name for p in step_dirs(Path(run_dir) / 'checkpoints')]} "
-            "(write e.g. 'checkpoints/step-00000010' into it)"
-        )
-    return target
+def load_flat(path) -> dict[str, Any]:
+    """What ``save_flat`` wrote."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return {**load_file(path), **{key: json.loads(value) for key, value in metadata.items()}}

@@ -16,6 +16,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _add_reconstruct(commands)
     _add_import(commands)
     _add_export(commands)
+    _add_judge(commands)
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -104,3 +105,14 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     sd3.add_argument("out", metavar="OUT_DIR", help="the diffusers folder to write (new or empty)")
     sd3.add_argument("--live", action="store_true", help="a run's trained weights from its DeepSpeed checkpoint instead of the EMA")
     set_handler(sd3, f"{COMMANDS}:export_sd3")
+
+
+def _add_judge(commands: argparse._SubParsersAction) -> None:
+    judge = commands.add_parser(
+        "judge", help="train (or find) the judge LM that scores a text config's samples",
+        description="Train the judge of an flm/fmlm config's data.path with its judge section, once; later calls "
+        "(and the runs' evaluations) find it in judge.cache_dir. Prints its record (settings, held-out perplexity).",
+        epilog="example: flowmill judge configs/flm_shakespeare.yaml judge.steps=500",
+    )
+    add_config(judge)
+    set_handler(judge, f"{COMMANDS}:judge")

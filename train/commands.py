@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
+import logging
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from flowmill.errors import UsageError
+from flowmill.models.loading import is_model_folder
 from flowmill.train import model_io
+from flowmill.train.config import load_config
+from flowmill.train.judge import judge_dir, load_or_train_judge
 from flowmill.train.loop import run_from_cli
-from flowmill.train.sample import load_task_and_model, sample_run
+from flowmill.train.sample import load_task_and_model, sample_model_folder, sample_run
 
 
 @record  # a worker's error reaches the launcher that started it (torch elastic's error file)
@@ -29,18 +34,18 @@ def train(args: argparse.Namespace) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
-    if model_io.is_model_folder(args.source):
-        return model_io.sample_model_folder(args)
+    if is_model_folder(args.source):
+        return sample_model_folder(args)
     if args.text_from:
         raise UsageError("--text-from: only a model folder needs it; a run samples with its own text encoder")
     return sample_run(args)
 
 
 def reconstruct(args: argparse.Namespace) -> int:
-    task, model, checkpoint = load_task_and_model(Path(args.source))
+    task, model, checkpoint = load_task_and_model(args.source)
     if not hasattr(task, "reconstruct_command"):
         raise UsageError(f"{args.source} trains a {task.family!r} model; reconstruct needs a video tokenizer run")
-    return task.reconstruct_command(model, checkpoint, args)
+    return task.reconstruct_command(model, checkpoint.path, args)
 
 
 def import_sd3(args: argparse.Namespace) -> int:
@@ -50,4 +55,16 @@ def import_sd3(args: argparse.Namespace) -> int:
 
 def export_sd3(args: argparse.Namespace) -> int:
     print(f"wrote {model_io.export_sd3(args.source, args.out, args.live)}")
+    return 0
+
+
+def judge(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not hasattr(cfg, "judge"):
+        raise UsageError(f"{args.config}: task {cfg.task} has no judge section; give an flm or fmlm config")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+    _, record = load_or_train_judge(cfg.data.path, cfg.judge, val_path=cfg.eval.path)
+    print(json.dumps(record, indent=1))
+    print(f"judge: {judge_dir(cfg.data.path, cfg.judge)}")
     return 0

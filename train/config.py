@@ -1,14 +1,21 @@
-"""Typed run configuration: YAML file + ``dotted.key=value`` overrides → dataclasses.
+"""Typed run configuration: YAML file + ``dotted.key=value`` overrides → a frozen dataclass.
 
-One config is one run. The sections shared by every task live here; the task named by
-the top-level ``task`` key contributes its own sections (``model``, ``text``, ``task``...)
-through its ``config_sections``. OmegaConf structured configs do the type checking, so an
-unknown key or a wrong type is refused with the key's full name.
+One config is one run. ``Config`` holds the sections every task has; each task's config class
+(``config_class`` of a task in flowmill.train.tasks) extends it with its own sections
+(``model``, ``text``, ...), written in code so an editor follows ``cfg.model.depth`` to its
+definition. OmegaConf structured configs do the type checking, so an unknown key or a wrong
+type is refused with the key's full name. A loaded config is never changed: what a job
+derives at run time (its run dir, the micro-batch after a world-size change) lives in
+``flowmill.train.plan.Plan``.
+
+A model section may name a preset size (``model.size: small``, from the model's size
+table); the fields given beside it override single values of the preset.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,17 +23,21 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
 from flowmill.errors import UsageError
+from flowmill.train.tasks import get_task_class
+
+SIZE_KEY = "size"  # the key of a section that names a preset (model.size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "run"  # run name; also the MLflow run name
     dir: str | None = None  # run directory; default runs/<name>-<UTC timestamp> under the current directory
     sweep_id: str | None = None  # id shared by the runs of one sweep (set by `flowmill launch slurm --sweep`)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
     max_steps: int = 1000  # optimizer steps to train for
     seed: int = 0  # seeds model init, noise, data order
@@ -39,7 +50,7 @@ class TrainerConfig:
     num_threads: int = 0  # torch intra-op threads per process (0: cores / processes)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-4  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -52,26 +63,26 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clipping (0: off)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EMAConfig:
     decay: float = 0.9999  # final EMA decay per optimizer step
     warmup: bool = True  # decay = min(decay, (1 + step) / (10 + step)), so early weights fade fast
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     pipeline_stages: int = 1  # DeepSpeed pipeline stages (must divide the world size)
     activation_checkpointing: bool = False  # recompute block activations in backward
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 500  # save a sharded checkpoint every N optimizer steps (and at the end)
     keep_last: int = 3  # keep this many most recent checkpoints (0: keep all)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: SQLite store shared by the runs under runs/
     experiment: str = "flowmill"  # MLflow experiment name
@@ -79,7 +90,7 @@ class TrackingConfig:
     system_metrics_interval_s: float = 10.0  # seconds between system-metric samples
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = "datasets/digits"  # dataset: a folder with manifest.json, a manifest, a brace pattern or a glob
     num_workers: int = 1  # dataloader worker processes per rank
@@ -89,14 +100,14 @@ class DataConfig:
     verify_shards: bool = True  # check each shard against the manifest's sha256 before reading it
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     path: str | None = None  # held-out dataset for validation (default: the first samples of data.path)
     num_samples: int = 256  # validation samples, fixed for the whole run
     timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fixed time grid of the validation loss
 
 
-@dataclass
+@dataclass(frozen=True)
 class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # prompts for the sample grids logged during training
     num_per_prompt: int = 4  # samples per prompt in a grid
@@ -105,7 +116,7 @@ class SampleConfig:
     sampler: str = "euler"  # ODE solver: euler | heun
 
 
-@dataclass
+@dataclass(frozen=True)
 class SlurmConfig:
     partition: str | None = None  # SLURM partition (None: the cluster's default partition)
     nodes: int = 1  # nodes of the job
@@ -123,14 +134,15 @@ class SlurmConfig:
     folder: str | None = None  # submitit folder (scripts, pickles, logs); default <run dir parent>/slurm/<run dir name>
 
 
-@dataclass
+@dataclass(frozen=True)
 class LauncherConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # `flowmill launch slurm` options (CLI flags override them)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Sections every task has. Task-specific sections are added by ``schema_for``."""
+    """Sections every task has. Each task's config class extends it with its own sections
+    (``model`` and more, see the ``config_class`` of each task in flowmill.train.tasks)."""
 
     task: str = "mmdit"  # what is trained; one of train.tasks.TASKS
     run: RunConfig = field(default_factory=RunConfig)
@@ -146,59 +158,80 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-def schema_for(task_name: str) -> type:
-    """The full config dataclass of a task: ``Config`` plus the task's own sections."""
-    from flowmill.train.tasks import get_task_class
 
-    sections = get_task_class(task_name).config_sections
-    fields = [(name, cls, field(default_factory=cls)) for name, cls in sections.items()]
-    return dataclasses.make_dataclass(f"{task_name.title()}Config", fields, bases=(Config,))
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds; UsageError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UsageError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Read a YAML config (or ``base``, a resolved config as plain data) and apply overrides.
+
+    Returns the task's config dataclass, checked (``validate``). Raises UsageError naming the
+    offending key.
+    """
+    raw = read_yaml_config(path) if base is None else base
+    plain = apply_overrides(raw, overrides)
+    try:
+        schema = get_task_class(plain.get("task", Config.task)).config_class
+    except KeyError as error:
+        raise UsageError(f"task: {error.args[0]}") from None
+    cfg = typed(schema, expand_presets(schema, plain))
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``raw`` with the ``dotted.key=value`` overrides merged in, as plain data (not yet typed)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"override {item!r} must look like dotted.key=value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(dict(raw)), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as error:
+        raise UsageError(f"bad override: {_message(error)}") from None
+    return OmegaConf.to_container(merged)
+
+
+def expand_presets(schema: type, plain: dict[str, Any]) -> dict[str, Any]:
+    """Replace each ``SECTION.size`` by the preset's fields, under the fields given beside it."""
+    expanded = dict(plain)
+    for section in dataclasses.fields(schema):
+        values = plain.get(section.name)
+        presets = getattr(section.default_factory, "presets", {})  # the section's dataclass may carry a size table
+        if not isinstance(values, dict) or values.get(SIZE_KEY) is None:
+            continue
+        name = values[SIZE_KEY]
+        if name not in presets:
+            raise UsageError(f"{section.name}.{SIZE_KEY}: unknown size {name!r}; choose one of: {', '.join(presets) or '(none)'}")
+        expanded[section.name] = {**dataclasses.asdict(presets[name]), **values}
+    return expanded
+
+
+def typed(schema: type, plain: dict[str, Any]) -> Config:
+    """``plain`` checked against ``schema`` and built into it; UsageError naming the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise UsageError(_message(error)) from None
+    except ValueError as error:  # a section's own checks (its __post_init__)
+        raise UsageError(f"{_failing_section(merged)}: {error}") from None
 
 
 def _message(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None)
     first_line = str(error).splitlines()[0]
     return f"{key}: {first_line}" if key else first_line
-
-
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Any:
-    """Read a YAML config (or ``base``, a resolved config dict) and apply overrides.
-
-    Returns the task's config dataclass. Raises UsageError naming the offending key.
-    """
-    if base is None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise UsageError(f"{path} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise UsageError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    else:
-        raw = base
-    for item in overrides:
-        if "=" not in item:
-            raise UsageError(f"override {item!r} must look like dotted.key=value")
-    try:
-        override_cfg = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as error:
-        raise UsageError(f"bad override: {_message(error)}") from None
-    task_name = OmegaConf.select(override_cfg, "task", default=raw.get("task", Config.task))
-    try:
-        schema = schema_for(task_name)
-    except KeyError as error:
-        raise UsageError(f"task: {error.args[0]}") from None
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), raw, override_cfg)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise UsageError(_message(error)) from None
-    except ValueError as error:  # a section's own checks (its __post_init__)
-        raise UsageError(f"{_failing_section(merged)}: {error}") from None
-    validate(cfg)
-    return cfg
 
 
 def _failing_section(merged: Any) -> str:
@@ -211,8 +244,9 @@ def _failing_section(merged: Any) -> str:
     return "config"
 
 
-def validate(cfg: Any, world_size: int | None = None) -> None:
-    """Refuse impossible values and combinations; ``world_size`` when it is known."""
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Refuse impossible values and combinations (the shared sections, then the task's own);
+    ``world_size`` when it is known."""
     choices = {
         "trainer.precision": (cfg.trainer.precision, ("fp32", "bf16")),
         "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
@@ -263,25 +297,18 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         raise UsageError(
             f"parallel.pipeline_stages: {cfg.parallel.pipeline_stages} stages do not divide the world size {world_size}"
         )
-    from flowmill.train.tasks import get_task_class
-
     get_task_class(cfg.task).validate_config(cfg)
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain dicts and lists (for config.yaml and MLflow params)."""
     return _plain(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
 
 
 def _plain(value: Any) -> Any:
-    # Tuple-typed fields (e.g. a tokenizer's fsq_levels) come back as tuples, which YAML's safe dumper refuses.
+    # Tuple-typed fields (e.g. a video tokenizer's fsq_levels) come back as tuples, which YAML's safe dumper refuses.
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
-
-
-def save_config(cfg: Any, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -8,6 +8,7 @@ process without them is world size 1.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def env_world_size() -> int:
 
 def init_distributed(requested_device: str) -> DistEnv:
     """Join the job's process group (creating a single-process one when alone)."""
-    import deepspeed
+    import deepspeed  # deliberately lazy (start-up time): sampling uses this module's device choice without DeepSpeed
 
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,8 +78,6 @@ def shutdown() -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

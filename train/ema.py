@@ -9,8 +9,13 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 
+import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
+
+
+NUM_UPDATES = "num_updates"  # beside the weights in the state dict; no model has a tensor of that name
 
 
 class EMA:
@@ -38,8 +43,6 @@ class EMA:
         pairs = [(avg, p) for avg, p in zip(self.module.parameters(), live.parameters()) if local is None or id(p) in local]
         gather = nullcontext()
         if zero_stage == 3:
-            import deepspeed
-
             gather = deepspeed.zero.GatheredParameters([p for _, p in pairs], modifier_rank=None)
         with gather:
             for avg, param in pairs:
@@ -54,8 +57,6 @@ class EMA:
     @torch.no_grad()
     def sync_stages(self, live: nn.Module, local: set[int]) -> None:
         """Pipeline runs: gather every stage's share of the average onto every rank (collective)."""
-        import torch.distributed as dist
-
         names = [name for name, p in live.named_parameters() if id(p) in local]
         mine = {name: tensor for name, tensor in self.module.named_parameters() if name in names}
         shares = [None] * dist.get_world_size()
@@ -66,8 +67,10 @@ class EMA:
                 params[name].copy_(tensor)
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "weights": self.module.state_dict()}
+        """The averaged weights (the model's own names) and ``num_updates``, one flat mapping."""
+        return {**self.module.state_dict(), NUM_UPDATES: self.num_updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.num_updates = state["num_updates"]
-        self.module.load_state_dict(state["weights"])
+        weights = dict(state)
+        self.num_updates = int(weights.pop(NUM_UPDATES))
+        self.module.load_state_dict(weights)

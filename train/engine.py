@@ -6,12 +6,17 @@ Parallelism is applied here, from outside the model (models/ never imports deeps
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import deepspeed
 import torch
+from deepspeed.pipe import PipelineModule
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from flowmill.train.distributed import DistEnv
+from flowmill.train.config import Config
+from flowmill.train.plan import Plan
 
 # ZeRO's gradient reduce bucket: PyTorch DDP's default size (bucket_cap_mb=25), enough to amortize
 # a collective. DeepSpeed's default, 5e8 elements (1 GB in bf16, 2 GB in fp32), is allocated in
@@ -20,13 +25,12 @@ from flowmill.train.distributed import DistEnv
 REDUCE_BUCKET_BYTES = 25 * 2**20
 
 
-def deepspeed_config(cfg: Any, env: DistEnv, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config for a run config; the global batch is micro × accum × data-parallel ranks."""
-    data_parallel = env.world_size // cfg.parallel.pipeline_stages
+def deepspeed_config(cfg: Config, plan: Plan, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config of a run; the global batch is micro × accum × data-parallel ranks."""
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.trainer.micro_batch_size,
-        "gradient_accumulation_steps": cfg.trainer.grad_accum_steps,
-        "train_batch_size": cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * data_parallel,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "train_batch_size": plan.global_batch_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": cfg.trainer.precision == "bf16"},
@@ -43,7 +47,7 @@ def deepspeed_config(cfg: Any, env: DistEnv, load_universal: bool = False) -> di
     return ds
 
 
-def lr_lambda(cfg: Any):
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
     """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``decay_steps`` (default max_steps)."""
     warmup, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
     total = cfg.optim.decay_steps or cfg.trainer.max_steps
@@ -60,22 +64,18 @@ def lr_lambda(cfg: Any):
 def checkpoint_blocks(model: nn.Module) -> None:
     """Activation checkpointing from outside the model: each of ``model.blocks`` recomputes
     its activations in backward instead of storing them (same values, less memory)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     if not isinstance(getattr(model, "blocks", None), nn.ModuleList):
         raise ValueError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint")
     for index, block in enumerate(model.blocks):
         model.blocks[index] = checkpoint_wrapper(block)
 
 
-def pipeline_module(model: nn.Module, cfg: Any, loss_fn: Any) -> nn.Module:
+def pipeline_module(model: nn.Module, cfg: Config, loss_fn: Callable | None) -> nn.Module:
     """Cut ``model.pipeline_layers()`` into ``parallel.pipeline_stages`` DeepSpeed stages.
 
     The layers share the model's parameter tensors, so the stage a rank holds updates the
     same objects as ``model``'s (the EMA relies on it).
     """
-    from deepspeed.pipe import PipelineModule
-
     if not hasattr(model, "pipeline_layers"):
         raise ValueError(f"{type(model).__name__} cannot be cut into pipeline stages (no pipeline_layers())")
     return PipelineModule(
@@ -87,14 +87,13 @@ def pipeline_module(model: nn.Module, cfg: Any, loss_fn: Any) -> nn.Module:
     )
 
 
-def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool = False, loss_fn: Any = None):
+def build_engine(model: nn.Module, cfg: Config, plan: Plan, load_universal: bool = False,
+                 loss_fn: Callable | None = None) -> Any:
     """Return a DeepSpeed engine owning the model (or its pipeline stage), AdamW and the LR schedule.
 
     With ``parallel.pipeline_stages > 1`` the engine is a PipelineEngine trained through
     ``train_batch``; ``loss_fn(output, target)`` is then applied on the last stage.
     """
-    import deepspeed
-
     if cfg.parallel.pipeline_stages > 1:
         model = pipeline_module(model, cfg, loss_fn)
     elif cfg.parallel.activation_checkpointing:
@@ -115,9 +114,9 @@ def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool 
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, env, load_universal),
+        config=deepspeed_config(cfg, plan, load_universal),
     )
-    if cfg.parallel.zero_stage == 0 and cfg.parallel.pipeline_stages == 1 and env.world_size == 1:
+    if cfg.parallel.zero_stage == 0 and cfg.parallel.pipeline_stages == 1 and plan.world_size == 1:
         # Alone, DeepSpeed would still flatten every gradient into one buffer, all-reduce it with
         # itself and copy it back after each backward: a full copy of the gradients for nothing.
         # (ZeRO 1-3 reduce through their own optimizer, which this flag would skip.)
@@ -125,5 +124,5 @@ def build_engine(model: nn.Module, cfg: Any, env: DistEnv, load_universal: bool 
     return engine
 
 
-def autocast_dtype(cfg: Any) -> torch.dtype:
+def autocast_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from flowmill.data.decode import TokenDecoder
 from flowmill.data.loader import StreamingLoader
@@ -103,8 +104,6 @@ def judge_dir(data_path: str | Path, config: JudgeConfig) -> Path:
 
 def load_judge(folder: Path) -> tuple[CausalLM, dict]:
     """A cached judge in eval mode and its ``judge.json`` record."""
-    from safetensors.torch import load_file
-
     record = json.loads((folder / JUDGE_FILE).read_text())
     model = CausalLM(CausalLMConfig(**record["model"]))
     model.load_state_dict(load_file(folder / WEIGHTS_FILE))
@@ -188,8 +187,6 @@ def train_judge(data_path: str | Path, config: JudgeConfig) -> tuple[CausalLM, f
 
 def save_judge(model: CausalLM, record: dict, folder: Path) -> None:
     """Write the judge into ``folder`` atomically (another process may have cached the same judge first)."""
-    from safetensors.torch import save_file
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
@@ -200,32 +197,3 @@ def save_judge(model: CausalLM, record: dict, folder: Path) -> None:
         os.rename(partial, folder)
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)  # an identical judge got there first
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flowmill.train.judge CONFIG [key=value ...]``: train (or find) the judge of a text config."""
-    import argparse
-
-    from flowmill.train.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="python -m flowmill.train.judge",
-        description="Train the judge of an flm/fmlm config's data.path with its judge section, once; "
-        "later calls (and the runs' evaluations) find it in judge.cache_dir.",
-    )
-    parser.add_argument("config", help="an flm or fmlm config, e.g. configs/flm_shakespeare.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. judge.steps=500")
-    args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if not hasattr(cfg, "judge"):
-        raise SystemExit(f"{args.config}: task {cfg.task} has no judge section; give an flm or fmlm config")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
-    _, record = load_or_train_judge(cfg.data.path, cfg.judge, val_path=cfg.eval.path)
-    print(json.dumps(record, indent=1))
-    print(f"judge: {judge_dir(cfg.data.path, cfg.judge)}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

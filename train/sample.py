@@ -1,46 +1,66 @@
-"""``flowmill sample``: images from a run's EMA weights, without DeepSpeed."""
+"""``flowmill sample`` and ``flowmill reconstruct``: a run's task with its EMA weights, in one
+process, without DeepSpeed."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import yaml
+from safetensors.torch import load_file
+from torch import nn
 
-from flowmill.train import run_dir as rundir
-from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE, latest_checkpoint
+from flowmill.errors import UsageError
+from flowmill.models.loading import load_model, load_weights
+from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
 from flowmill.train.tasks import get_task_class
-from flowmill.errors import UsageError
+from flowmill.train.tasks.base import Task
 
 
-def resolve_checkpoint(source: Path) -> tuple[Path, Path]:
-    """RUN_DIR or RUN_DIR/checkpoints/step-N → (run_dir, checkpoint dir)."""
-    if rundir.is_run_dir(source):
-        return source, latest_checkpoint(source)
-    if (source / COMPLETE_MARKER).is_file() and rundir.is_run_dir(source.parent.parent):
-        return source.parent.parent, source
-    raise UsageError(f"{source} is neither a flowmill run dir nor a complete checkpoint folder (checkpoints/step-*)")
-
-
-def load_task_and_model(source: Path):
-    """The run's task and its model holding the EMA weights, in eval mode."""
-    from safetensors.torch import load_file
-
-    run_dir, checkpoint = resolve_checkpoint(Path(source))
-    cfg = load_config(None, [], base=yaml.safe_load((run_dir / rundir.CONFIG_YAML).read_text()))
+def run_task(run_dir: RunDir) -> Task:
+    """The task of a run, ready to sample (text encoder, text tokenizer, decoders), without its model."""
+    cfg = load_config(None, [], base=run_dir.saved_config())
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=choose_device(cfg.trainer.device))
-    task = get_task_class(cfg.task)(cfg, env, run_dir)
+    return get_task_class(cfg.task)(cfg, env, run_dir)
+
+
+def load_task_and_model(source: str | Path) -> tuple[Task, nn.Module, Checkpoint]:
+    """The task of a run dir (or checkpoint folder) and its model holding the EMA weights, in eval mode."""
+    run_dir, checkpoint = RunDir.open(source)
+    task = run_task(run_dir)
     model = task.build_model()
-    model.load_state_dict(load_file(checkpoint / EMA_FILE))
-    return task, model.to(env.device).eval(), checkpoint
+    model.load_state_dict(load_file(checkpoint.ema_file))
+    return task, model.to(task.env.device).eval(), checkpoint
 
 
-def sample_run(args: argparse.Namespace) -> int:
-    """``flowmill sample``: the run's task writes its own kind of samples (images, text...)."""
+def check_counts(args: argparse.Namespace) -> None:
     for name, value in (("--num-samples", args.num_samples), ("--steps", args.steps)):
         if value < 1:
             raise UsageError(f"{name}: must be at least 1, got {value}")
-    task, model, checkpoint = load_task_and_model(Path(args.source))
-    return task.sample_command(model, checkpoint, args)
+
+
+def sample_run(args: argparse.Namespace) -> int:
+    """``flowmill sample RUN_DIR|CKPT``: the run's task writes its own kind of samples (images, text...)."""
+    check_counts(args)
+    task, model, checkpoint = load_task_and_model(args.source)
+    return task.sample_command(model, checkpoint.path, args)
+
+
+def sample_model_folder(args: argparse.Namespace) -> int:
+    """``flowmill sample MODEL_DIR --text-from RUN_DIR``: the folder's model, the run's text side."""
+    if not args.text_from:
+        raise UsageError(f"--text-from: {args.source} is a model folder, which holds no text encoder; pass "
+                         "--text-from RUN_DIR, a run whose text encoder gives the widths the model takes")
+    check_counts(args)
+    task = run_task(RunDir.open(args.text_from)[0])
+    family, _, _ = load_weights(args.source)
+    if family != task.family:
+        raise UsageError(f"--text-from: {args.text_from} trains {task.family!r} models; {args.source} holds a {family!r} one")
+    model = load_model(args.source, task.env.device)
+    encoder = task.text_encoder
+    if (model.config.txt_dim, model.config.vec_dim) != (encoder.txt_dim, encoder.vec_dim):
+        raise UsageError(f"--text-from: {args.text_from}'s text encoder gives txt width {encoder.txt_dim} and vec width "
+                         f"{encoder.vec_dim}; {args.source} takes txt_dim={model.config.txt_dim}, "
+                         f"vec_dim={model.config.vec_dim}")
+    return task.sample_command(model, Path(args.source), args)

@@ -49,7 +49,7 @@ def quality_plot(num_tokens: list[int], curves: dict[str, list[float]], ylabel: 
                  baselines: dict[str, list[float]] | None = None) -> Path:
     """A PNG line plot of quality against the token count k (log2 axis), one line per curve;
     ``baselines`` are drawn dashed."""
-    import matplotlib
+    import matplotlib  # deliberately lazy (start-up time): only evaluations that plot need matplotlib
 
     matplotlib.use("Agg")  # files only: no display on training nodes
     from matplotlib import pyplot as plt

@@ -13,7 +13,7 @@ from pathlib import Path
 from submitit.core.utils import JobPaths
 
 from flowmill.errors import UsageError
-from flowmill.train import run_dir as rundir
+from flowmill.run_dir import RunDir
 
 
 def logs_command(args: argparse.Namespace) -> int:
@@ -31,7 +31,7 @@ def logs_command(args: argparse.Namespace) -> int:
 
 def log_paths(run_dir: Path, rank: int) -> list[Path]:
     """The stdout and stderr files of process ``rank`` of the run's latest SLURM job."""
-    info = rundir.read_run_json(run_dir)
+    info = RunDir(run_dir).info()
     job_id, folder = info.get("slurm_job_id"), info.get("slurm_folder")
     if not job_id or not folder:
         raise UsageError(

@@ -13,7 +13,6 @@ MLflow params are immutable, so tracking writes a param changed on resume as the
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from flowmill.errors import UsageError
 from flowmill.runs.defaults import MAX_LISTED_RUNS
 from flowmill.train import tracking
-from flowmill.train.run_dir import RUN_JSON
+from flowmill.run_dir import RUN_JSON, RunDir
 
 Direction = Literal["min", "max"]
 
@@ -122,14 +121,14 @@ def resolve_run(name: str, tracking_uri: str) -> tuple[str, str, Path | None]:
 
     A run dir's own run.json names its store. Anything else must be a 32-hex-digit run id.
     """
-    path = Path(name)
-    if path.is_dir():
-        if not (path / RUN_JSON).is_file():
+    run_dir = RunDir(name)
+    if run_dir.path.is_dir():
+        if not run_dir.info_file.is_file():
             raise UsageError(f"{name} is a folder but not a flowmill run dir (no {RUN_JSON}); pass a run dir or an MLflow run id")
-        info = json.loads((path / RUN_JSON).read_text())
+        info = run_dir.info()
         if not info.get("run_id") or not info.get("tracking_uri"):
             raise UsageError(f"{name} has no MLflow run in its {RUN_JSON} (tracking was unreachable when it started)")
-        return info["tracking_uri"], info["run_id"], path.resolve()
+        return info["tracking_uri"], info["run_id"], run_dir.path.resolve()
     if RUN_ID.fullmatch(name):
         return tracking_uri, name, None
     raise UsageError(f"{name} is neither a run dir nor an MLflow run id (32 hex digits)")
@@ -241,7 +240,7 @@ def summarize_run(
 
 def _run_json_of(run_dir: Path | None, run_id: str) -> dict:
     """run.json of ``run_dir`` if it is readable here and belongs to ``run_id``, else {} (the run dir may be elsewhere)."""
-    if run_dir is None or not (run_dir / RUN_JSON).is_file():
+    if run_dir is None or not RunDir(run_dir).info_file.is_file():
         return {}
-    info = json.loads((run_dir / RUN_JSON).read_text())
+    info = RunDir(run_dir).info()
     return info if info.get("run_id") == run_id else {}

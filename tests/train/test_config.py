@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from flowmill.train.config import load_config, validate
-from tests.helpers import TINY_CONFIG, flowmill
+import dataclasses
+
 from flowmill.errors import UsageError
+from flowmill.models.flow_lm import FLOW_LM_SIZES
+from flowmill.models.mmdit import MMDIT_SIZES, MMDiTConfig
+from flowmill.train.config import load_config, to_dict, validate
+from flowmill.train.tasks.mmdit import MMDiTRunConfig
+from tests.helpers import TINY_CONFIG, flowmill
 
 
 def test_yaml_and_overrides_load_into_typed_sections():
     cfg = load_config(TINY_CONFIG, ["trainer.max_steps=7", "optim.lr=3e-4", "model.depth=3", "run.name=abc"])
     assert cfg.trainer.max_steps == 7 and cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.model.depth == 3 and cfg.run.name == "abc"
-    from flowmill.models.mmdit import MMDiTConfig
-
-    assert isinstance(cfg.model, MMDiTConfig)
+    assert isinstance(cfg, MMDiTRunConfig) and isinstance(cfg.model, MMDiTConfig)
 
 
 @pytest.mark.parametrize(
@@ -59,3 +62,31 @@ def test_missing_config_file(tmp_path):
     result = flowmill("train", str(tmp_path / "nope.yaml"), cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     assert "nope.yaml does not exist" in result.stderr
+
+
+def test_a_loaded_config_cannot_be_changed():
+    cfg = load_config(TINY_CONFIG)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.trainer.micro_batch_size = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run = None
+
+
+def test_a_preset_size_gives_its_fields_and_single_fields_override_it(tmp_path):
+    config = tmp_path / "flm.yaml"
+    config.write_text("task: flm\nmodel:\n  size: paper-tiny\n  vocab_size: 64\n  seq_len: 32\n")
+    cfg = load_config(config, ["model.depth=2"])
+    preset = FLOW_LM_SIZES["paper-tiny"]
+    assert (cfg.model.dim, cfg.model.num_heads) == (preset.dim, preset.num_heads)
+    assert (cfg.model.depth, cfg.model.vocab_size, cfg.model.size) == (2, 64, "paper-tiny")
+    # The saved config holds the expanded fields, so a resume builds the same model.
+    assert load_config(None, [], base=to_dict(cfg)).model == cfg.model
+
+
+def test_a_preset_named_by_override_and_an_unknown_one():
+    tiny = MMDIT_SIZES["tiny"]
+    cfg = load_config(TINY_CONFIG, ["model.size=tiny", "model.depth=3"])
+    assert cfg.model.size == "tiny" and cfg.model.depth == 3
+    assert cfg.model.head_dim == 16 == tiny.head_dim  # the file's own model fields still win over the preset
+    with pytest.raises(UsageError, match="model.size: unknown size 'huge'; choose one of: tiny, small, sd3-medium"):
+        load_config(TINY_CONFIG, ["model.size=huge"])

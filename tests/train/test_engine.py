@@ -9,27 +9,29 @@ import sys
 import pytest
 import torch
 
-from flowmill.train.config import Config
-from flowmill.train.distributed import DistEnv
+from flowmill.run_dir import RunDir
+from flowmill.train.config import Config, ParallelConfig, TrainerConfig
 from flowmill.train.engine import REDUCE_BUCKET_BYTES, deepspeed_config
+from flowmill.train.plan import Plan
 
 # Alone on ZeRO 0, the engine skips DeepSpeed's all-reduce of the gradients: three steps must
 # give the same weights, bit for bit, as an engine that runs it.
 ALONE = """
 import copy, sys, torch, torch.nn.functional as F
 from flowmill.models.mmdit import MMDiT, mmdit_config
-from flowmill.train.config import Config
+from flowmill.run_dir import RunDir
+from flowmill.train.config import Config, TrainerConfig
 from flowmill.train.distributed import init_distributed, shutdown
 from flowmill.train.engine import autocast_dtype, build_engine
+from flowmill.train.plan import Plan
 env = init_distributed("cpu")
 torch.manual_seed(0)
 config = mmdit_config("tiny")
 model = MMDiT(config)
-cfg = Config()
-cfg.trainer.micro_batch_size = 2
-cfg.trainer.precision = sys.argv[1]
+cfg = Config(trainer=TrainerConfig(micro_batch_size=2, precision=sys.argv[1]))
+plan = Plan.of(cfg, RunDir("unused"), world_size=1, resume=False)
 dtype = autocast_dtype(cfg)
-skipping, reducing = build_engine(copy.deepcopy(model), cfg, env), build_engine(copy.deepcopy(model), cfg, env)
+skipping, reducing = build_engine(copy.deepcopy(model), cfg, plan), build_engine(copy.deepcopy(model), cfg, plan)
 assert not skipping.enable_backward_allreduce
 assert getattr(skipping.optimizer, "optimizer", skipping.optimizer).defaults["fused"]  # bf16 wraps the AdamW
 reducing.enable_backward_allreduce = True  # DeepSpeed's own path
@@ -55,9 +57,9 @@ print("same")
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero_reduce_bucket_is_small(stage, precision):
-    cfg = Config()
-    cfg.parallel.zero_stage, cfg.trainer.precision = stage, precision
-    elements = deepspeed_config(cfg, DistEnv(0, 0, 2, torch.device("cpu")))["zero_optimization"]["reduce_bucket_size"]
+    cfg = Config(parallel=ParallelConfig(zero_stage=stage), trainer=TrainerConfig(precision=precision))
+    plan = Plan.of(cfg, RunDir("unused"), world_size=2, resume=False)
+    elements = deepspeed_config(cfg, plan)["zero_optimization"]["reduce_bucket_size"]
     itemsize = 2 if precision == "bf16" else 4
     assert elements * itemsize == REDUCE_BUCKET_BYTES == 25 * 2**20
 

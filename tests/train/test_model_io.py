@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from flowmill.cli import main
 from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
+from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
@@ -138,7 +139,7 @@ def test_a_run_exports_its_ema_weights_or_with_live_its_trained_weights(finished
 def tiny_task(digits_dir, run_dir, **overrides) -> MMDiTTask:
     run_dir.mkdir(exist_ok=True)
     cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, run_dir, **overrides))
-    return MMDiTTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), run_dir)
+    return MMDiTTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), RunDir(run_dir))
 
 
 def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_folder, digits_dir, tmp_path):
@@ -163,10 +164,11 @@ def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_fol
         task.__class__(task.cfg, task.env, tmp_path / "run3").build_model()
 
 
-def fake_run(folder, task: str) -> None:
+def fake_run(folder, task: str, family: str) -> None:
     """A run dir of ``task`` with one complete checkpoint (no weights needed to be refused)."""
     (folder / "checkpoints" / "step-00000001").mkdir(parents=True)
-    (folder / "checkpoints" / "step-00000001" / "flowmill.json").write_text("{}")
+    meta = {"task": task, "family": family, "step": 1, "world_size": 1}
+    (folder / "checkpoints" / "step-00000001" / "flowmill.json").write_text(json.dumps(meta))
     (folder / "latest").write_text("checkpoints/step-00000001\n")
     (folder / "run.json").write_text("{}")
     (folder / "config.yaml").write_text(yaml.safe_dump({"task": task, "model": {}}))
@@ -181,7 +183,7 @@ def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path,
     pipeline = tmp_path / "pipeline"
     pipeline.mkdir()
     (pipeline / "model_index.json").write_text("{}")
-    fake_run(tmp_path / "flm", "flm")
+    fake_run(tmp_path / "flm", "flm", "flow_lm")
     import_sd3(folder, tmp_path / "model")
     cases = [
         (("import", "sd3", flux, "--out", tmp_path / "x"), "not an SD3 transformer: _class_name is 'FluxTransformer2DModel'"),

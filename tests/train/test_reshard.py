@@ -17,23 +17,22 @@ pytestmark = pytest.mark.slow
 # Restores RUN_DIR exactly as `flowmill resume --nproc 1` does, then dumps the ZeRO state it holds.
 DUMP = """
 import sys, torch
-from pathlib import Path
-from flowmill.train import loop
+from flowmill.run_dir import RunDir
+from flowmill.train import job
 from flowmill.train.config import load_config
-import yaml
-run_dir = Path(sys.argv[1])
-cfg = load_config(None, [], base=yaml.safe_load((run_dir / "config.yaml").read_text()))
-cfg.run.dir = str(run_dir)
-env = loop.init_distributed(cfg.trainer.device)
-parts, step = loop.build_parts(cfg, env, run_dir, resume=True)
-optimizer = parts.engine.optimizer
+from flowmill.train.distributed import init_distributed, shutdown
+run_dir = RunDir(sys.argv[1])
+cfg = load_config(None, [], base=run_dir.saved_config())
+env = init_distributed(cfg.trainer.device)
+restored, step = job.start(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
+optimizer = restored.engine.optimizer
 flat = optimizer.single_partition_of_fp32_groups[0]
 state = optimizer.optimizer.state[flat]
 torch.save({"step": step, "fp32": flat.detach().clone(), "exp_avg": state["exp_avg"].clone(),
-            "exp_avg_sq": state["exp_avg_sq"].clone(), "numel": sum(p.numel() for p in parts.model.parameters()),
-            "micro": cfg.trainer.micro_batch_size, "accum": cfg.trainer.grad_accum_steps}, sys.argv[2])
-parts.tracker.finish("KILLED")
-loop.shutdown()
+            "exp_avg_sq": state["exp_avg_sq"].clone(), "numel": sum(p.numel() for p in restored.model.parameters()),
+            "micro": restored.plan.micro_batch_size, "accum": restored.plan.grad_accum_steps}, sys.argv[2])
+restored.tracker.finish("KILLED")
+shutdown()
 """
 
 

@@ -1,14 +1,15 @@
 """Tasks: what a run learns. A task builds its model, decodes its data and computes its loss.
 
 Tasks are composed into the one training loop (train/loop.py), not subclassed from a
-trainer. Each registers its config sections here.
+trainer. Each is registered here by name; its ``config_class`` is the run config it trains with.
 """
 
 from __future__ import annotations
 
 import importlib
 
-# name -> "module:Class", imported on first use so that a task's heavy dependencies load only when used.
+# name -> "module:Class". Deliberately lazy (start-up time): a task's heavy dependencies
+# (transformers for the MMDiT's text encoder, PyAV for video) load only when it is used.
 TASKS = {
     "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
     "flm": "flowmill.train.tasks.flm:FLMTask",

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from flowmill.data.loader import StreamingLoader
+from flowmill.run_dir import RunDir
+from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
 from flowmill.errors import UsageError
 
@@ -16,16 +19,16 @@ from flowmill.errors import UsageError
 class Task:
     """One learning problem. Subclasses fill in the model, the data decoding and the loss."""
 
-    config_sections: ClassVar[dict[str, type]] = {}
+    config_class: ClassVar[type[Config]] = Config  # the task's config: the shared sections plus its own
     family: ClassVar[str] = ""  # model family written into checkpoints and model folders
 
-    def __init__(self, cfg: Any, env: DistEnv, run_dir: Path):
+    def __init__(self, cfg: Config, env: DistEnv, run_dir: RunDir):
         self.cfg = cfg
         self.env = env
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: Config) -> None:
         """Raise UsageError for values this task cannot train with."""
 
     def prepare_run_dir(self) -> None:
@@ -66,8 +69,9 @@ class Task:
         """Rank 0: write samples from ``model`` (the EMA weights) into out_dir; return the files."""
         return []
 
-    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
-        """``flowmill sample`` for this task's models (``args`` as parsed by the CLI); returns the exit code."""
+    def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
+        """``flowmill sample`` for this task's models (``args`` as parsed by the CLI; ``source``: the
+        checkpoint or model folder the weights came from); returns the exit code."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, step: int) -> dict:

@@ -15,12 +15,13 @@ text (``samples/text-{step}.txt``). The distillation task is in ``flowmill.train
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import os
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +30,17 @@ from torch import nn
 from flowmill.data.decode import TokenDecoder
 from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
-from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time
+from flowmill.errors import UsageError
+from flowmill.files import copy_atomic
+from flowmill.models.flow_lm import FLOW_LM_SIZES, FlowLM, FlowLMConfig, continuous_time
+from flowmill.run_dir import RunDir
 from flowmill.train import flm_objective as objective
-from flowmill.train.config import EvalConfig
+from flowmill.train.config import Config, EvalConfig
+from flowmill.train.distributed import DistEnv
 from flowmill.train.judge import JudgeConfig, TextDataInfo, load_or_train_judge, text_data_info
 from flowmill.train.tasks.base import Task
 from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
-from flowmill.errors import UsageError
 
-TOKENIZER_FILE = "tokenizer.model"
 SAMPLE_CHUNK = 64  # samples generated per sampler call; fixed so a seed gives the same samples for any count
 EVAL_CHUNK = 64  # validation sequences per forward pass
 FAMILY = "flow_lm"
@@ -53,10 +56,43 @@ class LMEvalConfig:
     val_clock: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # discrete-clock values tau (0 data, 1 noise) of the validation cross-entropy grid
 
 
+@dataclass
+class FlowLMModelConfig(FlowLMConfig):
+    """The flow LM's architecture, optionally from a preset size."""
+
+    presets: ClassVar[dict[str, FlowLMConfig]] = FLOW_LM_SIZES
+    size: str | None = None  # a preset from FLOW_LM_SIZES (tiny, paper-tiny, small, medium); fields given beside it override it
+
+    def architecture(self) -> FlowLMConfig:
+        """The plain FlowLMConfig: what defines the model's function and its weights."""
+        return flow_lm_architecture(dataclasses.asdict(self))
+
+
+def flow_lm_architecture(model_section: dict[str, Any]) -> FlowLMConfig:
+    """The FlowLMConfig of a run's ``model`` section (as saved in its config.yaml)."""
+    names = {f.name for f in dataclasses.fields(FlowLMConfig)}
+    return FlowLMConfig(**{key: value for key, value in model_section.items() if key in names})
+
+
+@dataclass(frozen=True)
+class TextFlowRunConfig(Config):
+    """What the FLM and FMLM configs share."""
+
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+
+@dataclass(frozen=True)
+class FLMRunConfig(TextFlowRunConfig):
+    task: str = "flm"
+    model: FlowLMModelConfig = field(default_factory=FlowLMModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
 class Trainee:
     """The engine's forward as the objectives see a model: callable, with the live model's plain attributes."""
 
-    def __init__(self, forward: Any, module: FlowLM):
+    def __init__(self, forward: Callable[..., torch.Tensor], module: FlowLM):
         self._forward = forward
         self.vocab_size = module.vocab_size
         self.seq_len = module.seq_len
@@ -64,13 +100,6 @@ class Trainee:
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         return self._forward(*args)
-
-
-def write_atomic_copy(source: Path, target: Path) -> None:
-    """Copy a file so that readers see no file or the whole one (other ranks may look meanwhile)."""
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.copyfile(source, partial)
-    os.replace(partial, target)
 
 
 def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
@@ -112,7 +141,9 @@ class TextFlowTask(Task):
     family = FAMILY
     model_key = "model.seq_len"  # the config key of the model's sequence length, for error messages
 
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+    cfg: TextFlowRunConfig
+
+    def __init__(self, cfg: TextFlowRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
         self.tokenizer_path: Path
         self.tokenizer: Tokenizer
@@ -124,7 +155,7 @@ class TextFlowTask(Task):
         self._samples: tuple[int, torch.Tensor] | None = None  # (step, tokens) of the last evaluation
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: TextFlowRunConfig) -> None:
         if cfg.sample.prompts:
             raise UsageError(f"sample.prompts: {cfg.task} models are unconditional; remove the prompts")
         if cfg.sample.sampler != "euler":
@@ -218,7 +249,7 @@ class TextFlowTask(Task):
         path.write_text(header + "".join(f"\n=== sample {i} ===\n{text}\n" for i, text in enumerate(texts)))
         return [path]
 
-    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+    def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
         """``args.num_samples`` samples of ``args.steps`` steps into the JSON-lines file ``args.out``: {"text": ...} each."""
         if args.prompt:
             raise UsageError(f"--prompt: {self.cfg.task} runs generate unconditionally; drop --prompt")
@@ -232,18 +263,19 @@ class TextFlowTask(Task):
         out.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
         for index, text in enumerate(texts[:3]):
             print(f"--- sample {index} ---\n{text}")
-        print(f"wrote {len(texts)} samples ({args.steps} steps, seed {args.seed}) from {checkpoint} to {out}")
+        print(f"wrote {len(texts)} samples ({args.steps} steps, seed {args.seed}) from {source} to {out}")
         return 0
 
 
 class FLMTask(TextFlowTask):
     """``task: flm``: a flow language model trained with cross-entropy on the clean tokens."""
 
-    config_sections = {"model": FlowLMConfig, "text": TextConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
+    config_class = FLMRunConfig
+    cfg: FLMRunConfig
 
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+    def __init__(self, cfg: FLMRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
-        own = self.run_dir / TOKENIZER_FILE
+        own = self.run_dir.text_tokenizer
         self.tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
         if not self.tokenizer_path.is_file():
             raise UsageError(
@@ -256,18 +288,18 @@ class FLMTask(TextFlowTask):
                 f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.tokenizer_path} has "
                 f"{self.tokenizer.vocab_size} pieces; set model.vocab_size={self.tokenizer.vocab_size}"
             )
-        self.model_config = cfg.model
+        self.model_config = cfg.model.architecture()
 
     def prepare_run_dir(self) -> None:
-        if self.tokenizer_path != self.run_dir / TOKENIZER_FILE:
-            write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+        if self.tokenizer_path != self.run_dir.text_tokenizer:
+            copy_atomic(self.tokenizer_path, self.run_dir.text_tokenizer)
 
     def build_model(self) -> nn.Module:
         self.live = FlowLM(self.model_config)
         return self.live
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: FLMRunConfig) -> None:
         super().validate_config(cfg)
         if cfg.parallel.pipeline_stages > 1 and cfg.model.learned_loss_weight:
             raise UsageError(

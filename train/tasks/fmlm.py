@@ -24,36 +24,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import nn
 
 from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import Tokenizer
+from flowmill.errors import UsageError
+from flowmill.files import copy_atomic
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig
+from flowmill.run_dir import CONFIG_FILE, EMA_FILE, SOURCE_FILE, Checkpoint, RunDir
 from flowmill.train import flm_objective as objective
-from flowmill.train.checkpoint import COMPLETE_MARKER, EMA_FILE
-from flowmill.train.judge import JudgeConfig
+from flowmill.train.distributed import DistEnv
 from flowmill.train.tasks.flm import (
     EVAL_CHUNK,
     FAMILY,
-    TOKENIZER_FILE,
-    LMEvalConfig,
+    TextFlowRunConfig,
     TextFlowTask,
     Trainee,
     clock_ce_metrics,
-    write_atomic_copy,
+    flow_lm_architecture,
 )
-from flowmill.errors import UsageError
 
-CONFIG_FILE = "config.yaml"
-SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
-TEACHER_DIR = "teacher"
-CORRECTOR_DIR = "corrector"
 STAGES = ("corrector", "student")
 
 
@@ -62,6 +58,12 @@ class DistillConfig:
     stage: str = "corrector"  # corrector (stage 1: learns the teacher map's second-order term) | student (stage 2: one network, 1-4 steps)
     teacher: str | None = None  # the FLM run dir (or one of its checkpoints/step-* folders) to distil
     corrector: str | None = None  # stage student only: the finished corrector run distilled from the same teacher
+
+
+@dataclass(frozen=True)
+class FMLMRunConfig(TextFlowRunConfig):
+    task: str = "fmlm"
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 class JumpToData(nn.Module):
@@ -80,11 +82,12 @@ class JumpToData(nn.Module):
 class FMLMTask(TextFlowTask):
     """``task: fmlm``: one stage of flow-map distillation of an FLM run (``distill.stage``)."""
 
-    config_sections = {"distill": DistillConfig, "lm_eval": LMEvalConfig, "judge": JudgeConfig}
+    config_class = FMLMRunConfig
+    cfg: FMLMRunConfig
     model_key = "the teacher's model.seq_len"
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: FMLMRunConfig) -> None:
         super().validate_config(cfg)
         if cfg.parallel.pipeline_stages > 1:
             # Its loss calls teacher, corrector and the trainee on points made from their outputs: no single pass through stages.
@@ -99,17 +102,17 @@ class FMLMTask(TextFlowTask):
         if distill.stage == "corrector" and distill.corrector:
             raise UsageError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
 
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+    def __init__(self, cfg: FMLMRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
         self.stage = cfg.distill.stage
-        own_teacher, own_corrector = self.run_dir / TEACHER_DIR, self.run_dir / CORRECTOR_DIR
+        own_teacher, own_corrector = self.run_dir.teacher, self.run_dir.corrector
         if (own_teacher / SOURCE_FILE).is_file():  # resume or sample: the run's own copies
             refuse_changed_distill(cfg, self.run_dir)
             self.teacher_files = ModelFiles.copied(own_teacher)
-            self.tokenizer_path = self.run_dir / TOKENIZER_FILE
+            self.tokenizer_path = self.run_dir.text_tokenizer
         else:
             self.teacher_files, self.tokenizer_path = teacher_source(cfg.distill.teacher)
-        teacher_config = FlowLMConfig(**read_yaml(self.teacher_files.config)["model"])
+        teacher_config = flow_lm_architecture(read_yaml(self.teacher_files.config)["model"])
         self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False), self.teacher_files.weights, env.device)
         self.tokenizer = Tokenizer.load(self.tokenizer_path)
         self.model_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=self.stage == "corrector")
@@ -123,13 +126,13 @@ class FMLMTask(TextFlowTask):
             self.corrector = load_flow_lm(corrector_config, self.corrector_files.weights, env.device)
 
     def prepare_run_dir(self) -> None:
-        own_teacher = self.run_dir / TEACHER_DIR
+        own_teacher = self.run_dir.teacher
         if self.teacher_files.folder != own_teacher:
-            # The tokenizer first: the teacher copy's source.json tells other ranks that both are there.
-            write_atomic_copy(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
+            # The text tokenizer first: the teacher copy's source.json tells other ranks that both are there.
+            copy_atomic(self.tokenizer_path, self.run_dir.text_tokenizer)
             self.teacher_files.copy_to(own_teacher)
-        if self.corrector_files is not None and self.corrector_files.folder != self.run_dir / CORRECTOR_DIR:
-            self.corrector_files.copy_to(self.run_dir / CORRECTOR_DIR)
+        if self.corrector_files is not None and self.corrector_files.folder != self.run_dir.corrector:
+            self.corrector_files.copy_to(self.run_dir.corrector)
 
     def build_model(self) -> nn.Module:
         """The flow map, starting as the teacher (the corrector with a zero head: g = 0)."""
@@ -173,8 +176,6 @@ def read_yaml(path: Path) -> dict:
 def load_flow_lm(config: FlowLMConfig, weights: Path, device: torch.device) -> FlowLM:
     """A frozen FlowLM in eval mode with the weights of ``weights`` (a learned loss weight there is dropped if
     ``config`` has none: distillation never reads a teacher's)."""
-    from safetensors.torch import load_file
-
     state = load_file(weights)
     if not config.learned_loss_weight:
         state = {k: v for k, v in state.items() if not k.startswith("loss_weight.")}
@@ -204,16 +205,16 @@ class ModelFiles:
     def copy_to(self, folder: Path) -> None:
         """Copy config and weights into ``folder``; source.json, written last, marks the copy complete."""
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic_copy(self.config, folder / CONFIG_FILE)
-        write_atomic_copy(self.weights, folder / EMA_FILE)
+        copy_atomic(self.config, folder / CONFIG_FILE)
+        copy_atomic(self.weights, folder / EMA_FILE)
         record = {"origin": self.origin, "weights_sha256": sha256_file(folder / EMA_FILE)}
         (folder / f".{SOURCE_FILE}.partial").write_text(json.dumps(record, indent=1) + "\n")
         os.replace(folder / f".{SOURCE_FILE}.partial", folder / SOURCE_FILE)
 
 
-def refuse_changed_distill(cfg: Any, run_dir: Path) -> None:
+def refuse_changed_distill(cfg: FMLMRunConfig, run_dir: RunDir) -> None:
     """A resumed (or sampled) distillation run keeps its teacher, corrector and stage."""
-    saved = read_yaml(run_dir / CONFIG_FILE).get("distill") or {}
+    saved = run_dir.saved_config().get("distill") or {}
     for key, value in dataclasses.asdict(cfg.distill).items():
         if saved.get(key) != value:
             raise UsageError(
@@ -222,16 +223,13 @@ def refuse_changed_distill(cfg: Any, run_dir: Path) -> None:
             )
 
 
-def resolve_run(source: str, key: str) -> tuple[Path, Path, dict, dict]:
-    """(run dir, checkpoint dir, run config, checkpoint meta) of a run dir or checkpoint folder named by config key ``key``."""
-    from flowmill.train.sample import resolve_checkpoint
-
+def open_source(source: str, key: str) -> tuple[RunDir, Checkpoint, dict]:
+    """(run dir, checkpoint, run config as plain data) of the run dir or checkpoint folder named by config key ``key``."""
     try:
-        run_dir, checkpoint = resolve_checkpoint(Path(source))
+        run_dir, checkpoint = RunDir.open(source)
     except UsageError as error:
         raise UsageError(f"{key}: {error}") from None
-    meta = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-    return run_dir, checkpoint, read_yaml(run_dir / CONFIG_FILE), meta
+    return run_dir, checkpoint, run_dir.saved_config()
 
 
 def teacher_source(source: str) -> tuple[ModelFiles, Path]:
@@ -240,28 +238,28 @@ def teacher_source(source: str) -> tuple[ModelFiles, Path]:
     UsageError unless it is an FLM run: another model family, or a flow-map run given as the
     teacher, is refused.
     """
-    run_dir, checkpoint, config, meta = resolve_run(source, "distill.teacher")
-    task, family = config.get("task"), meta.get("family")
+    run_dir, checkpoint, config = open_source(source, "distill.teacher")
+    task, family = config.get("task"), checkpoint.meta.get("family")
     if family != FAMILY:
         raise UsageError(
             f"distill.teacher: {source} holds a {family} model (task {task}); FMLM distils a flow language model, a run of task flm"
         )
     if task != "flm":
         raise UsageError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
-    origin = f"{run_dir.resolve()} {checkpoint.name}"
-    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, origin), run_dir / TOKENIZER_FILE
+    origin = f"{run_dir.path.resolve()} {checkpoint.path.name}"
+    return ModelFiles(run_dir.config_file, checkpoint.ema_file, origin), run_dir.text_tokenizer
 
 
 def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
     """The files of the stage-1 run ``source``; UsageError unless it is a corrector run distilled from
     the teacher whose weights are ``teacher_weights``."""
-    run_dir, checkpoint, config, _ = resolve_run(source, "distill.corrector")
+    run_dir, checkpoint, config = open_source(source, "distill.corrector")
     stage = (config.get("distill") or {}).get("stage")
     if config.get("task") != "fmlm" or stage != "corrector":
         raise UsageError(
             f"distill.corrector: {source} is a {config.get('task')} run{f' of stage {stage}' if stage else ''}; "
             "it must be an fmlm run with distill.stage=corrector"
         )
-    if sha256_file(run_dir / TEACHER_DIR / EMA_FILE) != sha256_file(teacher_weights):
+    if sha256_file(run_dir.teacher / EMA_FILE) != sha256_file(teacher_weights):
         raise UsageError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
-    return ModelFiles(run_dir / CONFIG_FILE, checkpoint / EMA_FILE, f"{run_dir.resolve()} {checkpoint.name}")
+    return ModelFiles(run_dir.config_file, checkpoint.ema_file, f"{run_dir.path.resolve()} {checkpoint.path.name}")

@@ -5,45 +5,55 @@ t = 0 is data, t = 1 is noise: x_t = (1 - t)·x0 + t·noise, the model predicts 
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from flowmill.data.decode import ImageTextDecoder, field, npy_array
+from flowmill.data import decode
+from flowmill.data.decode import ImageTextDecoder, npy_array
 from flowmill.data.shards import read_manifest
 from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.video import encode_mp4
+from flowmill.errors import UsageError
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
-from flowmill.models.mmdit import MMDiT, MMDiTConfig
+from flowmill.models.loading import load_weights
+from flowmill.models.mmdit import MMDIT_SIZES, MMDiT, MMDiTConfig
 from flowmill.models.samplers import build_sampler, cfg_velocity
 from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, TextEncoder, TextEncoderConfig, text_widths
-from flowmill.train.checkpoint import LATEST
+from flowmill.run_dir import RunDir
+from flowmill.train.config import Config
+from flowmill.train.distributed import DistEnv
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
-from flowmill.errors import UsageError
+from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
+from flowmill.train.videos import clip_uint8, prompt_grid_gif
 
 log = logging.getLogger("flowmill")
 
-TOKENIZER_FILE = "tokenizer.model"
-TEXT_ENCODER_FILE = "text_encoder.safetensors"
 # Fields `flowmill data encode` (flowmill.data.encode:text_encoder) writes per sample: txt (L, D), vec (D,).
 CACHED_TXT, CACHED_VEC = "txt_emb.npy", "vec_emb.npy"
 
 
 @dataclass
 class MMDiTModelConfig(MMDiTConfig):
-    """The MMDiT's architecture (the MMDiTConfig fields) plus how a run builds it."""
+    """The MMDiT's architecture (the MMDiTConfig fields, optionally from a preset size) plus how a run builds it."""
+
+    presets: ClassVar[dict[str, MMDiTConfig]] = MMDIT_SIZES
 
     init_from: str | None = None  # fine-tuning: start from this flowmill model folder or run dir (EMA weights); same architecture required
+    size: str | None = None  # a preset from MMDIT_SIZES (tiny, small, sd3-medium); fields given beside it override it
     compile: bool = False  # torch.compile the joint blocks for training steps (inductor): same function, faster after a one-off compile
 
     def architecture(self) -> MMDiTConfig:
@@ -68,8 +78,8 @@ class CachedTextDecoder:
 
     def __call__(self, sample: dict) -> dict:
         out = self.images(sample)
-        txt = npy_array(field(sample, CACHED_TXT))
-        vec = npy_array(field(sample, CACHED_VEC))
+        txt = npy_array(decode.field(sample, CACHED_TXT))
+        vec = npy_array(decode.field(sample, CACHED_VEC))
         if txt.ndim != 2 or txt.shape[1] != self.txt_dim or vec.shape != (self.vec_dim,):
             raise ValueError(f"cached embeddings are txt {txt.shape}, vec {vec.shape}; the model takes "
                              f"txt (L, {self.txt_dim}) and vec ({self.vec_dim},)")
@@ -90,12 +100,21 @@ class RectifiedFlowConfig:
     token_decoder: str | None = None  # a video tokenizer run whose token codes are the images (image_field codes.npy): samples are decoded to clips
 
 
+@dataclass(frozen=True)
+class MMDiTRunConfig(Config):
+    task: str = "mmdit"
+    model: MMDiTModelConfig = field(default_factory=MMDiTModelConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    flow: RectifiedFlowConfig = field(default_factory=RectifiedFlowConfig)
+
+
 class MMDiTTask(Task):
-    config_sections = {"model": MMDiTModelConfig, "text": TextEncoderConfig, "flow": RectifiedFlowConfig}
+    config_class = MMDiTRunConfig
     family = "mmdit"
+    cfg: MMDiTRunConfig
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: MMDiTRunConfig) -> None:
         try:
             build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         except ValueError as error:
@@ -118,11 +137,11 @@ class MMDiTTask(Task):
             raise UsageError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
                               "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
 
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+    def __init__(self, cfg: MMDiTRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
         text = cfg.text
         if text.pretrained is None:
-            own_tokenizer = self.run_dir / TOKENIZER_FILE
+            own_tokenizer = self.run_dir.text_tokenizer
             self.tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
             if not Path(self.tokenizer_path).is_file():
                 raise UsageError(
@@ -131,10 +150,8 @@ class MMDiTTask(Task):
                 )
             tokenizer = Tokenizer.load(self.tokenizer_path)
             self.text_encoder = TextEncoder(text, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-            weights = self.run_dir / TEXT_ENCODER_FILE
+            weights = self.run_dir.text_encoder
             if weights.exists():
-                from safetensors.torch import load_file
-
                 self.text_encoder.load_state_dict(load_file(weights))
             # Random-weight encoders share flowmill's one tokenizer (clip+t5 feeds it to both).
             tokenizers = [tokenizer] * self.text_encoder.num_tokenizers
@@ -148,8 +165,6 @@ class MMDiTTask(Task):
                 self.check_cached(source)
         self.token_decoder = None
         if cfg.flow.token_decoder is not None:
-            from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
-
             self.token_decoder = TokenVideoDecoder(cfg.flow.token_decoder, env.device)
             for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
                 self.token_decoder.check(source)
@@ -160,8 +175,6 @@ class MMDiTTask(Task):
 
     def text_encoder_sha256(self) -> str:
         """sha256 of the text encoder's weights as ``text_encoder.safetensors`` stores them."""
-        from safetensors.torch import save
-
         return hashlib.sha256(save(self.text_encoder_state())).hexdigest()
 
     def text_encoder_state(self) -> dict:
@@ -189,14 +202,12 @@ class MMDiTTask(Task):
                               "use the text section of the run that encoded it")
 
     def prepare_run_dir(self) -> None:
-        from safetensors.torch import save_file
-
         if self.cfg.text.pretrained is not None:
             return  # the run's config names the pretrained folders; they are not copied
-        if Path(self.tokenizer_path) != self.run_dir / TOKENIZER_FILE:
-            shutil.copyfile(self.tokenizer_path, self.run_dir / TOKENIZER_FILE)
-        if not (self.run_dir / TEXT_ENCODER_FILE).exists():
-            save_file(self.text_encoder_state(), self.run_dir / TEXT_ENCODER_FILE)
+        if Path(self.tokenizer_path) != self.run_dir.text_tokenizer:
+            shutil.copyfile(self.tokenizer_path, self.run_dir.text_tokenizer)
+        if not self.run_dir.text_encoder.exists():
+            save_file(self.text_encoder_state(), self.run_dir.text_encoder)
 
     def build_model(self) -> nn.Module:
         """The MMDiT, from ``model.init_from``'s weights when a fresh run fine-tunes."""
@@ -204,7 +215,7 @@ class MMDiTTask(Task):
         model = MMDiT(arch)
         # Only a fresh run reads init_from: a resumed or sampled run's checkpoint replaces the
         # weights anyway, and must not depend on the base model folder still being there.
-        if self.cfg.model.init_from and not (self.run_dir / LATEST).exists():
+        if self.cfg.model.init_from and not self.run_dir.has_checkpoint():
             model.load_state_dict(self.init_weights(self.cfg.model.init_from, arch))
         if self.cfg.model.compile:
             model.compile_blocks()
@@ -212,8 +223,6 @@ class MMDiTTask(Task):
 
     def init_weights(self, source: str, arch: MMDiTConfig) -> dict:
         """The state dict of a model folder or run dir (EMA), refused unless it is an MMDiT of this architecture."""
-        from flowmill.train.model_io import load_weights
-
         try:
             family, theirs, state_dict = load_weights(source)
         except UsageError as error:
@@ -301,13 +310,13 @@ class MMDiTTask(Task):
         velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, cfg_scale)
         return build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift).clamp(-1, 1)
 
-    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
+    def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
         """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``; a
         generator of video tokens writes clips instead (see ``write_clips``)."""
         if not args.prompt:
             raise UsageError("--prompt: an MMDiT run needs at least one --prompt TEXT")
         if self.token_decoder is None and model.config.in_channels not in (1, 3):
-            raise UsageError(f"{checkpoint}: the model makes {model.config.in_channels}-channel latents, not 1- or "
+            raise UsageError(f"{source}: the model makes {model.config.in_channels}-channel latents, not 1- or "
                               "3-channel images; flowmill has no latent decoder (SD3 latents need SD3's VAE, in diffusers)")
         try:
             build_sampler(args.sampler)
@@ -317,7 +326,7 @@ class MMDiTTask(Task):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if self.token_decoder is not None:
-            return self.write_clips(images, args, out, checkpoint)
+            return self.write_clips(images, args, out, source)
         names = [f"{p:03d}-{i:03d}.png" for p in range(len(args.prompt)) for i in range(args.num_samples)]
         save_images(images, [out / name for name in names])
         image_grid(images, cols=args.num_samples, upscale=2).save(out / "grid.png")
@@ -325,15 +334,12 @@ class MMDiTTask(Task):
         with open(out / "samples.jsonl", "w") as handle:
             for name, prompt in zip(names, prompts):
                 handle.write(json.dumps({"file": name, "prompt": prompt}) + "\n")
-        print(f"wrote {len(names)} samples from {checkpoint} to {out} (grid: {out / 'grid.png'})")
+        print(f"wrote {len(names)} samples from {source} to {out} (grid: {out / 'grid.png'})")
         return 0
 
-    def write_clips(self, codes: torch.Tensor, args: Any, out: Path, checkpoint: Path) -> int:
+    def write_clips(self, codes: torch.Tensor, args: argparse.Namespace, out: Path, source: Path) -> int:
         """Generated token codes (P·N, d, h, w), decoded by the video tokenizer: ``PPP-NNN.npy``
         (uint8 (T, H, W, 3)) and ``.mp4`` per sample, grid.gif (one row per prompt) and samples.jsonl."""
-        from flowmill.data.video import encode_mp4
-        from flowmill.train.videos import clip_uint8, prompt_grid_gif
-
         clips = self.token_decoder(codes, seed=args.seed)
         count = args.num_samples
         records = []
@@ -347,7 +353,7 @@ class MMDiTTask(Task):
         prompt_grid_gif(clips, len(args.prompt), out / "grid.gif")
         with open(out / "samples.jsonl", "w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in records)
-        print(f"wrote {len(records)} clips from {checkpoint}, decoded by {self.cfg.flow.token_decoder}, to {out} "
+        print(f"wrote {len(records)} clips from {source}, decoded by {self.cfg.flow.token_decoder}, to {out} "
               f"(grid: {out / 'grid.gif'})")
         return 0
 
@@ -356,8 +362,6 @@ class MMDiTTask(Task):
         prompts = s.prompts or [""]
         images = self.generate(model, prompts, s.num_per_prompt, s.steps, s.cfg_scale, s.sampler, seed=self.cfg.trainer.seed)
         if self.token_decoder is not None:
-            from flowmill.train.videos import prompt_grid_gif
-
             clips = self.token_decoder(images, seed=self.cfg.trainer.seed)
             return [prompt_grid_gif(clips, len(prompts), out_dir / f"clips-{step:08d}.gif")]
         path = out_dir / f"grid-{step:08d}.png"

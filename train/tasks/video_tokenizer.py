@@ -14,10 +14,12 @@ PSNR/SSIM-versus-k plots. ``flowmill reconstruct`` and ``flowmill data encode`` 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -25,9 +27,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
-from flowmill.models.video_tokenizer import VideoTokenizer, VideoTokenizerConfig, patchify
-from flowmill.train.tasks.base import Task
+from flowmill.data.shards import read_manifest
+from flowmill.data.video import encode_mp4, read_video
 from flowmill.errors import UsageError
+from flowmill.models.samplers import build_sampler
+from flowmill.models.video_tokenizer import TOKENIZER_SIZES, VideoTokenizer, VideoTokenizerConfig, patchify
+from flowmill.run_dir import Checkpoint, RunDir
+from flowmill.train.config import Config
+from flowmill.train.sample import load_task_and_model
+from flowmill.train.distributed import DistEnv
+from flowmill.train.tasks.base import Task
+from flowmill.train.video_metrics import psnr, ssim
+from flowmill.train.videos import clip_uint8, quality_plot, side_by_side_gif
 
 FAMILY = "video_tokenizer"
 CLIP_FIELDS = ("npy", "mp4")
@@ -47,6 +58,26 @@ class ReconConfig:
 
 
 @dataclass
+class VideoTokenizerModelConfig(VideoTokenizerConfig):
+    """The video tokenizer's architecture, optionally from a preset size."""
+
+    presets: ClassVar[dict[str, VideoTokenizerConfig]] = TOKENIZER_SIZES
+    size: str | None = None  # a preset from TOKENIZER_SIZES (tiny, d12, d18); fields given beside it override it
+
+    def architecture(self) -> VideoTokenizerConfig:
+        """The plain VideoTokenizerConfig: what defines the model's function and its weights."""
+        return VideoTokenizerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(VideoTokenizerConfig)})
+
+
+@dataclass(frozen=True)
+class VideoTokenizerRunConfig(Config):
+    task: str = "video_tokenizer"
+    model: VideoTokenizerModelConfig = field(default_factory=VideoTokenizerModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+
+
+@dataclass
 class Reconstructions:
     """Held-out clips decoded from their first k tokens at one training step."""
 
@@ -57,11 +88,12 @@ class Reconstructions:
 
 
 class VideoTokenizerTask(Task):
-    config_sections = {"model": VideoTokenizerConfig, "video": VideoConfig, "recon": ReconConfig}
+    config_class = VideoTokenizerRunConfig
     family = FAMILY
+    cfg: VideoTokenizerRunConfig
 
     @classmethod
-    def validate_config(cls, cfg: Any) -> None:
+    def validate_config(cls, cfg: VideoTokenizerRunConfig) -> None:
         if cfg.video.field not in CLIP_FIELDS:
             raise UsageError(f"video.field: {cfg.video.field!r} is not one of {', '.join(CLIP_FIELDS)}")
         if cfg.video.fit not in CLIP_FITS:
@@ -83,7 +115,7 @@ class VideoTokenizerTask(Task):
         if cfg.parallel.pipeline_stages > 1:
             raise UsageError("parallel.pipeline_stages: the video tokenizer trains without pipeline stages (ZeRO 0-3); set it to 1")
 
-    def __init__(self, cfg: Any, env: Any, run_dir: Path):
+    def __init__(self, cfg: VideoTokenizerRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
         self.live: VideoTokenizer | None = None  # the model being trained, for its random draws
         self._val_clips: torch.Tensor | None = None
@@ -95,7 +127,7 @@ class VideoTokenizerTask(Task):
         return sorted(set(self.cfg.recon.num_tokens)) or self.cfg.model.keep_k_choices
 
     def build_model(self) -> nn.Module:
-        self.live = VideoTokenizer(self.cfg.model)
+        self.live = VideoTokenizer(self.cfg.model.architecture())
         return self.live
 
     def decoder(self) -> ClipDecoder:
@@ -158,8 +190,6 @@ class VideoTokenizerTask(Task):
     def recon_quality(self, model: nn.Module, step: int) -> Reconstructions:
         """The recon.num_clips held-out clips, their reconstructions per k and PSNR/SSIM, made once per step
         (evaluation and samples of the same step share them)."""
-        from flowmill.train.video_metrics import psnr, ssim
-
         if self._last_recon is None or self._last_recon.step != step:
             held_out = self.validation_clips()[: self.cfg.recon.num_clips]
             decoded = self.reconstructions(model, held_out)
@@ -177,8 +207,6 @@ class VideoTokenizerTask(Task):
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
         ``psnr-{step}.png``, ``ssim-{step}.png`` (quality against k)."""
-        from flowmill.train.videos import quality_plot, side_by_side_gif
-
         recon = self.recon_quality(model, step)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +218,8 @@ class VideoTokenizerTask(Task):
         ssim_plot = quality_plot(ks, {"tokenizer": [recon.scores[k][1] for k in ks]}, "SSIM", out_dir / f"ssim-{step:08d}.png")
         return [gif, psnr_plot, ssim_plot]
 
-    def sample_command(self, model: nn.Module, checkpoint: Path, args: Any) -> int:
-        raise UsageError(f"{checkpoint} is a video tokenizer: it reconstructs clips instead of sampling; use "
+    def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
+        raise UsageError(f"{source} is a video tokenizer: it reconstructs clips instead of sampling; use "
                           f"`flowmill reconstruct {self.run_dir} INPUT... --num-tokens K --out DIR`")
 
     # ----- flowmill reconstruct --------------------------------------------------------------
@@ -206,8 +234,6 @@ class VideoTokenizerTask(Task):
             except ValueError as error:
                 raise UsageError(f"{path}: not a readable .npy array ({error})") from None
         elif path.suffix == ".mp4":
-            from flowmill.data.video import read_video
-
             try:
                 frames = read_video(path)
             except Exception as error:  # PyAV raises many types for an unreadable file
@@ -220,11 +246,8 @@ class VideoTokenizerTask(Task):
         except ValueError as error:
             raise UsageError(f"{path}: {error}") from None
 
-    def reconstruct_command(self, model: VideoTokenizer, checkpoint: Path, args: Any) -> int:
+    def reconstruct_command(self, model: VideoTokenizer, source: Path, args: argparse.Namespace) -> int:
         """``<name>.npy`` (uint8, the input's clip shape) and ``<name>.mp4`` per input, decoded from its first k tokens."""
-        from flowmill.data.video import encode_mp4
-        from flowmill.models.samplers import build_sampler
-        from flowmill.train.videos import clip_uint8
 
         k = args.num_tokens
         if not 1 <= k <= model.config.num_registers:
@@ -241,6 +264,8 @@ class VideoTokenizerTask(Task):
             raise UsageError(f"inputs share a file name ({', '.join(sorted(s for s in stems if stems.count(s) > 1))}); "
                               "each writes <name>.npy and <name>.mp4 into --out")
         fit = args.fit or self.cfg.video.fit
+        if fit not in CLIP_FITS:
+            raise UsageError(f"--fit: {fit!r} is not one of {', '.join(CLIP_FITS)}")
         clips = [self.read_input(path, fit) for path in inputs]  # every input checked before any work
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -254,7 +279,7 @@ class VideoTokenizerTask(Task):
             np.save(out / f"{path.stem}.npy", decoded)
             (out / f"{path.stem}.mp4").write_bytes(encode_mp4(decoded))
             print(f"{path} → {out / path.stem}.npy, .mp4 (tokens: {' '.join(map(str, indices[0].tolist()))})")
-        print(f"reconstructed {len(inputs)} clip(s) from {k} of {model.config.num_registers} tokens with {checkpoint}")
+        print(f"reconstructed {len(inputs)} clip(s) from {k} of {model.config.num_registers} tokens with {source}")
         return 0
 
 
@@ -294,23 +319,19 @@ class TokenEncoder:
         return {"tokens": encoded.indices, "codes": codes}
 
 
-def tokenizer_weights_sha256(checkpoint: Path) -> str:
+def tokenizer_weights_sha256(checkpoint: Checkpoint) -> str:
     """sha256 of the EMA weights file a tokenizer run decodes and encodes with."""
-    from flowmill.train.checkpoint import EMA_FILE
-
-    return hashlib.sha256((checkpoint / EMA_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256(checkpoint.ema_file.read_bytes()).hexdigest()
 
 
 def token_encoder(run_dir: str) -> TokenEncoder:
     """``--encoder flowmill.train.tasks.video_tokenizer:token_encoder --arg run_dir=RUN``."""
-    from flowmill.train.sample import load_task_and_model
-
-    task, model, checkpoint = load_task_and_model(Path(run_dir))
+    task, model, checkpoint = load_task_and_model(run_dir)
     if not isinstance(task, VideoTokenizerTask):
         raise ValueError(f"{run_dir} trains a {task.family!r} model, not a video tokenizer")
     description = {
         "video_tokenizer": str(Path(run_dir).resolve()),
-        "checkpoint": checkpoint.name,
+        "checkpoint": checkpoint.path.name,
         "weights_sha256": tokenizer_weights_sha256(checkpoint),
         "num_tokens": model.config.num_registers,
         "fsq_levels": list(model.config.fsq_levels),
@@ -327,11 +348,9 @@ class TokenVideoDecoder:
     """
 
     def __init__(self, run_dir: str, device: torch.device):
-        from flowmill.train.sample import load_task_and_model
-
         try:
-            task, model, checkpoint = load_task_and_model(Path(run_dir))
-        except (FileNotFoundError, ValueError) as error:
+            task, model, checkpoint = load_task_and_model(run_dir)
+        except UsageError as error:
             raise UsageError(f"flow.token_decoder: {error}") from None
         if not isinstance(task, VideoTokenizerTask):
             raise UsageError(f"flow.token_decoder: {run_dir} trains a {task.family!r} model, not a video tokenizer")
@@ -342,8 +361,6 @@ class TokenVideoDecoder:
 
     def check(self, source: str) -> None:
         """UsageError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""
-        from flowmill.data.shards import read_manifest
-
         description = read_manifest(source).get("made", {}).get("params", {}).get("args", {}).get("description", {})
         made_with = description.get("weights_sha256")
         if description.get("video_tokenizer") is None or made_with is None:
