@@ -49,7 +49,9 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(MP4_CODEC, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18"}
+        # cpu-independent: x264's default assembly choices made the same frames encode to different
+        # bytes from call to call, and packed shards must be byte-identical (manifest sha256).
+        stream.options = {"crf": "18", "x264-params": "cpu-independent=1"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
