@@ -8,6 +8,7 @@
 - ``shards``: name a dataset (manifest, folder, brace pattern, glob, pipe:, fsspec URL).
 - ``tario``: read a tar shard as samples with webdataset, checking its manifest sha256.
 - ``streams``: which raw samples each rank and worker reads per epoch; re-sharding.
+- ``batches``: one worker's raw samples → decoded, collated batches, each with its stream position.
 - ``loader``: ``StreamingLoader``, the resumable streaming loader training reads from.
 - ``handoff``: batches from the loader's DataLoader workers through reused shared memory.
 - ``decode``: raw samples → tensors (image+caption, clips, token sequences, any field).

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowmill.data.loader import collate
+from flowmill.data.batches import collate
 from flowmill.data.pack import write_shards
 from flowmill.data.parallel import warn
 from flowmill.data.shards import dataset_shards

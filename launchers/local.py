@@ -23,7 +23,7 @@ def check_before_launch(cfg, nproc: int, resume: bool) -> None:
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    from flowmill.data.loader import resolve_shards
+    from flowmill.data.shards import resolve_shards
 
     resolve_shards(cfg.data.path)  # raises FileNotFoundError naming the path when there are no shards
     run_dir = Path(cfg.run.dir)
