@@ -53,7 +53,7 @@ def digit_captions() -> list[str]:
 
 def digit_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """All digits as uint8 images (N, size, size) and int labels (N,)."""
-    from sklearn.datasets import load_digits  # scikit-learn takes seconds to import; only digit datasets need it
+    from sklearn.datasets import load_digits  # lazy for start-up time: scikit-learn is slow to import, only digits need it
 
     digits = load_digits()
     # sklearn's grey levels run 0..16; spread them over the full byte range before resizing.

@@ -123,7 +123,7 @@ def _write_all(samples: Iterable[dict], folder: Path, shard_samples: int | None,
             stream = open(folder / shards[-1]["name"], "wb")
             # mtime fixed so the same samples give byte-identical shards (and the same sha256), and
             # an integer: a float one makes tarfile write a pax header before every member, two more
-            # 512-byte blocks per member that every reader parses (half the reading time of small samples).
+            # 512-byte blocks per member that every reader must parse (docs/data.md, Performance).
             writer = wds.TarWriter(stream, encoder=False, mtime=0)
             count = 0
         writer.write({
