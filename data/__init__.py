@@ -1,6 +1,6 @@
 """flowmill.data: WebDataset shards for training.
 
-- ``pack``: write samples as tar shards + manifest.json (idempotent).
+- ``pack``: write samples as tar shards + manifest.json (idempotent); ``PackOptions``, how every packer writes.
 - ``parallel``: make pack samples on all cores, in an order independent of the process count.
 - ``builtin``: datasets that need no download (digits, moving digits, tinyshakespeare).
 - ``images``, ``text``, ``video``: pack a folder of captioned images, text files as token
@@ -15,5 +15,6 @@
 - ``audit``: which keys each rank reads in an epoch (``flowmill data inspect``).
 - ``encode``: cache a frozen encoder's outputs as shards (``flowmill data encode``).
 - ``tokenizer``: train and use sentencepiece tokenizers.
-- ``cli``: the ``flowmill data`` commands.
+- ``constants``: pack source names and defaults, readable without importing the packers.
+- ``cli``: the ``flowmill data`` parsers; ``commands``: what they run.
 """

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from flowmill.data.batches import collate
-from flowmill.data.pack import write_shards
+from flowmill.data.constants import ENCODE_SHARD_SAMPLES
+from flowmill.data.pack import PackOptions, write_shards
 from flowmill.data.parallel import warn
 from flowmill.data.shards import dataset_shards
 from flowmill.data.tario import read_samples
@@ -109,17 +110,16 @@ def encode_dataset(
     batch_size: int = 64,
     keep: tuple[str, ...] = (),
     dtype: str | None = None,
-    shard_samples: int | None = 1000,
-    shard_bytes: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject: Callable[[str], None] = warn,
 ) -> dict:
     """Write ``encoder``'s outputs for every sample of ``source`` as shards in ``out_dir``; returns the manifest.
 
-    ``dtype`` (float16, float32) converts floating outputs before storing them. Samples the
-    encoder rejects are reported with ``on_reject`` and listed in the manifest's notes.
-    Idempotent for the same source shards, encoder and arguments.
+    ``dtype`` (float16, float32) converts floating outputs before storing them. Shards hold
+    ``ENCODE_SHARD_SAMPLES`` samples unless ``options`` set a limit; the encoder runs in this
+    process, whatever ``options.processes`` allows. Samples the encoder rejects are reported with
+    ``on_reject`` and listed in the manifest's notes. Idempotent for the same source shards,
+    encoder and arguments.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,8 +135,8 @@ def encode_dataset(
     rejected: list[dict] = []
     samples = _encoded_samples(source, encoder, batch_size, keep, dtype, rejected, on_reject)
     return write_shards(
-        samples, out_dir, source=ENCODE_SOURCE, args=args, shard_samples=shard_samples, shard_bytes=shard_bytes,
-        total=total, progress=progress, overwrite=overwrite, notes={"rejected": rejected},
+        samples, out_dir, source=ENCODE_SOURCE, args=args, total=total, notes={"rejected": rejected},
+        **options.shard_keywords(ENCODE_SHARD_SAMPLES),
     )
 
 

@@ -17,13 +17,13 @@ import av
 import numpy as np
 from PIL import Image
 
+from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, VIDEO_SOURCE
 from flowmill.data.images import IMAGE_SUFFIXES, square
-from flowmill.data.pack import input_fingerprint, write_shards
+from flowmill.data.pack import PackOptions, input_fingerprint, write_shards
 from flowmill.data.parallel import BadInput, parallel_samples, warn
 
 VIDEO_SUFFIXES = (".mp4",)
 MP4_CODEC = "libx264"  # H.264 in the PyAV wheels; reads back in any player
-VIDEO_SOURCE = "video"
 
 
 def read_video(source: str | Path | bytes) -> np.ndarray:
@@ -166,16 +166,13 @@ def pack_videos(
     out_dir: str | Path,
     spec: ClipSpec,
     *,
-    shard_samples: int | None = 100,
-    shard_bytes: int | None = None,
-    processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject=warn,
 ) -> dict:
     """Cut the videos named by ``inputs`` (.mp4 files, frames folders, folders of either) into clips
-    packed into ``out_dir``; returns the manifest. Unusable inputs are reported with
-    ``on_reject``, listed in the manifest's notes and left out."""
+    packed into ``out_dir``; returns the manifest. Shards hold ``DEFAULT_SHARD_SAMPLES["video"]``
+    clips unless ``options`` set a limit. Unusable inputs are reported with ``on_reject``, listed
+    in the manifest's notes and left out."""
     for name, value in (("frames", spec.frames), ("size", spec.size), ("stride", spec.stride)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -186,10 +183,10 @@ def pack_videos(
         raise ValueError(f"no videos to pack in {', '.join(inputs)}")
     jobs = [(video_prefix(index, path), path, spec) for index, path in enumerate(videos)]
     samples = parallel_samples(
-        video_clips, jobs, processes=processes, rejected=rejected, describe=lambda job: job[1], on_reject=on_reject
+        video_clips, jobs, processes=options.processes, rejected=rejected, describe=lambda job: job[1], on_reject=on_reject
     )
     args = {"videos": [str(Path(path).resolve()) for path in videos], "inputs": input_fingerprint(videos), **asdict(spec)}
     return write_shards(
-        samples, out_dir, source=VIDEO_SOURCE, args=args, shard_samples=shard_samples, shard_bytes=shard_bytes,
-        progress=progress, overwrite=overwrite, notes={"rejected": rejected},
+        samples, out_dir, source=VIDEO_SOURCE, args=args, notes={"rejected": rejected},
+        **options.shard_keywords(DEFAULT_SHARD_SAMPLES[VIDEO_SOURCE]),
     )
