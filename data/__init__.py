@@ -13,7 +13,8 @@
 - ``handoff``: batches from the loader's DataLoader workers through reused shared memory.
 - ``decode``: raw samples → tensors (image+caption, clips, token sequences, any field).
 - ``audit``: which keys each rank reads in an epoch (``flowmill data inspect``).
-- ``encode``: cache a frozen encoder's outputs as shards (``flowmill data encode``).
+- ``encode``: cache a frozen encoder's outputs as shards (``flowmill data encode``); the
+  encoders of a trained run are in ``flowmill.train.encoders``.
 - ``tokenizer``: train and use sentencepiece tokenizers.
 - ``constants``: pack source names and defaults, readable without importing the packers.
 - ``cli``: the ``flowmill data`` parsers; ``commands``: what they run.

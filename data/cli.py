@@ -73,7 +73,7 @@ def _add_encode(commands: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "example: flowmill data encode datasets/digits datasets/digits-txt-emb "
-            "--encoder flowmill.data.encode:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
+            "--encoder flowmill.train.encoders:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
         ),
     )
     encode.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern or glob")

@@ -142,7 +142,7 @@ def test_encode_command(tmp_path, capsys):
     try:
         # k3 has no txt to keep: skipped, the rest is written
         assert run(["data", "encode", str(tmp_path / "data"), str(tmp_path / "emb"), "--encoder",
-                    "flowmill.data.encode:text_encoder", "--arg", f"run_dir={tmp_path / 'run'}",
+                    "flowmill.train.encoders:text_encoder", "--arg", f"run_dir={tmp_path / 'run'}",
                     "--dtype", "float16", "--keep", "txt", "--quiet", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)

@@ -231,8 +231,8 @@ def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir
     from flowmill.data.loader import StreamingLoader
 
     args = {"run_dir": str(finished_run)}
-    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.data.encode:text_encoder", args),
-                   encoder_spec="flowmill.data.encode:text_encoder", encoder_args=args, keep=("png", "txt"),
+    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.train.encoders:text_encoder", args),
+                   encoder_spec="flowmill.train.encoders:text_encoder", encoder_args=args, keep=("png", "txt"),
                    batch_size=256, options=PackOptions(progress=False))
     cached = tiny_task(digits_dir, tmp_path / "run", **{"text.cached": "true", "data.path": tmp_path / "cached"})
     loader = StreamingLoader(tmp_path / "cached", rank=0, world_size=1, batch_size=8, num_workers=0, seed=0,
