@@ -24,15 +24,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flowmill.data.pack import write_shards
+from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, DIGITS_SOURCE, MOVING_DIGITS_SOURCE, TINYSHAKESPEARE
+from flowmill.data.pack import PackOptions, write_shards
 from flowmill.data.parallel import parallel_samples
 from flowmill.data.video import encode_mp4
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGITS_SOURCE = "builtin:digits"
 DIGITS_COUNT = 1797  # samples in sklearn's digits set
-MOVING_DIGITS_SOURCE = "builtin:moving-digits"
-TINYSHAKESPEARE = "builtin:tinyshakespeare"
 # Motion directions of the moving digits, as (dx, dy) steps in image coordinates (y grows downwards).
 DIRECTIONS = {
     "right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1),
@@ -53,7 +51,7 @@ def digit_captions() -> list[str]:
 
 def digit_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """All digits as uint8 images (N, size, size) and int labels (N,)."""
-    from sklearn.datasets import load_digits  # scikit-learn takes seconds to import; only digit datasets need it
+    from sklearn.datasets import load_digits  # lazy for start-up time: scikit-learn is slow to import, only digits need it
 
     digits = load_digits()
     # sklearn's grey levels run 0..16; spread them over the full byte range before resizing.
@@ -76,30 +74,15 @@ def digits_samples(size: int = 32) -> Iterator[dict]:
         }
 
 
-def pack_builtin_digits(
-    out_dir: str | Path,
-    shard_size: int | None = 225,
-    size: int = 32,
-    progress: bool = True,
-    *,
-    shard_bytes: int | None = None,
-    overwrite: bool = False,
-) -> dict:
+def pack_builtin_digits(out_dir: str | Path, size: int = 32, *, options: PackOptions = PackOptions()) -> dict:
     """Pack the digits into ``out_dir`` (8 shards at the default 225 samples each); returns the manifest.
 
-    ``shard_size`` counts samples per shard, ``shard_bytes`` bytes (give one or both).
-    Idempotent: a second call with the same arguments returns the existing manifest.
+    The digits are made in this process, whatever ``options.processes`` allows. Idempotent: a
+    second call with the same arguments returns the existing manifest.
     """
     return write_shards(
-        digits_samples(size),
-        out_dir,
-        source=DIGITS_SOURCE,
-        args={"size": size},
-        shard_samples=shard_size,
-        shard_bytes=shard_bytes,
-        total=DIGITS_COUNT,
-        progress=progress,
-        overwrite=overwrite,
+        digits_samples(size), out_dir, source=DIGITS_SOURCE, args={"size": size}, total=DIGITS_COUNT,
+        **options.shard_keywords(DEFAULT_SHARD_SAMPLES[DIGITS_SOURCE]),
     )
 
 
@@ -194,17 +177,14 @@ def pack_moving_digits(
     out_dir: str | Path,
     num_clips: int = 1024,
     spec: MovingDigitsSpec = MovingDigitsSpec(),
-    shard_samples: int | None = 64,
-    shard_bytes: int | None = None,
-    processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
+    *,
+    options: PackOptions = PackOptions(),
 ) -> dict:
     """Pack ``num_clips`` moving-digit clips into ``out_dir``; returns the manifest.
 
     Each sample: ``npy`` uint8 (T, size, size, 3), ``txt`` caption, ``json`` description
     with per-frame positions, ``cls`` label of the first digit, and ``mp4`` with
-    ``spec.mp4``. The shards do not depend on ``processes``. Idempotent.
+    ``spec.mp4``. The shards do not depend on ``options.processes``. Idempotent.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
@@ -213,11 +193,11 @@ def pack_moving_digits(
     def samples() -> Iterator[dict]:
         # Runs only if the dataset is not packed yet.
         _sprites(spec.sprite)  # loaded once here; forked pack processes inherit it
-        yield from parallel_samples(_moving_digits_samples, jobs, processes=processes, rejected=[])
+        yield from parallel_samples(_moving_digits_samples, jobs, processes=options.processes, rejected=[])
 
     return write_shards(
-        samples(), out_dir, source=MOVING_DIGITS_SOURCE, args={"num_clips": num_clips, **spec.__dict__},
-        shard_samples=shard_samples, shard_bytes=shard_bytes, total=num_clips, progress=progress, overwrite=overwrite,
+        samples(), out_dir, source=MOVING_DIGITS_SOURCE, args={"num_clips": num_clips, **spec.__dict__}, total=num_clips,
+        **options.shard_keywords(DEFAULT_SHARD_SAMPLES[MOVING_DIGITS_SOURCE]),
     )
 
 

@@ -1,7 +1,8 @@
-"""``flowmill data ...`` commands: pack shards, train a tokenizer, inspect what each rank reads, cache encoders.
+"""``flowmill data ...`` parsers: pack shards, train a tokenizer, inspect what each rank reads, cache encoders.
 
-``register(subparsers)`` adds the ``data`` group to the main parser; each command sets
-``func`` on the parsed namespace, a callable ``func(args) -> int`` (the exit code).
+``register(subparsers)`` adds the ``data`` group to the main parser. Each command names its
+handler in ``flowmill.data.commands``, imported only when the command runs: this module
+imports nothing heavy, so ``flowmill data ... --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,44 +11,25 @@ import argparse
 import json
 import os
 import re
-import shutil
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
-from flowmill.data.builtin import (
+from flowmill.arguments import set_handler
+from flowmill.data.constants import (
+    DEFAULT_SHARD_SAMPLES,
+    DIGIT_CAPTIONS,
     DIGITS_SOURCE,
+    ENCODE_SHARD_SAMPLES,
+    IMAGES_SOURCE,
+    MODEL_TYPES,
+    MOVING_DIGITS_CAPTIONS,
     MOVING_DIGITS_SOURCE,
+    PACK_SOURCES,
+    TEXT_SOURCE,
     TINYSHAKESPEARE,
-    MovingDigitsSpec,
-    digit_captions,
-    moving_digits_caption_lines,
-    pack_builtin_digits,
-    pack_moving_digits,
+    VIDEO_SOURCE,
 )
-from flowmill.data.tokenizer import MODEL_TYPES, train_tokenizer
-from flowmill.errors import UsageError
 
-IMAGES, TEXT, VIDEO = "images", "text", "video"
-PACK_SOURCES = (DIGITS_SOURCE, MOVING_DIGITS_SOURCE, IMAGES, TEXT, VIDEO)
-INPUTS = {DIGITS_SOURCE: (0, 0), MOVING_DIGITS_SOURCE: (0, 0), IMAGES: (1, 1), TEXT: (1, None), VIDEO: (1, None)}
-DEFAULT_SHARD_SAMPLES = {DIGITS_SOURCE: 225, MOVING_DIGITS_SOURCE: 64, IMAGES: 1000, TEXT: 256, VIDEO: 100}
-# Options that only mean something for some sources; giving one to another source is an error.
-OPTION_SOURCES = {
-    "size": (MOVING_DIGITS_SOURCE, IMAGES, VIDEO),
-    "frames": (MOVING_DIGITS_SOURCE, VIDEO),
-    "mp4": (MOVING_DIGITS_SOURCE, VIDEO),
-    "stride": (VIDEO,),
-    "num_clips": (MOVING_DIGITS_SOURCE,),
-    "digits": (MOVING_DIGITS_SOURCE,),
-    "seed": (MOVING_DIGITS_SOURCE,),
-    "tokenizer": (TEXT,),
-    "seq_len": (TEXT,),
-    "val_fraction": (TEXT,),
-}
-DIGIT_CAPTIONS = "builtin:digit-captions"
-MOVING_DIGITS_CAPTIONS = "builtin:moving-digits-captions"
 BYTE_UNITS = {"": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -57,143 +39,6 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in BYTE_UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5000, 64MB or 1GiB")
     return int(match.group(1)) * BYTE_UNITS[match.group(2).lower()]
-
-
-def _check_pack_args(args: argparse.Namespace) -> tuple[list[str], str]:
-    """(inputs, out_dir) of a pack command line; UsageError for a wrong combination."""
-    if args.source not in PACK_SOURCES:
-        raise UsageError(f"unknown pack source {args.source!r}; choose one of: {', '.join(PACK_SOURCES)}")
-    *inputs, out_dir = args.paths
-    low, high = INPUTS[args.source]
-    if len(inputs) < low or (high is not None and len(inputs) > high):
-        wanted = "no INPUT" if high == 0 else "one INPUT" if high == 1 else "one or more INPUTs"
-        raise UsageError(f"{args.source} takes {wanted} before OUT_DIR, got {len(inputs)}: {' '.join(inputs) or '-'}")
-    for option, sources in OPTION_SOURCES.items():
-        value = getattr(args, option)
-        if value not in (None, False) and args.source not in sources:
-            flag = "--" + option.replace("_", "-")
-            raise UsageError(f"{flag} applies to {', '.join(sources)}, not to {args.source}")
-    if args.source == TEXT and args.tokenizer is None:
-        raise UsageError("text needs --tokenizer TOK.model (train one with `flowmill data tokenizer`)")
-    return inputs, out_dir
-
-
-def pack_command(args: argparse.Namespace) -> int:
-    inputs, out_dir = _check_pack_args(args)
-    shard_samples = args.shard_samples
-    if shard_samples is None and args.shard_bytes is None:
-        shard_samples = DEFAULT_SHARD_SAMPLES[args.source]
-    common = dict(
-        shard_samples=shard_samples, shard_bytes=args.shard_bytes, processes=args.processes,
-        progress=not args.quiet, overwrite=args.overwrite,
-    )
-    try:
-        manifests = _run_pack(args, inputs, out_dir, common)
-    except (FileNotFoundError, NotADirectoryError, FileExistsError, ValueError) as exn:
-        raise UsageError(str(exn)) from None
-    for where, manifest in manifests.items():
-        rejected = len(manifest["made"].get("notes", {}).get("rejected", []))  # manifests before notes have none
-        print(
-            f"{where}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
-            f"{', '.join(manifest['fields'])}" + (f"; {rejected} inputs skipped (listed in manifest.json)" if rejected else "")
-        )
-    return 0
-
-
-def _run_pack(args: argparse.Namespace, inputs: list[str], out_dir: str, common: dict) -> dict[str, dict]:
-    """Pack as the command line says; returns {folder written: manifest}."""
-    def given(value, default):
-        return default if value is None else value
-
-    if args.source == DIGITS_SOURCE:
-        return {out_dir: pack_builtin_digits(
-            out_dir, shard_size=common["shard_samples"], shard_bytes=common["shard_bytes"], progress=common["progress"],
-            overwrite=common["overwrite"],
-        )}
-    if args.source == MOVING_DIGITS_SOURCE:
-        spec = MovingDigitsSpec(
-            frames=given(args.frames, 16), size=given(args.size, 32), digits=given(args.digits, 2),
-            seed=given(args.seed, 0), mp4=args.mp4,
-        )
-        return {out_dir: pack_moving_digits(out_dir, num_clips=given(args.num_clips, 1024), spec=spec, **common)}
-    if args.source == IMAGES:
-        from flowmill.data.images import pack_images
-
-        return {out_dir: pack_images(inputs[0], out_dir, size=args.size, **common)}
-    if args.source == VIDEO:
-        from flowmill.data.video import ClipSpec, pack_videos
-
-        frames = given(args.frames, 16)
-        spec = ClipSpec(frames=frames, size=given(args.size, 32), stride=given(args.stride, frames), mp4=args.mp4)
-        return {out_dir: pack_videos(inputs, out_dir, spec, **common)}
-    from flowmill.data.text import pack_text
-
-    manifests = pack_text(
-        inputs, out_dir, tokenizer_path=args.tokenizer, seq_len=given(args.seq_len, 256),
-        val_fraction=given(args.val_fraction, 0.1), **common,
-    )
-    return {str(Path(out_dir) / split): manifest for split, manifest in manifests.items()}
-
-
-def _read_lines(paths: list[str]) -> list[str]:
-    lines: list[str] = []
-    for path in paths:
-        if path == DIGIT_CAPTIONS:
-            lines.extend(digit_captions())
-            continue
-        if path == MOVING_DIGITS_CAPTIONS:
-            lines.extend(moving_digits_caption_lines())
-            continue
-        if path == TINYSHAKESPEARE:
-            from flowmill.data.builtin import tinyshakespeare_path
-
-            path = str(tinyshakespeare_path())
-        try:
-            lines.extend(Path(path).read_text(encoding="utf-8").splitlines())
-        except FileNotFoundError:
-            raise UsageError(f"text file {path} does not exist") from None
-        except UnicodeDecodeError as exn:
-            raise UsageError(f"{path} is not UTF-8 text ({exn.reason} at byte {exn.start})") from None
-    return lines
-
-
-def tokenizer_command(args: argparse.Namespace) -> int:
-    path = train_tokenizer(
-        _read_lines(args.text), args.out_prefix, args.vocab_size, model_type=args.model_type, newlines=args.newlines
-    )
-    print(f"wrote {path}")
-    return 0
-
-
-def _print_inspection(result: dict) -> None:
-    width = max(40, shutil.get_terminal_size().columns - 4)
-    for rank in result["ranks"]:
-        print(f"rank {rank['rank']}: {len(rank['keys'])} samples")
-        print(textwrap.fill(" ".join(rank["keys"]), width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
-    print(f"skipped: {len(result['skipped'])}")
-    for entry in result["skipped"]:
-        print(f"  {entry['key'] or '(rest of shard)'} in {entry['shard']}: {entry['reason']}")
-    print(f"dropped: {len(result['dropped'])}")
-    for entry in result["dropped"]:
-        print(f"  {entry['key']}: {entry['reason']}")
-
-
-def inspect_command(args: argparse.Namespace) -> int:
-    from flowmill.data.audit import inspect_epoch
-
-    try:
-        result = inspect_epoch(
-            args.dataset, world_size=args.world_size, num_workers=args.num_workers, epoch=args.epoch, seed=args.seed,
-            batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, drop_last=args.drop_last,
-            resampled=args.resampled, verify=not args.no_verify,
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as exn:  # RuntimeError: checksum mismatch, nothing decodable
-        raise UsageError(str(exn)) from None
-    if args.json:
-        print(json.dumps(result))
-    else:
-        _print_inspection(result)
-    return 0
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -207,30 +52,13 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def encode_command(args: argparse.Namespace) -> int:
-    from flowmill.data.encode import encode_dataset, load_encoder
-
-    shard_samples = 1000 if args.shard_samples is None and args.shard_bytes is None else args.shard_samples
-    encoder_args = dict(args.arg)
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        encoder = load_encoder(args.encoder, encoder_args)
-        manifest = encode_dataset(
-            args.dataset, args.out_dir, encoder, encoder_spec=args.encoder, encoder_args=encoder_args,
-            batch_size=args.batch_size, keep=tuple(args.keep), dtype=args.dtype, shard_samples=shard_samples,
-            shard_bytes=args.shard_bytes, progress=not args.quiet, overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exn:
-        raise UsageError(str(exn)) from None
-    rejected = len(manifest["made"]["notes"]["rejected"])
-    print(
-        f"{args.out_dir}: {manifest['total_samples']} samples in {len(manifest['shards'])} shards, fields "
-        f"{', '.join(manifest['fields'])}" + (f"; {rejected} samples skipped (listed in manifest.json)" if rejected else "")
-    )
-    return 0
+def _add_writing(parser: argparse.ArgumentParser, default_size: str) -> None:
+    """--shard-samples, --shard-bytes, --overwrite and --quiet: how a command writes its shards (``PackOptions``)."""
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    size = parser.add_argument_group(f"shard size (default: {default_size})")
+    size.add_argument("--shard-samples", type=int, help="close a shard after this many samples")
+    size.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes (5000, 64MB, 1GiB)")
 
 
 def _add_encode(commands: argparse._SubParsersAction) -> None:
@@ -245,7 +73,7 @@ def _add_encode(commands: argparse._SubParsersAction) -> None:
         ),
         epilog=(
             "example: flowmill data encode datasets/digits datasets/digits-txt-emb "
-            "--encoder flowmill.data.encode:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
+            "--encoder flowmill.train.encoders:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
         ),
     )
     encode.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern or glob")
@@ -257,11 +85,8 @@ def _add_encode(commands: argparse._SubParsersAction) -> None:
     encode.add_argument("--keep", nargs="+", default=[], metavar="FIELD", help="source fields copied to each output sample")
     encode.add_argument("--dtype", choices=("float32", "float16"), help="store floating outputs in this type")
     encode.add_argument("--threads", type=int, help="torch CPU threads for the encoder (default: torch's choice)")
-    encode.add_argument("--shard-samples", type=int, help="close a shard after this many samples (default 1000)")
-    encode.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes")
-    encode.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
-    encode.add_argument("--quiet", action="store_true", help="no progress bar")
-    encode.set_defaults(handler="flowmill.data.cli:encode_command")
+    _add_writing(encode, f"{ENCODE_SHARD_SAMPLES} samples per shard")
+    set_handler(encode, "flowmill.data.commands:encode_command")
 
 
 def _add_pack(commands: argparse._SubParsersAction) -> None:
@@ -278,27 +103,23 @@ def _add_pack(commands: argparse._SubParsersAction) -> None:
             sources:
               {DIGITS_SOURCE:<22} scikit-learn digits, 32x32 grey PNG + caption + class (no INPUT)
               {MOVING_DIGITS_SOURCE:<22} digits bouncing in a frame: .npy uint8 (T, S, S, 3) + caption (no INPUT)
-              {IMAGES:<22} one folder of images with a .txt or .json caption beside each image
-              {TEXT:<22} text files ({TINYSHAKESPEARE} for the built-in corpus) → token sequences,
+              {IMAGES_SOURCE:<22} one folder of images with a .txt or .json caption beside each image
+              {TEXT_SOURCE:<22} text files ({TINYSHAKESPEARE} for the built-in corpus) → token sequences,
               {'':<22} written as OUT_DIR/train and OUT_DIR/val (held-out tail of each file)
-              {VIDEO:<22} .mp4 files, folders of frames, or folders holding either → clips of T frames"""),
+              {VIDEO_SOURCE:<22} .mp4 files, folders of frames, or folders holding either → clips of T frames"""),
         epilog=textwrap.dedent(f"""\
             examples:
               flowmill data pack {DIGITS_SOURCE} data/digits
               flowmill data pack {MOVING_DIGITS_SOURCE} data/moving --frames 16 --size 32 --num-clips 2048
-              flowmill data pack {IMAGES} photos/ data/photos --size 256 --shard-bytes 256MB
-              flowmill data pack {TEXT} {TINYSHAKESPEARE} data/shakespeare --tokenizer data/shakespeare-tok.model --seq-len 256
-              flowmill data pack {VIDEO} clips/*.mp4 frames/ data/clips --frames 16 --size 64 --stride 8"""),
+              flowmill data pack {IMAGES_SOURCE} photos/ data/photos --size 256 --shard-bytes 256MB
+              flowmill data pack {TEXT_SOURCE} {TINYSHAKESPEARE} data/shakespeare --tokenizer data/shakespeare-tok.model --seq-len 256
+              flowmill data pack {VIDEO_SOURCE} clips/*.mp4 frames/ data/clips --frames 16 --size 64 --stride 8"""),
     )
     pack.add_argument("source", metavar="SOURCE", help=f"what to pack; one of: {', '.join(PACK_SOURCES)}")
     pack.add_argument("paths", nargs="+", metavar="PATH", help="the source's inputs (none for builtin sources), then OUT_DIR")
-    size = pack.add_argument_group("shard size (default: samples per shard by source, "
-                                   + ", ".join(f"{name} {count}" for name, count in DEFAULT_SHARD_SAMPLES.items()) + ")")
-    size.add_argument("--shard-samples", type=int, help="close a shard after this many samples")
-    size.add_argument("--shard-bytes", type=parse_bytes, help="close a shard once it holds this many bytes (5000, 64MB, 1GiB)")
     pack.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
-    pack.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds another dataset")
-    pack.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_writing(pack, "samples per shard by source, "
+                 + ", ".join(f"{name} {count}" for name, count in DEFAULT_SHARD_SAMPLES.items()))
     media = pack.add_argument_group("images and video")
     media.add_argument("--size", type=int, help="square side in pixels (video and moving digits: default 32; images: keep as is)")
     media.add_argument("--frames", type=int, help="frames per clip, T (default 16)")
@@ -308,11 +129,11 @@ def _add_pack(commands: argparse._SubParsersAction) -> None:
     digits.add_argument("--num-clips", type=int, help="clips to make (default 1024)")
     digits.add_argument("--digits", type=int, help="digits moving in each clip (default 2)")
     digits.add_argument("--seed", type=int, help="seed of the clips (default 0)")
-    text = pack.add_argument_group(TEXT)
+    text = pack.add_argument_group(TEXT_SOURCE)
     text.add_argument("--tokenizer", metavar="TOK.model", help="sentencepiece model from `flowmill data tokenizer`")
     text.add_argument("--seq-len", type=int, help="tokens per sequence (default 256)")
     text.add_argument("--val-fraction", type=float, help="tail of each file held out as OUT_DIR/val (default 0.1; 0: none)")
-    pack.set_defaults(handler="flowmill.data.cli:pack_command")
+    set_handler(pack, "flowmill.data.commands:pack_command")
 
 
 def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
@@ -338,7 +159,7 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     tokenizer.add_argument("--vocab-size", type=int, required=True, help="largest vocabulary, special ids included")
     tokenizer.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="sentencepiece algorithm (default unigram)")
     tokenizer.add_argument("--newlines", action="store_true", help="keep line breaks and runs of spaces (for language-model text)")
-    tokenizer.set_defaults(handler="flowmill.data.cli:tokenizer_command")
+    set_handler(tokenizer, "flowmill.data.commands:tokenizer_command")
 
 
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
@@ -371,7 +192,7 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--no-verify", action="store_true", help="do not check shards against the manifest's sha256")
     inspect.add_argument("--json", action="store_true", help='print {"ranks": [...], "skipped": [...], "dropped": [...]}')
-    inspect.set_defaults(handler="flowmill.data.cli:inspect_command")
+    set_handler(inspect, "flowmill.data.commands:inspect_command")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

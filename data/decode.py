@@ -52,8 +52,9 @@ def _npy_header(header: bytes) -> tuple[tuple[int, ...], np.dtype, str, int]:
 
 def npy_array(data: bytes) -> np.ndarray:
     """``.npy`` bytes → read-only array viewing ``data`` (no copy). Headers are parsed once per
-    distinct header, and the array is one ``np.ndarray`` call on the bytes, which makes this
-    ~35× faster than ``np.load`` on an 8 KB array (it is a per-sample cost of the loader)."""
+    distinct header, and the array is one ``np.ndarray`` call on the bytes: ``np.load`` parses
+    every header and copies the data out of a file object, a per-sample cost of the loader
+    (docs/data.md, Performance)."""
     if not data.startswith(b"\x93NUMPY") or len(data) < 10:
         raise ValueError("not .npy data (bad magic)")
     header_end = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
@@ -174,7 +175,7 @@ class TokenDecoder:
 
 def video_frames(data: bytes) -> np.ndarray:
     """``.mp4`` (or any PyAV-readable video) bytes → uint8 frames (T, H, W, 3)."""
-    from flowmill.data.video import read_video  # PyAV is loaded only by datasets that hold videos
+    from flowmill.data.video import read_video  # lazy for start-up time: PyAV loads only for datasets with videos
 
     return read_video(data)
 

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowmill.data.loader import collate
-from flowmill.data.pack import write_shards
+from flowmill.data.batches import collate
+from flowmill.data.constants import ENCODE_SHARD_SAMPLES
+from flowmill.data.pack import PackOptions, write_shards
 from flowmill.data.parallel import warn
 from flowmill.data.shards import dataset_shards
 from flowmill.data.tario import read_samples
-from flowmill.data.tokenizer import Tokenizer
 
 ENCODE_SOURCE = "encode"
 DTYPES = {"float32": np.float32, "float16": np.float16}  # .npy has no bfloat16
@@ -41,7 +41,7 @@ def load_encoder(spec: str, kwargs: dict[str, Any]) -> Any:
     """The encoder ``module:callable`` returns when called with ``kwargs``."""
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise ValueError(f"encoder {spec!r} must be 'module:callable', e.g. flowmill.data.encode:text_encoder")
+        raise ValueError(f"encoder {spec!r} must be 'module:callable', e.g. flowmill.train.encoders:text_encoder")
     try:
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exn:
@@ -109,17 +109,16 @@ def encode_dataset(
     batch_size: int = 64,
     keep: tuple[str, ...] = (),
     dtype: str | None = None,
-    shard_samples: int | None = 1000,
-    shard_bytes: int | None = None,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject: Callable[[str], None] = warn,
 ) -> dict:
     """Write ``encoder``'s outputs for every sample of ``source`` as shards in ``out_dir``; returns the manifest.
 
-    ``dtype`` (float16, float32) converts floating outputs before storing them. Samples the
-    encoder rejects are reported with ``on_reject`` and listed in the manifest's notes.
-    Idempotent for the same source shards, encoder and arguments.
+    ``dtype`` (float16, float32) converts floating outputs before storing them. Shards hold
+    ``ENCODE_SHARD_SAMPLES`` samples unless ``options`` set a limit; the encoder runs in this
+    process, whatever ``options.processes`` allows. Samples the encoder rejects are reported with
+    ``on_reject`` and listed in the manifest's notes. Idempotent for the same source shards,
+    encoder and arguments.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -135,49 +134,6 @@ def encode_dataset(
     rejected: list[dict] = []
     samples = _encoded_samples(source, encoder, batch_size, keep, dtype, rejected, on_reject)
     return write_shards(
-        samples, out_dir, source=ENCODE_SOURCE, args=args, shard_samples=shard_samples, shard_bytes=shard_bytes,
-        total=total, progress=progress, overwrite=overwrite, notes={"rejected": rejected},
+        samples, out_dir, source=ENCODE_SOURCE, args=args, total=total, notes={"rejected": rejected},
+        **options.shard_keywords(ENCODE_SHARD_SAMPLES),
     )
-
-
-class CaptionEncoder:
-    """The MMDiT's frozen text encoder over the ``txt`` captions: outputs ``txt_emb`` (L, D),
-    ``txt_mask`` (L,) and ``vec_emb`` (D,) per sample."""
-
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer: Tokenizer, max_length: int, description: dict):
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.description = description
-
-    def decode(self, sample: dict) -> dict:
-        ids, mask = self.tokenizer.encode_padded([sample["txt"].decode("utf-8")], self.max_length)
-        return {"ids": ids[0], "mask": mask[0]}
-
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        txt, vec = self.text_encoder(batch["ids"], batch["mask"])
-        return {"txt_emb": txt, "txt_mask": batch["mask"], "vec_emb": vec}
-
-
-def text_encoder(run_dir: str) -> CaptionEncoder:
-    """The text encoder of an MMDiT run: its config's ``text`` section, tokenizer and frozen weights."""
-    import yaml
-    from safetensors.torch import load_file
-
-    from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
-    from flowmill.train.run_dir import CONFIG_YAML
-    from flowmill.train.tasks.mmdit import TEXT_ENCODER_FILE, TOKENIZER_FILE
-
-    folder = Path(run_dir)
-    config_path = folder / CONFIG_YAML
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a flowmill run dir (no {CONFIG_YAML})")
-    section = yaml.safe_load(config_path.read_text()).get("text")
-    if not section:
-        raise ValueError(f"{config_path} has no text section: the run has no text encoder")
-    cfg = TextEncoderConfig(**section)
-    tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
-    model = TextEncoder(cfg, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-    model.load_state_dict(load_file(folder / TEXT_ENCODER_FILE))
-    weights = hashlib.sha256((folder / TEXT_ENCODER_FILE).read_bytes()).hexdigest()
-    return CaptionEncoder(model, tokenizer, cfg.max_length, {"text_encoder": section, "weights_sha256": weights})

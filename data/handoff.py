@@ -2,10 +2,8 @@
 
 A tensor put on the DataLoader's queue as it is travels in a new shared-memory segment with
 a file-descriptor handshake per tensor, and the segment's pages fault in afresh in both
-processes. For a batch of 64 small latents (512 KB and a (64,) label tensor) that costs
-~1.5 ms in the worker and ~0.8 ms in the main process (measured on the 2-core development
-machine), half as much again as reading the batch's samples from the tar; through a reused
-block it is ~0.1 ms.
+processes: for batches of small samples that costs more than reading them from the tar
+(docs/data.md, Performance). A reused block pays the handshake once and its pages stay mapped.
 
 Instead each worker keeps a few shared-memory blocks and reuses them: it copies a batch's
 tensors into a free block (``WorkerBlocks.pack``) and sends, besides the batch's other

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from flowmill.data.pack import input_fingerprint, write_shards
+from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, IMAGES_SOURCE
+from flowmill.data.pack import PackOptions, input_fingerprint, write_shards
 from flowmill.data.parallel import BadInput, parallel_samples, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -34,9 +35,6 @@ class ImageJob:
     folder: str  # the folder being packed
     relative: str  # the image's path inside it
     size: int | None  # square side to resize and crop to; None keeps the image as it is
-
-
-IMAGES_SOURCE = "images"
 
 
 def find_images(folder: str | Path, size: int | None = None) -> list[ImageJob]:
@@ -116,15 +114,12 @@ def pack_images(
     out_dir: str | Path,
     *,
     size: int | None = None,
-    shard_samples: int | None = 1000,
-    shard_bytes: int | None = None,
-    processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject=warn,
 ) -> dict:
     """Pack the captioned images under ``folder`` into ``out_dir``; returns the manifest.
 
+    Shards hold ``DEFAULT_SHARD_SAMPLES["images"]`` samples unless ``options`` set a limit.
     Unusable images (undecodable, no caption, a key taken by another image) are reported
     with ``on_reject`` (one line each), listed in the manifest's notes and left out.
     """
@@ -144,10 +139,10 @@ def pack_images(
         owners[key] = job.relative
         kept.append(job)
     samples = parallel_samples(
-        image_sample, kept, processes=processes, rejected=rejected, describe=lambda job: job.relative, on_reject=on_reject
+        image_sample, kept, processes=options.processes, rejected=rejected, describe=lambda job: job.relative, on_reject=on_reject
     )
     args = {"folder": str(Path(folder).resolve()), "size": size, "inputs": input_fingerprint([folder])}
     return write_shards(
-        samples, out_dir, source=IMAGES_SOURCE, args=args, shard_samples=shard_samples, shard_bytes=shard_bytes,
-        total=len(kept), progress=progress, overwrite=overwrite, notes={"rejected": rejected},
+        samples, out_dir, source=IMAGES_SOURCE, args=args, total=len(kept), notes={"rejected": rejected},
+        **options.shard_keywords(DEFAULT_SHARD_SAMPLES[IMAGES_SOURCE]),
     )

@@ -4,11 +4,12 @@ How a sample reaches a batch, and why resume is exact:
 
 - Each worker's stream of raw samples in an epoch is a fixed function of
   ``(seed, epoch, rank, worker)`` (its shards of the epoch's split, through a seeded shuffle
-  buffer: ``flowmill.data.streams``); the worker decodes and collates them into batches.
+  buffer: ``flowmill.data.streams``); the worker decodes and collates them into batches, each
+  carrying the worker's position after it: epoch, raw samples pulled in that epoch
+  (``flowmill.data.batches``).
 - A DataLoader worker hands its batches to the main process through shared-memory blocks
   it reuses (``flowmill.data.handoff``); the main process copies each batch out of its block.
-- Every batch carries the worker's position (epoch, raw samples pulled in that epoch).
-  The main process keeps the position of the last batch it handed out per worker and which
+- The main process keeps the position of the last batch it handed out per worker and which
   worker comes next (``DataLoader`` hands out workers' outputs round-robin). Restoring that
   state, each worker re-walks its stream up to its position without decoding, and worker
   ids are rotated so the round-robin resumes with the right worker.
@@ -35,180 +36,32 @@ import gc
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from flowmill.data.batches import BatchPlan, Envelope, worker_stream
 from flowmill.data.handoff import MainBlocks, Packed, WorkerBlocks
-from flowmill.data.shards import dataset_shards, resolve_shards
+from flowmill.data.shards import dataset_shards
 from flowmill.data.streams import Position, StreamPlan, reshard, resharded_from
 
-__all__ = ["StreamingLoader", "TooManyBadSamples", "collate", "resolve_shards"]
+__all__ = ["StreamingLoader", "TooManyBadSamples"]
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
 
-_ARRAYS = (torch.Tensor, np.ndarray)
-
-
 class TooManyBadSamples(RuntimeError):
     """More than ``max_skip_fraction`` of the samples read so far were bad."""
-
-
-@dataclass
-class _Envelope:
-    """What a worker sends to the main process: a batch (or none) and its position after it."""
-
-    worker: int  # logical worker id
-    position: Position
-    batch: dict | Packed | None  # collated batch (packed by a DataLoader worker), None for the end-of-epoch report
-    epochs: list[int] = field(default_factory=list)  # epoch of each sample of the batch
-    skipped: list[dict] = field(default_factory=list)  # {"key", "shard", "reason", "epoch"}; key None for shard-level errors
-    dropped: list[dict] = field(default_factory=list)  # {"key", "reason", "epoch"}: remainder dropped by drop_last
-
-
-@dataclass
-class _Plan:
-    """Everything a worker needs to produce its stream; picklable for DataLoader workers."""
-
-    stream: StreamPlan  # which raw samples the rank's workers read, in which order
-    resampled: bool  # run epoch after epoch, batches across epoch ends
-    batch_size: int  # samples per batch
-    drop_last: bool  # one-epoch mode: drop (and report) each worker's last partial batch
-    decode: Callable[[dict], dict]  # raw sample → dict of tensors/values; raises to reject
-
-
-def _mismatch(reference: dict, sample: dict) -> str | None:
-    """Why ``sample`` cannot be stacked with ``reference`` (another decoded sample), or None."""
-    if sample.keys() != reference.keys():
-        return f"fields {sorted(sample)} differ from the batch's {sorted(reference)}"
-    for name, value in sample.items():
-        if isinstance(value, _ARRAYS):
-            ref = reference[name]
-            # torch.Size is a tuple: shapes of tensors and arrays compare as they are. Decoded
-            # samples mostly share one dtype object, whose identity is cheaper to test than equality.
-            if value.shape != ref.shape or (value.dtype is not ref.dtype and value.dtype != ref.dtype):
-                return f"{name} is {tuple(value.shape)} {value.dtype}, the batch's is {tuple(ref.shape)} {ref.dtype}"
-    return None
-
-
-def collate(samples: list[dict], keys: list[str]) -> dict:
-    """Stack decoded samples: tensors/arrays → (B, ...) tensors, numbers → (B,) tensors, others → lists.
-
-    ``keys`` become the ``"__key__"`` list.
-    """
-    batch: dict = {"__key__": keys}
-    for name, first in samples[0].items():
-        values = [sample[name] for sample in samples]
-        if isinstance(first, torch.Tensor):
-            batch[name] = torch.stack(values)
-        elif isinstance(first, np.ndarray):
-            # Filling one preallocated array is ~7× faster than np.stack on arrays of a few KB
-            # (20 → 3 µs per sample for (4, 32, 32) float16), the largest per-sample cost after tar reading.
-            stacked = np.empty((len(values), *first.shape), first.dtype)
-            for index, value in enumerate(values):
-                stacked[index] = value
-            batch[name] = torch.from_numpy(stacked)
-        elif isinstance(first, (bool, int, float)):
-            batch[name] = torch.tensor(values)
-        else:
-            batch[name] = values
-    return batch
-
-
-def _decode_one(plan: _Plan, raw: dict) -> dict:
-    decoded = plan.decode(raw)
-    if not isinstance(decoded, dict):
-        raise TypeError(f"decode must return a dict, returned {type(decoded).__name__}")
-    return decoded
-
-
-def _tag(reports: list[dict], epoch: int) -> None:
-    """Give the shard reader's reports made while reading ``epoch`` their epoch."""
-    for report in reports:
-        report.setdefault("epoch", epoch)
-
-
-def _take(reports: list[dict], epoch: int) -> list[dict]:
-    """Empty ``reports`` in place (the shard reader keeps appending to it); returns what it held."""
-    _tag(reports, epoch)
-    taken = list(reports)
-    reports.clear()
-    return taken
-
-
-def worker_stream(plan: _Plan, worker: int, start: Position) -> Iterator[_Envelope]:
-    """Envelopes of logical ``worker`` from position ``start`` on (endless in resampled mode)."""
-    if start.done:
-        return
-    epoch, skip = start.epoch, start.offset
-    samples: list[dict] = []
-    keys: list[str] = []
-    epochs: list[int] = []
-    reports: list[dict] = []
-    while True:
-        pulled = 0
-        decoded_this_epoch = 0
-        for raw in plan.stream.raw_samples(epoch, worker, reports):
-            pulled += 1
-            if pulled <= skip:
-                if pulled == skip:
-                    # Reports up to here went out with batches before the state was saved.
-                    reports.clear()
-                continue
-            try:
-                decoded = _decode_one(plan, raw)
-                reason = _mismatch(samples[0], decoded) if samples else None
-            except Exception as exn:  # a bad sample must never stop training: any decoder error skips it
-                reason = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-            if reason is not None:
-                reports.append({"key": raw["__key__"], "shard": raw.get("__url__"), "reason": reason, "epoch": epoch})
-                continue
-            decoded_this_epoch += 1
-            samples.append(decoded)
-            keys.append(raw["__key__"])
-            epochs.append(epoch)
-            if len(samples) == plan.batch_size:
-                yield _Envelope(worker, Position(epoch, pulled), collate(samples, keys), epochs, _take(reports, epoch))
-                samples, keys, epochs = [], [], []
-        _tag(reports, epoch)
-        if pulled < skip:
-            raise ValueError(
-                f"saved loader position (epoch {epoch}, sample {skip}) of worker {worker} is past the end of its "
-                f"{pulled} samples: the shards changed since the state was saved"
-            )
-        # In a resharded epoch the old ranks may have consumed all of this worker's shards.
-        resharded = plan.stream.exclusion_applies(epoch)
-        if plan.resampled and decoded_this_epoch == 0 and skip == 0 and not resharded:
-            raise RuntimeError(
-                f"rank {plan.stream.rank} worker {worker} decoded no sample in epoch {epoch} ({pulled} read, shards "
-                f"{[shard.url for shard in plan.stream.shards_for(epoch, worker)]}); refusing to loop on bad data"
-            )
-        if not plan.resampled:
-            dropped: list[dict] = []
-            if samples and not plan.drop_last:
-                yield _Envelope(worker, Position(epoch, pulled), collate(samples, keys), epochs, _take(reports, epoch))
-            else:
-                reason = (
-                    f"remainder: the last {len(keys)} samples of rank {plan.stream.rank} worker {worker} in epoch {epoch} "
-                    f"do not fill a batch of {plan.batch_size} (drop_last=True)"
-                )
-                dropped = [{"key": key, "reason": reason, "epoch": epoch} for key in keys]
-            yield _Envelope(worker, Position(epoch, pulled, done=True), None, [], _take(reports, epoch), dropped)
-            return
-        epoch, skip = epoch + 1, 0
 
 
 class _WorkerStreams(IterableDataset):
     """The dataset each DataLoader worker iterates: its logical worker's stream."""
 
-    def __init__(self, plan: _Plan, positions: list[Position], rotation: int, returned: list[Connection] | None):
+    def __init__(self, plan: BatchPlan, positions: list[Position], rotation: int, returned: list[Connection] | None):
         self.plan = plan
         self.positions = positions
         self.rotation = rotation  # DataLoader worker j serves logical worker (j + rotation) % workers
@@ -217,19 +70,19 @@ class _WorkerStreams(IterableDataset):
     def logical(self, physical: int) -> int:
         return (physical + self.rotation) % self.plan.stream.workers
 
-    def __iter__(self) -> Iterator[_Envelope]:
+    def __iter__(self) -> Iterator[Envelope]:
         info = get_worker_info()
         worker = self.logical(0 if info is None else info.id)
         if info is None:
             return worker_stream(self.plan, worker, self.positions[worker])
         # A DataLoader worker's heap is the forked parent's: frozen, garbage collections scan
-        # only what the stream creates (5% of the CPU time for small array samples, measured)
-        # and leave the pages shared with the parent uncopied.
+        # only what the stream creates, not the parent's objects, and leave the pages shared
+        # with the parent uncopied.
         gc.freeze()
         return _packed(worker_stream(self.plan, worker, self.positions[worker]), WorkerBlocks(self.returned[worker]))
 
 
-def _packed(envelopes: Iterator[_Envelope], blocks: WorkerBlocks) -> Iterator[_Envelope]:
+def _packed(envelopes: Iterator[Envelope], blocks: WorkerBlocks) -> Iterator[Envelope]:
     """``envelopes`` with their batches packed into the worker's shared-memory blocks (``flowmill.data.handoff``)."""
     for envelope in envelopes:
         if envelope.batch is not None:
@@ -305,7 +158,7 @@ class StreamingLoader:
         self.num_workers = num_workers
         self.max_skip_fraction = max_skip_fraction
         self.skip_check_after = skip_check_after
-        self._plan = _Plan(
+        self._plan = BatchPlan(
             StreamPlan(shards, rank, world_size, workers, seed, shuffle_buffer, verify),
             resampled, batch_size, drop_last, decode,
         )
@@ -376,7 +229,7 @@ class StreamingLoader:
             self._positions = [Position(self.epoch, 0) for _ in self._positions]
             self._next_worker = 0
 
-    def _account(self, envelope: _Envelope) -> None:
+    def _account(self, envelope: Envelope) -> None:
         for report in envelope.skipped:
             self._stats["skipped" if report["key"] is not None else "shard_errors"] += 1
             self._recent_reasons = (self._recent_reasons + [f"{report['key'] or report['shard']}: {report['reason']}"])[-3:]

@@ -28,7 +28,9 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 from tqdm import tqdm
@@ -36,6 +38,26 @@ from tqdm import tqdm
 from flowmill.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
 
 SHARD_PATTERN = "shard-{:06d}.tar"
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How a packer writes its dataset, whatever the source: shard size, processes, progress, overwriting."""
+
+    shard_samples: int | None = None  # close a shard after this many samples; None and no shard_bytes: the source's default
+    shard_bytes: int | None = None  # close a shard once its tar file holds this many bytes; None: no byte limit
+    processes: int = 1  # at most this many forked processes make samples; 1 makes them in this process
+    progress: bool = True  # show a progress bar (tqdm, on stderr) while writing
+    overwrite: bool = False  # replace an out_dir that holds something other than the same dataset
+
+    def shard_keywords(self, default_samples: int) -> dict[str, Any]:
+        """``write_shards``' ``shard_samples``, ``shard_bytes``, ``progress`` and ``overwrite`` for these
+        options; ``shard_samples`` is ``default_samples`` when neither shard limit is set."""
+        unlimited = self.shard_samples is None and self.shard_bytes is None
+        return {
+            "shard_samples": default_samples if unlimited else self.shard_samples, "shard_bytes": self.shard_bytes,
+            "progress": self.progress, "overwrite": self.overwrite,
+        }
 
 
 def input_fingerprint(paths: Iterable[str | Path]) -> str:
@@ -123,7 +145,7 @@ def _write_all(samples: Iterable[dict], folder: Path, shard_samples: int | None,
             stream = open(folder / shards[-1]["name"], "wb")
             # mtime fixed so the same samples give byte-identical shards (and the same sha256), and
             # an integer: a float one makes tarfile write a pax header before every member, two more
-            # 512-byte blocks per member that every reader parses (half the reading time of small samples).
+            # 512-byte blocks per member that every reader must parse (docs/data.md, Performance).
             writer = wds.TarWriter(stream, encoder=False, mtime=0)
             count = 0
         writer.write({

@@ -9,8 +9,8 @@ webdataset treats as metadata (``__name__``) are no sample. Samples are dicts
 
 The standard library's ``tarfile`` parses every tar header either way. A local uncompressed
 shard is opened in its random-access mode and each member's bytes are read at the offset
-tarfile reports (``_LocalTar``), without the file object ``extractfile`` builds per member:
-that object costs ~30 % of reading an 8 KB member (measured, docs/data.md). Everything else
+tarfile reports (``_LocalTar``), without the file object ``extractfile`` builds per member,
+a large part of the cost of reading a small member (docs/data.md, Performance). Everything else
 (compressed, ``pipe:``, remote) is read as a stream by webdataset's ``tar_file_iterator``.
 
 Errors inside a shard (truncated or corrupt tar, a field twice in one sample, fewer samples
@@ -167,8 +167,8 @@ def _identity(shard: Shard) -> tuple:
 
 
 def _key_and_field(name: str) -> tuple[str | None, str | None]:
-    """webdataset's ``base_plus_ext`` with its pattern compiled once: it looks the pattern up in
-    ``re``'s cache for every member, a third of ``group_by_keys``' time on small samples."""
+    """webdataset's ``base_plus_ext`` with its pattern compiled once: ``base_plus_ext`` looks the
+    pattern up in ``re``'s cache on every call, and ``group_by_keys`` calls it for every member."""
     match = _KEY_AND_FIELD.match(name)
     return match.groups() if match else (None, None)
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from flowmill.data.builtin import TINYSHAKESPEARE, tinyshakespeare_path
-from flowmill.data.pack import input_fingerprint, write_shards
+from flowmill.data.builtin import tinyshakespeare_path
+from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, TEXT_SOURCE, TINYSHAKESPEARE
+from flowmill.data.pack import PackOptions, input_fingerprint, write_shards
 from flowmill.data.parallel import parallel_map, warn
 from flowmill.data.shards import sha256_file
 from flowmill.data.tokenizer import EOS_ID, Tokenizer
 
-TEXT_SOURCE = "text"
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 16  # characters per tokenization job (cut at a line end): ~16 jobs for tinyshakespeare
 
@@ -112,17 +112,15 @@ def pack_text(
     tokenizer_path: str | Path,
     seq_len: int,
     val_fraction: float = 0.1,
-    shard_samples: int | None = 256,
-    shard_bytes: int | None = None,
-    processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject=warn,
 ) -> dict[str, dict]:
     """Pack text files (or ``builtin:tinyshakespeare``) as token sequences into ``out_dir/train`` and
     ``out_dir/val``; returns ``{split: manifest}`` (no ``val`` when ``val_fraction`` is 0).
 
-    Unusable inputs (missing, not UTF-8, empty) are reported with ``on_reject`` and left out.
+    Shards hold ``DEFAULT_SHARD_SAMPLES["text"]`` sequences unless ``options`` set a limit;
+    ``options.processes`` tokenize the text. Unusable inputs (missing, not UTF-8, empty) are
+    reported with ``on_reject`` and left out.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1 token, got {seq_len}")
@@ -145,7 +143,7 @@ def pack_text(
     splits = [split_at_line(text, val_fraction) for text in texts]
     manifests = {}
     for index, split in enumerate(SPLITS if val_fraction > 0 else SPLITS[:1]):
-        ids = token_stream([parts[index] for parts in splits], tokenizer, processes)
+        ids = token_stream([parts[index] for parts in splits], tokenizer, options.processes)
         if len(ids) < seq_len:
             raise ValueError(
                 f"the {split} split has {len(ids)} tokens, fewer than one sequence of {seq_len}; "
@@ -163,7 +161,6 @@ def pack_text(
         }
         manifests[split] = write_shards(
             sequence_samples(ids, seq_len), Path(out_dir) / split, source=TEXT_SOURCE, args=args,
-            shard_samples=shard_samples, shard_bytes=shard_bytes, total=len(ids) // seq_len, progress=progress,
-            overwrite=overwrite, notes=notes,
+            total=len(ids) // seq_len, notes=notes, **options.shard_keywords(DEFAULT_SHARD_SAMPLES[TEXT_SOURCE]),
         )
     return manifests

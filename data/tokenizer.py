@@ -13,8 +13,9 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from flowmill.data.constants import MODEL_TYPES
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-MODEL_TYPES = ("unigram", "bpe")
 
 
 def train_tokenizer(

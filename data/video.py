@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import platform
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,13 +17,13 @@ import av
 import numpy as np
 from PIL import Image
 
+from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, VIDEO_SOURCE
 from flowmill.data.images import IMAGE_SUFFIXES, square
-from flowmill.data.pack import input_fingerprint, write_shards
+from flowmill.data.pack import PackOptions, input_fingerprint, write_shards
 from flowmill.data.parallel import BadInput, parallel_samples, warn
 
 VIDEO_SUFFIXES = (".mp4",)
 MP4_CODEC = "libx264"  # H.264 in the PyAV wheels; reads back in any player
-VIDEO_SOURCE = "video"
 
 
 def read_video(source: str | Path | bytes) -> np.ndarray:
@@ -39,16 +38,6 @@ def read_video(source: str | Path | bytes) -> np.ndarray:
     return np.stack(frames)
 
 
-# A pack must reproduce its bytes (the manifest's sha256; packs made with 1 or N processes agree).
-# With the CPU features x264 detects itself, its AVX-512 code paths gave different bytes for the same
-# frames from one call to the next; held to AVX2 on x86 (same speed), it is reproducible.
-X264_REPRODUCIBLE = (
-    {"x264-params": "asm=MMX2,SSE,SSE2,SSE3,SSSE3,SSE4.1,SSE4.2,LZCNT,AVX,FMA3,BMI1,BMI2,AVX2"}
-    if platform.machine().lower() in ("x86_64", "amd64")
-    else {}
-)
-
-
 def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     """uint8 frames (T, H, W, 3) with even H and W → H.264 ``.mp4`` bytes (lossy, crf 18)."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -60,7 +49,9 @@ def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream(MP4_CODEC, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "18", **X264_REPRODUCIBLE}
+        # cpu-independent: x264's default assembly choices made the same frames encode to different
+        # bytes from call to call, and packed shards must be byte-identical (manifest sha256).
+        stream.options = {"crf": "18", "x264-params": "cpu-independent=1"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -175,16 +166,13 @@ def pack_videos(
     out_dir: str | Path,
     spec: ClipSpec,
     *,
-    shard_samples: int | None = 100,
-    shard_bytes: int | None = None,
-    processes: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
+    options: PackOptions = PackOptions(),
     on_reject=warn,
 ) -> dict:
     """Cut the videos named by ``inputs`` (.mp4 files, frames folders, folders of either) into clips
-    packed into ``out_dir``; returns the manifest. Unusable inputs are reported with
-    ``on_reject``, listed in the manifest's notes and left out."""
+    packed into ``out_dir``; returns the manifest. Shards hold ``DEFAULT_SHARD_SAMPLES["video"]``
+    clips unless ``options`` set a limit. Unusable inputs are reported with ``on_reject``, listed
+    in the manifest's notes and left out."""
     for name, value in (("frames", spec.frames), ("size", spec.size), ("stride", spec.stride)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -195,10 +183,10 @@ def pack_videos(
         raise ValueError(f"no videos to pack in {', '.join(inputs)}")
     jobs = [(video_prefix(index, path), path, spec) for index, path in enumerate(videos)]
     samples = parallel_samples(
-        video_clips, jobs, processes=processes, rejected=rejected, describe=lambda job: job[1], on_reject=on_reject
+        video_clips, jobs, processes=options.processes, rejected=rejected, describe=lambda job: job[1], on_reject=on_reject
     )
     args = {"videos": [str(Path(path).resolve()) for path in videos], "inputs": input_fingerprint(videos), **asdict(spec)}
     return write_shards(
-        samples, out_dir, source=VIDEO_SOURCE, args=args, shard_samples=shard_samples, shard_bytes=shard_bytes,
-        progress=progress, overwrite=overwrite, notes={"rejected": rejected},
+        samples, out_dir, source=VIDEO_SOURCE, args=args, notes={"rejected": rejected},
+        **options.shard_keywords(DEFAULT_SHARD_SAMPLES[VIDEO_SOURCE]),
     )

@@ -14,7 +14,7 @@ import uuid
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from flowmill.data.loader import resolve_shards
+from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, load_config, to_dict, validate

@@ -32,6 +32,7 @@ class TinyText:
 def pack_tiny_text(root: Path, chars: int = 40_000, vocab_size: int = 64, seq_len: int = SEQ_LEN) -> TinyText:
     """The first ``chars`` characters of tinyshakespeare: a sentencepiece tokenizer and shards of ``seq_len`` tokens."""
     from flowmill.data.builtin import tinyshakespeare_path
+    from flowmill.data.pack import PackOptions
     from flowmill.data.text import pack_text
     from flowmill.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -39,7 +40,8 @@ def pack_tiny_text(root: Path, chars: int = 40_000, vocab_size: int = 64, seq_le
     text = tinyshakespeare_path().read_text(encoding="utf-8")[:chars]
     (root / "corpus.txt").write_text(text)
     tokenizer = train_tokenizer(text.splitlines(), root / "tokenizer", vocab_size=vocab_size, newlines=True)
-    pack_text([str(root / "corpus.txt")], root, tokenizer_path=tokenizer, seq_len=seq_len, shard_samples=128, progress=False)
+    pack_text([str(root / "corpus.txt")], root, tokenizer_path=tokenizer, seq_len=seq_len,
+              options=PackOptions(shard_samples=128, progress=False))
     return TinyText(root, tokenizer, Tokenizer.load(tokenizer).vocab_size)
 
 

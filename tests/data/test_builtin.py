@@ -15,6 +15,7 @@ from flowmill.data.builtin import (
     pack_moving_digits,
     tinyshakespeare_path,
 )
+from flowmill.data.pack import PackOptions
 from flowmill.data.video import read_video
 
 
@@ -57,8 +58,10 @@ def test_clips_depend_on_seed_and_index_only():
 
 def test_pack_is_deterministic_across_processes(tmp_path):
     spec = MovingDigitsSpec(frames=6, size=32, mp4=True)
-    one = pack_moving_digits(tmp_path / "one", num_clips=70, spec=spec, shard_samples=32, processes=1, progress=False)
-    two = pack_moving_digits(tmp_path / "two", num_clips=70, spec=spec, shard_samples=32, processes=2, progress=False)
+    one = pack_moving_digits(tmp_path / "one", num_clips=70, spec=spec,
+                             options=PackOptions(shard_samples=32, processes=1, progress=False))
+    two = pack_moving_digits(tmp_path / "two", num_clips=70, spec=spec,
+                             options=PackOptions(shard_samples=32, processes=2, progress=False))
     assert [shard["sha256"] for shard in one["shards"]] == [shard["sha256"] for shard in two["shards"]]
     assert one["total_samples"] == 70 and [shard["samples"] for shard in one["shards"]] == [32, 32, 6]
     assert one["fields"] == ["cls", "json", "mp4", "npy", "txt"]

@@ -7,7 +7,10 @@ import pytest
 from PIL import Image
 
 from flowmill.data.images import image_key, pack_images
+from flowmill.data.pack import PackOptions
 from tests.helpers import shard_members
+
+QUIET = PackOptions(progress=False)
 
 
 def save(path, size=(40, 20), color=(200, 10, 10), fmt=None) -> None:
@@ -28,7 +31,7 @@ def test_folder_of_captioned_images(tmp_path):
     (src / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
     (src / "cat.webp").write_bytes((src / "cat.png").read_bytes())  # same key as cat.png, which sorts first
     lines = []
-    manifest = pack_images(src, tmp_path / "out", size=16, processes=2, progress=False, on_reject=lines.append)
+    manifest = pack_images(src, tmp_path / "out", size=16, options=PackOptions(processes=2, progress=False), on_reject=lines.append)
     assert manifest["total_samples"] == 2 and manifest["fields"] == ["jpg", "json", "png", "txt"]
     files = shard_members(tmp_path / "out")
     assert files["cat.txt"] == b"a red cat" and files["dogs/rex_v2.txt"] == b"a dog"
@@ -48,26 +51,26 @@ def test_folder_of_captioned_images(tmp_path):
 def test_images_are_copied_unchanged_without_size(tmp_path):
     save(tmp_path / "src" / "a.png", size=(7, 5))
     (tmp_path / "src" / "a.txt").write_text("x")
-    pack_images(tmp_path / "src", tmp_path / "out", progress=False)
+    pack_images(tmp_path / "src", tmp_path / "out", options=QUIET)
     assert shard_members(tmp_path / "out")["a.png"] == (tmp_path / "src" / "a.png").read_bytes()
 
 
 def test_repacking_is_idempotent_until_an_input_changes(tmp_path):
     save(tmp_path / "src" / "a.png")
     (tmp_path / "src" / "a.txt").write_text("one")
-    first = pack_images(tmp_path / "src", tmp_path / "out", progress=False)
-    assert pack_images(tmp_path / "src", tmp_path / "out", progress=False) == first
+    first = pack_images(tmp_path / "src", tmp_path / "out", options=QUIET)
+    assert pack_images(tmp_path / "src", tmp_path / "out", options=QUIET) == first
     (tmp_path / "src" / "a.txt").write_text("two words")
     with pytest.raises(FileExistsError, match="overwrite"):
-        pack_images(tmp_path / "src", tmp_path / "out", progress=False)
-    pack_images(tmp_path / "src", tmp_path / "out", progress=False, overwrite=True)
+        pack_images(tmp_path / "src", tmp_path / "out", options=QUIET)
+    pack_images(tmp_path / "src", tmp_path / "out", options=PackOptions(progress=False, overwrite=True))
     assert shard_members(tmp_path / "out")["a.txt"] == b"two words"
 
 
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
-        pack_images(tmp_path / "nowhere", tmp_path / "out", progress=False)
+        pack_images(tmp_path / "nowhere", tmp_path / "out", options=QUIET)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty holds no images"):
-        pack_images(tmp_path / "empty", tmp_path / "out", progress=False)
+        pack_images(tmp_path / "empty", tmp_path / "out", options=QUIET)
     assert image_key("a/b.c.d.png") == "a/b_c_d"

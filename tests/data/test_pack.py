@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from flowmill.data.builtin import DIGIT_WORDS, digit_captions, pack_builtin_digits
-from flowmill.data.pack import write_shards
+from flowmill.data.pack import PackOptions, write_shards
 from flowmill.data.shards import resolve_shards, sha256_file
 
 
@@ -92,7 +92,7 @@ def test_bad_samples_are_refused(tmp_path):
 
 
 def test_builtin_digits_land_in_eight_shards(tmp_path):
-    manifest = pack_builtin_digits(tmp_path, progress=False)
+    manifest = pack_builtin_digits(tmp_path, options=PackOptions(progress=False))
     assert len(manifest["shards"]) == 8 and manifest["total_samples"] == 1797
     assert manifest["fields"] == ["cls", "png", "txt"]
     assert len(resolve_shards(tmp_path)) == 8
@@ -113,3 +113,20 @@ def test_members_have_plain_ustar_headers(tmp_path):
         members = archive.getmembers()
     assert [member.pax_headers for member in members] == [{}] * 6
     assert [member.offset_data - member.offset for member in members] == [512] * 6
+
+
+def test_pack_options_fall_back_to_the_source_default_only_without_any_limit():
+    assert PackOptions().shard_keywords(225) == {"shard_samples": 225, "shard_bytes": None, "progress": True, "overwrite": False}
+    assert PackOptions(shard_bytes=5000).shard_keywords(225)["shard_samples"] is None
+    assert PackOptions(shard_samples=10, shard_bytes=5000).shard_keywords(225) == {
+        "shard_samples": 10, "shard_bytes": 5000, "progress": True, "overwrite": False,
+    }
+    assert PackOptions(progress=False, overwrite=True).shard_keywords(1) == {
+        "shard_samples": 1, "shard_bytes": None, "progress": False, "overwrite": True,
+    }
+
+
+def test_a_byte_limit_alone_replaces_the_default_sample_limit(tmp_path):
+    manifest = pack_builtin_digits(tmp_path, options=PackOptions(shard_bytes=1_000_000, progress=False))
+    assert manifest["made"]["params"]["shard_samples"] is None and manifest["made"]["params"]["shard_bytes"] == 1_000_000
+    assert max(shard["samples"] for shard in manifest["shards"]) > 225  # no 225-sample default on top of the byte limit

@@ -8,6 +8,7 @@ import pytest
 
 from flowmill.data import text as text_module
 from flowmill.data.builtin import TINYSHAKESPEARE
+from flowmill.data.pack import PackOptions
 from flowmill.data.text import chunks, pack_text, split_at_line
 from flowmill.data.tokenizer import EOS_ID, Tokenizer, train_tokenizer
 
@@ -42,7 +43,7 @@ def test_files_become_token_sequences_with_a_held_out_tail(tmp_path, monkeypatch
     inputs = [str(tmp_path / name) for name in ("a.txt", "latin.txt", "missing.txt", "b.txt")]
     lines = []
     manifests = pack_text(inputs, tmp_path / "out", tokenizer_path=tokenizer_path, seq_len=32, val_fraction=0.1,
-                          shard_samples=8, processes=2, progress=False, on_reject=lines.append)
+                          options=PackOptions(shard_samples=8, processes=2, progress=False), on_reject=lines.append)
     assert sorted(manifests) == ["train", "val"] and manifests["train"]["fields"] == ["tokens.npy"]
     assert len(lines) == 2 and "latin.txt is not UTF-8" in lines[0] and "missing.txt does not exist" in lines[1]
     train = sequences(tmp_path / "out" / "train")
@@ -56,7 +57,7 @@ def test_files_become_token_sequences_with_a_held_out_tail(tmp_path, monkeypatch
     val_ids = np.concatenate(sequences(tmp_path / "out" / "val")).tolist()
     assert tokenizer.decode(val_ids[: val_ids.index(EOS_ID)]) == split_at_line(POEM, 0.1)[1]
     again = pack_text(inputs[:1] + inputs[3:], tmp_path / "again", tokenizer_path=tokenizer_path, seq_len=32,
-                      shard_samples=8, processes=1, progress=False, on_reject=lines.append)
+                      options=PackOptions(shard_samples=8, processes=1, progress=False), on_reject=lines.append)
     assert [s["sha256"] for s in again["train"]["shards"]] == [s["sha256"] for s in manifests["train"]["shards"]]
 
 
@@ -65,16 +66,16 @@ def test_too_little_text_says_so(tmp_path):
     tokenizer_path = train_tokenizer(["tiny text"], tmp_path / "tok", vocab_size=16)
     with pytest.raises(ValueError, match="the val split has \\d+ tokens, fewer than one sequence of 16"):
         pack_text([str(tmp_path / "a.txt")], tmp_path / "out", tokenizer_path=tokenizer_path, seq_len=16,
-                  val_fraction=0.3, progress=False, on_reject=lambda line: None)
+                  val_fraction=0.3, options=PackOptions(progress=False), on_reject=lambda line: None)
     with pytest.raises(ValueError, match="no usable text"):
         pack_text([str(tmp_path / "none.txt")], tmp_path / "out", tokenizer_path=tokenizer_path, seq_len=4,
-                  progress=False, on_reject=lambda line: None)
+                  options=PackOptions(progress=False), on_reject=lambda line: None)
 
 
 def test_tinyshakespeare_is_the_built_in_corpus(tmp_path):
     tokenizer_path = train_tokenizer(["First Citizen", "Before we proceed"], tmp_path / "tok", vocab_size=40)
     manifests = pack_text([TINYSHAKESPEARE], tmp_path / "out", tokenizer_path=tokenizer_path, seq_len=4096,
-                          progress=False, on_reject=lambda line: None)
+                          options=PackOptions(progress=False), on_reject=lambda line: None)
     assert manifests["train"]["made"]["params"]["args"]["files"][0].endswith("shared/data/tinyshakespeare/input.txt")
     assert manifests["train"]["total_samples"] > 5 * manifests["val"]["total_samples"] > 0
     assert manifests["train"]["made"]["notes"]["newlines_kept"] is False

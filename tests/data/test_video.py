@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flowmill.data.pack import PackOptions
 from flowmill.data.video import (
     ClipSpec,
     clip_starts,
@@ -84,7 +85,8 @@ def test_pack_videos_cuts_clips_and_skips_bad_inputs(tmp_path):
     inputs = [str(tmp_path / name) for name in ("a.mp4", "bad.mp4", "short.mp4", "frames", "missing.mp4")]
     lines = []
     spec = ClipSpec(frames=8, size=16, stride=6, mp4=True)
-    manifest = pack_videos(inputs, tmp_path / "out", spec, shard_samples=2, processes=2, progress=False, on_reject=lines.append)
+    manifest = pack_videos(inputs, tmp_path / "out", spec, options=PackOptions(shard_samples=2, processes=2, progress=False),
+                           on_reject=lines.append)
     assert manifest["total_samples"] == 3 + 1  # a.mp4: starts 0, 6, 12; frames: start 0
     assert manifest["fields"] == ["json", "mp4", "npy"]
     reasons = {item["input"]: item["reason"] for item in manifest["made"]["notes"]["rejected"]}
@@ -98,6 +100,6 @@ def test_pack_videos_cuts_clips_and_skips_bad_inputs(tmp_path):
     assert np.abs(clip.mean(axis=(1, 2, 3)) - 6 * np.arange(6, 14)).max() < 3
     assert json.loads(files["0003-frames-000000.json"]) == {"source": str(tmp_path / "frames"), "start": 0, "frames": 8, "stride": 6}
     assert read_video(files["0003-frames-000000.mp4"]).shape == (8, 16, 16, 3)
-    again = pack_videos(inputs, tmp_path / "one-process", spec, shard_samples=2, processes=1, progress=False,
-                        on_reject=lines.append)
+    again = pack_videos(inputs, tmp_path / "one-process", spec,
+                        options=PackOptions(shard_samples=2, processes=1, progress=False), on_reject=lines.append)
     assert [shard["sha256"] for shard in again["shards"]] == [shard["sha256"] for shard in manifest["shards"]]

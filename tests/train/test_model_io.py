@@ -229,12 +229,13 @@ def test_load_model_imports_no_training_stack(sd3_folder, tmp_path):
 
 def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir, tmp_path):
     from flowmill.data.encode import encode_dataset, load_encoder
+    from flowmill.data.pack import PackOptions
     from flowmill.data.loader import StreamingLoader
 
     args = {"run_dir": str(finished_run)}
-    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.data.encode:text_encoder", args),
-                   encoder_spec="flowmill.data.encode:text_encoder", encoder_args=args, keep=("png", "txt"),
-                   batch_size=256, progress=False)
+    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.train.encoders:text_encoder", args),
+                   encoder_spec="flowmill.train.encoders:text_encoder", encoder_args=args, keep=("png", "txt"),
+                   batch_size=256, options=PackOptions(progress=False))
     cached = tiny_task(digits_dir, tmp_path / "run", **{"text.cached": "true", "data.path": tmp_path / "cached"})
     loader = StreamingLoader(tmp_path / "cached", rank=0, world_size=1, batch_size=8, num_workers=0, seed=0,
                              decode=cached.decoder(), shuffle_buffer=0, resampled=False)

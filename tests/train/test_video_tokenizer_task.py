@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flowmill.data.builtin import MovingDigitsSpec, moving_digits_caption_lines, moving_digits_clip, pack_moving_digits
+from flowmill.data.pack import PackOptions
 from flowmill.data.tokenizer import train_tokenizer
 from flowmill.data.video import read_video
 from flowmill.models.fsq import FSQ
@@ -49,7 +50,7 @@ def tokenizer_overrides(clips: Path, run_dir: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("moving") / "clips"
-    pack_moving_digits(folder, num_clips=48, spec=SPEC, shard_samples=16, progress=False)
+    pack_moving_digits(folder, num_clips=48, spec=SPEC, options=PackOptions(shard_samples=16, progress=False))
     return folder
 
 

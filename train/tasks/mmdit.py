@@ -42,7 +42,7 @@ from flowmill.train.videos import clip_uint8, prompt_grid_gif
 
 log = logging.getLogger("flowmill")
 
-# Fields `flowmill data encode` (flowmill.data.encode:text_encoder) writes per sample: txt (L, D), vec (D,).
+# Fields `flowmill data encode` (flowmill.train.encoders:text_encoder) writes per sample: txt (L, D), vec (D,).
 CACHED_TXT, CACHED_VEC = "txt_emb.npy", "vec_emb.npy"
 
 
@@ -190,7 +190,7 @@ class MMDiTTask(Task):
         if missing:
             raise UsageError(
                 f"text.cached: {source} has no {', '.join(missing)} fields; cache them with `flowmill data encode "
-                f"{source} OUT --encoder flowmill.data.encode:text_encoder --arg run_dir=RUN --keep png txt`"
+                f"{source} OUT --encoder flowmill.train.encoders:text_encoder --arg run_dir=RUN --keep png txt`"
             )
         made_with = manifest.get("made", {}).get("params", {}).get("args", {}).get("description", {}).get("weights_sha256")
         if made_with is None:
