@@ -29,7 +29,8 @@ from flowmill.train.ema import EMA
 from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.preemption import StopRequest
 from flowmill.train.tasks import get_task_class
-from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri, flatten_config, run_tags
+from flowmill.train.tracking import MLflowTracker, NullTracker, default_tracking_uri
+from flowmill.train.tracking_params import flatten_config, run_tags
 from flowmill.errors import UsageError
 
 log = logging.getLogger("flowmill")
