@@ -1,7 +1,7 @@
 """``flowmill launch local`` / ``flowmill resume``: N training processes on this machine.
 
-The config is checked here, before any process starts, so a bad key fails in a second
-with exit code 2. The processes are supervised by torch's elastic agent (what torchrun
+The config is checked here, before any process starts, so a bad key fails with exit code 2
+without starting one. The processes are supervised by torch's elastic agent (what torchrun
 uses): if one dies, the others are stopped and the failing rank is reported.
 """
 

@@ -19,7 +19,7 @@ from flowmill.models.layers import FeedForward, attention
 
 @dataclass
 class CausalLMConfig:
-    """Sizes of a causal LM; defaults are a ~3 M-parameter judge that trains on a CPU in minutes."""
+    """Sizes of a causal LM; defaults are a ~3 M-parameter judge, small enough to train on a CPU."""
 
     vocab_size: int = 1024  # V, token ids are in [0, V)
     seq_len: int = 128  # L, longest sequence (learned positions are this long)

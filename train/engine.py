@@ -105,8 +105,8 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, load_universal: bool
         betas=(cfg.optim.beta1, cfg.optim.beta2),
         eps=cfg.optim.eps,
         weight_decay=cfg.optim.weight_decay,
-        # One kernel pass per tensor instead of a chain of elementwise ops: ~4x faster on the CPU,
-        # and the ZeRO optimizers step it on their flat fp32 partitions all the same.
+        # One kernel pass per tensor instead of a chain of elementwise ops, and the ZeRO
+        # optimizers step it on their flat fp32 partitions all the same.
         fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))

@@ -27,7 +27,8 @@ from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.plan import Plan
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
-from flowmill.train.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, flatten_config, run_tags
+from flowmill.train.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri
+from flowmill.train.tracking_params import flatten_config, run_tags
 
 log = logging.getLogger("flowmill")
 

@@ -6,7 +6,8 @@ so the training loop calls the same methods everywhere and never tests the rank 
 Store. By default all runs under one ``runs/`` folder share one embedded store
 (``default_tracking_uri``): a SQLite file ``runs/mlflow.db`` plus the artifact folder
 ``runs/mlartifacts``, so nothing has to be started and runs can be compared in ``mlflow ui``.
-Any other URI (an ``http(s)://`` MLflow server) replaces it.
+Any other URI (an ``http(s)://`` MLflow server) replaces it. The params and tags a run logs
+are built by ``flowmill.train.tracking_params``.
 
 Steps. The MLflow ``step`` of ``train/*`` metrics is the optimizer step, counting from 1.
 System metrics (``system/*``) come from MLflow's own monitor and count its samples instead.
@@ -30,40 +31,32 @@ file) is dropped; the first rejection prints one warning. Later failures are onl
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import logging
 import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, Protocol
 
-# MLflow starts its telemetry client when it is imported; this must be set before that.
+import numpy as np
+import requests
+from PIL import Image
+
+# MLflow starts its telemetry client when it is imported, so telemetry is turned off here, after
+# every other import and before the mlflow ones, which therefore follow a statement (E402).
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
-import collections  # noqa: E402
-import dataclasses  # noqa: E402
-import enum  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Mapping  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Literal, Protocol  # noqa: E402
-
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
-from PIL import Image  # noqa: E402
 
 logger = logging.getLogger("flowmill")
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 END_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
-
-# MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
-MAX_PARAM_VALUE_CHARS = 6000
 
 # Bounded HTTP behaviour for remote stores, applied unless the user set these variables: one retry,
 # 5 s per attempt, so an unreachable server costs seconds, not MLflow's default of minutes.
@@ -91,88 +84,6 @@ def sqlite_artifact_location(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
-
-
-def flatten_config(config: object) -> dict[str, str]:
-    """Flatten a (nested) dataclass or mapping into MLflow params ``{"model.depth": "24", ...}``.
-
-    Nested dataclasses and mappings become dotted keys; lists and tuples become one JSON value;
-    every value is a string of at most ``MAX_PARAM_VALUE_CHARS`` characters, longer ones are cut
-    and end with ``... [truncated, N chars]`` so the cut is visible.
-    """
-    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)) and not isinstance(config, Mapping):
-        raise TypeError(f"flatten_config takes a dataclass instance or a mapping, got {type(config).__name__}")
-    flat: dict[str, str] = {}
-    _flatten_into(flat, "", config)
-    return flat
-
-
-def _flatten_into(flat: dict[str, str], prefix: str, node: object) -> None:
-    if dataclasses.is_dataclass(node) and not isinstance(node, type):
-        items = [(field.name, getattr(node, field.name)) for field in dataclasses.fields(node)]
-    elif isinstance(node, Mapping):
-        items = [(str(key), value) for key, value in node.items()]
-    else:
-        flat[prefix] = _param_value(node)
-        return
-    if not items:
-        flat[prefix] = "{}"
-    for key, value in items:
-        _flatten_into(flat, f"{prefix}.{key}" if prefix else key, value)
-
-
-def _param_value(value: object) -> str:
-    if isinstance(value, (list, tuple)):
-        text = json.dumps(_plain(value), default=str)
-    elif isinstance(value, enum.Enum):
-        text = str(value.value)
-    else:
-        text = str(value)
-    if len(text) <= MAX_PARAM_VALUE_CHARS:
-        return text
-    marker = f"... [truncated, {len(text)} chars]"
-    return text[: MAX_PARAM_VALUE_CHARS - len(marker)] + marker
-
-
-def _plain(value: object) -> object:
-    """Dataclasses, enums and paths inside a list turned into JSON-friendly values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def run_tags(world_size: int, source_dir: Path | None = None) -> dict[str, str]:
-    """Tags every run carries: git commit of the code, world size, host.
-
-    ``source_dir`` is the git checkout to describe (default: the one holding flowmill). When git
-    cannot tell, ``flowmill.git_commit`` says why instead of holding a commit.
-    """
-    source_dir = Path(__file__).resolve().parents[1] if source_dir is None else source_dir
-    tags = {"flowmill.world_size": str(world_size), "flowmill.host": socket.gethostname()}
-    try:
-        commit = _git(source_dir, "rev-parse", "HEAD")
-        dirty = _git(source_dir, "status", "--porcelain", "--untracked-files=no") != ""
-    except (OSError, subprocess.CalledProcessError) as exc:
-        reason = exc.stderr.strip().splitlines()[0] if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        tags["flowmill.git_commit"] = f"unavailable: {reason}"
-        return tags
-    tags["flowmill.git_commit"] = commit
-    tags["flowmill.git_dirty"] = str(dirty).lower()
-    tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI beside the run
-    return tags
-
-
-def _git(source_dir: Path, *args: str) -> str:
-    done = subprocess.run(["git", "-C", str(source_dir), *args], capture_output=True, text=True, check=True, timeout=10)
-    return done.stdout.strip()
 
 
 class Tracker(Protocol):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import logging
 import os
 import signal
@@ -20,8 +18,10 @@ import torch
 from flowmill.train import tracking
 from flowmill.train.images import image_grid
 from flowmill.train.tracking import MLflowTracker, NullTracker
+from flowmill.train.tracking_params import flatten_config
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from tests.train.test_tracking_params import Config
 
 STEP_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s")
 
@@ -61,48 +61,10 @@ def test_default_tracking_uri_is_sqlite_under_runs_root(tmp_path: Path, monkeypa
     assert tracking.sqlite_artifact_location("http://127.0.0.1:5000") is None
 
 
-class Precision(enum.Enum):
-    BF16 = "bf16"
-
-
-@dataclasses.dataclass
-class Inner:
-    depth: int = 2
-    widths: tuple[int, ...] = (64, 128)
-
-
-@dataclasses.dataclass
-class Config:
-    model: Inner = dataclasses.field(default_factory=Inner)
-    precision: Precision = Precision.BF16
-    data: dict = dataclasses.field(default_factory=lambda: {"root": Path("/data"), "shards": ["a.tar", "b.tar"]})
-    note: str = "x" * 7000
-    lr: float = 3e-4
-    resume: str | None = None
-
-
-def test_flatten_config_dotted_string_params() -> None:
-    flat = tracking.flatten_config(Config())
-    assert {key: value for key, value in flat.items() if key != "note"} == {
-        "model.depth": "2",
-        "model.widths": "[64, 128]",
-        "precision": "bf16",
-        "data.root": "/data",
-        "data.shards": '["a.tar", "b.tar"]',
-        "lr": "0.0003",
-        "resume": "None",
-    }
-    assert len(flat["note"]) == tracking.MAX_PARAM_VALUE_CHARS
-    assert flat["note"].endswith("... [truncated, 7000 chars]")
-    assert tracking.flatten_config({"a": {"b": 1}}) == {"a.b": "1"}
-    with pytest.raises(TypeError, match="dataclass instance or a mapping"):
-        tracking.flatten_config(Config)
-
-
 def test_new_run_records_params_metrics_tags_and_artifacts(uri: str, runs_root: Path, tmp_path: Path) -> None:
     tracker = MLflowTracker.start(uri, "new-run", "first", tags={"flowmill.world_size": "2"}, system_metrics=False)
     assert isinstance(tracker, MLflowTracker)
-    tracker.log_params(tracking.flatten_config(Config()))
+    tracker.log_params(flatten_config(Config()))
     for step in range(1, 4):
         tracker.log_metrics(step_metrics(step), step=step)
     grid = image_grid(torch.zeros(4, 3, 8, 8))
@@ -285,27 +247,6 @@ def test_finish_refuses_unknown_status(uri: str) -> None:
         tracker.finish("DONE")
     tracker.finish("FAILED")
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "FAILED"
-
-
-def test_run_tags_name_commit_world_size_and_host(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
-    (repo / "f.txt").write_text("a")
-    subprocess.run([*git, "add", "f.txt"], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
-    tags = tracking.run_tags(world_size=4, source_dir=repo)
-    assert tags["flowmill.git_commit"] == tags["mlflow.source.git.commit"] == commit
-    assert tags["flowmill.git_dirty"] == "false"
-    assert tags["flowmill.world_size"] == "4"
-    assert tags["flowmill.host"] == socket.gethostname()
-    (repo / "f.txt").write_text("b")
-    assert tracking.run_tags(world_size=1, source_dir=repo)["flowmill.git_dirty"] == "true"
-    not_git = tmp_path / "plain"
-    not_git.mkdir()
-    assert tracking.run_tags(world_size=1, source_dir=not_git)["flowmill.git_commit"].startswith("unavailable: ")
 
 
 def free_port() -> int:
