@@ -12,25 +12,30 @@ import sys
 import uuid
 from pathlib import Path
 
-from flowmill.train import run_dir as rundir
-from flowmill.train.config import load_config, validate
-from flowmill.train.distributed import free_port
+import yaml
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from flowmill.data.loader import resolve_shards
 from flowmill.errors import UsageError
+from flowmill.train import run_dir as rundir
+from flowmill.train.checkpoint import latest_checkpoint
+from flowmill.train.config import Config, load_config, validate
+from flowmill.train.distributed import free_port
 
 
-def check_before_launch(cfg, nproc: int, resume: bool) -> None:
+def check_before_launch(cfg: Config, nproc: int, resume: bool) -> None:
     """Everything that can be refused without starting a worker."""
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    from flowmill.data.loader import resolve_shards
-
-    resolve_shards(cfg.data.path)  # raises FileNotFoundError naming the path when there are no shards
+    try:
+        resolve_shards(cfg.data.path)
+    except (FileNotFoundError, ValueError) as error:  # no manifest, no shards, missing shards
+        raise UsageError(f"data.path: {error}") from None
     run_dir = Path(cfg.run.dir)
     if resume:
         rundir.check_resumable(run_dir, cfg)
-        from flowmill.train.checkpoint import latest_checkpoint
-
         latest_checkpoint(run_dir)
     elif rundir.is_run_dir(run_dir):
         raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
@@ -39,10 +44,10 @@ def check_before_launch(cfg, nproc: int, resume: bool) -> None:
 def launch_local(config_path: str, overrides: list[str], nproc: int) -> int:
     """Start a new run on ``nproc`` local processes."""
     cfg = load_config(config_path, overrides)
-    if not cfg.run.dir:
-        cfg.run.dir = str(rundir.default_run_dir(cfg.run.name))
-    check_before_launch(cfg, nproc, resume=False)
-    return run_workers(["train", config_path, *overrides, f"run.dir={cfg.run.dir}"], nproc, cfg.run.dir)
+    run_dir = cfg.run.dir or str(rundir.default_run_dir(cfg.run.name))
+    overrides = [*overrides, f"run.dir={run_dir}"]
+    check_before_launch(load_config(config_path, overrides), nproc, resume=False)
+    return run_workers(["train", config_path, *overrides], nproc, run_dir)
 
 
 def launch_command(args: argparse.Namespace) -> int:
@@ -57,12 +62,9 @@ def resume_command(args: argparse.Namespace) -> int:
 
 def resume_local(run_dir: str, overrides: list[str], nproc: int | None) -> int:
     """Continue ``run_dir`` from its latest checkpoint."""
-    import yaml
-
     info = rundir.read_run_json(Path(run_dir))
     base = yaml.safe_load((Path(run_dir) / rundir.CONFIG_YAML).read_text())
-    cfg = load_config(None, overrides, base=base)
-    cfg.run.dir = str(run_dir)
+    cfg = load_config(None, [*overrides, f"run.dir={run_dir}"], base=base)
     nproc = nproc or int(info.get("world_size", 1))
     check_before_launch(cfg, nproc, resume=True)
     return run_workers(["train", "--resume", str(run_dir), *overrides], nproc, run_dir)
@@ -76,9 +78,6 @@ def mark_failed(run_dir: Path) -> None:
 
 def run_workers(cli_args: list[str], nproc: int, run_dir: str) -> int:
     """Run ``flowmill <cli_args>`` in ``nproc`` supervised processes; returns an exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
