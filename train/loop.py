@@ -145,18 +145,21 @@ def start_tracker(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, tags: dic
     return tracker
 
 
-def train(cfg: Any, resume: bool = False, stop: StopRequest | None = None) -> tuple[Path, str]:
+def train(
+    cfg: Any, resume: bool = False, stop: StopRequest | None = None, *, run_info: dict[str, str] | None = None
+) -> tuple[Path, str]:
     """Run (or continue) the training job described by ``cfg`` in this process.
 
-    Returns the run dir and the outcome: ``finished``, or ``preempted`` when ``stop`` was
-    requested (a checkpoint of the last step was saved first).
+    ``run_info``: more fields rank 0 writes into run.json when it starts the run (a launcher's
+    job id and log folder). Returns the run dir and the outcome: ``finished``, or ``preempted``
+    when ``stop`` was requested (a checkpoint of the last step was saved first).
     """
     env = init_distributed(cfg.trainer.device)
     try:
         validate(cfg, env.world_size)
         run_dir = prepare_run_dir(cfg, env, resume)
         setup_logging(env, run_dir)
-        outcome = _train(cfg, env, run_dir, resume, stop or StopRequest())
+        outcome = _train(cfg, env, run_dir, resume, stop or StopRequest(), run_info)
         return run_dir, outcome
     except BaseException as error:
         if not isinstance(error, (UsageError, KeyboardInterrupt, SystemExit)):
@@ -166,7 +169,9 @@ def train(cfg: Any, resume: bool = False, stop: StopRequest | None = None) -> tu
         shutdown()
 
 
-def build_parts(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> tuple[Parts, int]:
+def build_parts(
+    cfg: Any, env: DistEnv, run_dir: Path, resume: bool, run_info: dict[str, str] | None = None
+) -> tuple[Parts, int]:
     """Build the job (task, model, engine, EMA, loader, tracker) and restore it when resuming.
 
     Returns the parts and the step to continue from.
@@ -234,6 +239,7 @@ def build_parts(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> tuple[Pa
             status="running",
             task=cfg.task,
             step=step,
+            **(run_info or {}),
         )
         truncate_step_logs(run_dir / "logs" / "metrics.jsonl", after_step=step)
         log.info("run dir: %s", run_dir)
@@ -244,8 +250,8 @@ def build_parts(cfg: Any, env: DistEnv, run_dir: Path, resume: bool) -> tuple[Pa
     return parts, step
 
 
-def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopRequest) -> str:
-    parts, step = build_parts(cfg, env, run_dir, resume)
+def _train(cfg: Any, env: DistEnv, run_dir: Path, resume: bool, stop: StopRequest, run_info: dict[str, str] | None) -> str:
+    parts, step = build_parts(cfg, env, run_dir, resume, run_info)
     status = "failed"
     try:
         step, status = run_steps(parts, step, stop)
