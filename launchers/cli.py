@@ -1,5 +1,5 @@
 """Parsers of the commands that start training processes: ``launch local``, ``launch slurm``
-and ``resume``. Handlers: ``flowmill.launchers.local`` and ``flowmill.launchers.slurm``."""
+and ``resume``. Handlers: ``flowmill.launchers.local`` and ``flowmill.launchers.slurm_submit``."""
 
 from __future__ import annotations
 
@@ -82,4 +82,4 @@ def _add_slurm(where: argparse._SubParsersAction) -> None:
         "--sweep", action="append", default=[], metavar="KEY=V1,V2",
         help="sweep KEY over comma-separated values; repeat for a cartesian product (one job array)",
     )
-    set_handler(parser, "flowmill.launchers.slurm:launch_command")
+    set_handler(parser, "flowmill.launchers.slurm_submit:launch_command")

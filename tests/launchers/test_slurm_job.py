@@ -1,72 +1,117 @@
-"""`flowmill launch slurm` and `flowmill runs logs` on the local SLURM cluster (`make slurm-up`).
+"""The SLURM job of `flowmill launch slurm`: process-group environment, run.json records,
+preemption and requeue.
 
-The fresh training jobs (a 2-node run that gets preempted, a sweep of two, a job that crashes)
-are submitted together by one module fixture, so that they queue and run side by side; each
-test then waits for its own job. The preemption test comes first: it must signal its job
-mid-run. The preempted run is then extended by hand on one node with two tasks. Refusals run
-in-process and check that no submitit folder appeared, i.e. nothing was submitted.
+``TrainingJob`` runs first in a subprocess with the environment SLURM and submitit give a task
+(``scontrol requeue`` replaced by a recorder). Then the real thing on the local cluster
+(`make slurm-up`): the fresh training jobs (a 2-node run that gets preempted, a sweep of two,
+a job that crashes) are submitted together by one module fixture, so that they queue and run
+side by side; each test then waits for its own job. The preemption test comes first: it must
+signal its job mid-run. The preempted run is then extended by hand on one node with two tasks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import re
-import shutil
+import os
+import random
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from flowmill.cli import main
+from flowmill.run_dir import RunDir
+from flowmill.launchers.slurm_job import MASTER_PORT_BASE, MASTER_PORT_SPAN, master_port, process_group_env, record_requeue
+from flowmill.launchers.slurm_submit import new_run_configs
+from flowmill.train.config import to_dict
 from tests.helpers import TINY_CONFIG, tiny_overrides
+from tests.launchers.cluster import JOB_TIMEOUT_S, launch, on_cluster, run_json, sacct_states, submit, tiny, wait_for_end
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one worker: one cluster
-
-JOB_TIMEOUT_S = 600  # submit → end of one job; a quiet machine needs ~30-60 s, a loaded one several times that
-END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 PREEMPT_STEPS = 30  # long enough that the signal lands mid-run
 
-if shutil.which("sbatch") is None:
-    pytest.skip("SLURM is not installed (no sbatch); run `make slurm-up`", allow_module_level=True)
+# One task of a job, as submitit starts it; argv: the TrainingJob's config (JSON file), "preempt" or "continue".
+TASK = """
+import json, sys
+from flowmill.launchers import slurm_job
+from flowmill.train.preemption import StopRequest
+
+class AskedToStop(StopRequest):
+    def __init__(self):
+        super().__init__()
+        self.request("USR2")
+
+if sys.argv[2] == "preempt":
+    slurm_job.StopRequest = AskedToStop
+slurm_job.requeue = lambda job_id: print(f"requeued {job_id}", flush=True)
+try:
+    print(f"outcome {slurm_job.TrainingJob(json.load(open(sys.argv[1])), retries_left=0)()}", flush=True)
+except SystemExit as leaving:
+    print(f"exit {leaving.code}", flush=True)
+"""
 
 
-def launch(*argv: str) -> tuple[int, str]:
-    """``flowmill launch slurm ARGV`` in this process: (exit code, stdout). stderr stays on fd 2 (capfd)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(["launch", "slurm", *argv])
-    return code, out.getvalue()
+def test_master_port_is_the_same_on_every_attempt():
+    assert master_port("17") == master_port("17") == MASTER_PORT_BASE + 17
+    assert MASTER_PORT_BASE <= master_port("123456789") < MASTER_PORT_BASE + MASTER_PORT_SPAN
 
 
-def submit(*argv: str) -> str:
-    """Submit and return the job id that the launcher printed."""
-    code, out = launch(*argv)
-    assert code == 0, out
-    return re.search(r"submitted SLURM job (?:array )?(\d+)", out).group(1)
+def test_process_group_env_of_the_second_task_of_the_second_node():
+    job_env = SimpleNamespace(global_rank=3, local_rank=1, num_tasks=4, num_nodes=2, hostnames=["n1", "n2"], raw_job_id="42")
+    assert process_group_env(job_env) == {
+        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "n1", "MASTER_PORT": str(MASTER_PORT_BASE + 42),
+    }
 
 
-def tiny(run_dir: Path, digits_dir: Path, **extra) -> list[str]:
-    return [str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{"checkpoint.every_steps": 100, **extra})]
+def test_record_requeue_keeps_the_rest_of_run_json(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc", "status": "running", "slurm_folder": "/f"}))
+    record_requeue(RunDir(tmp_path), "12_1")
+    info = run_json(tmp_path)
+    assert (info["run_id"], info["status"], info["slurm_job_id"], info["slurm_folder"]) == ("abc", "preempted", "12_1", "/f")
 
 
-def sacct_states(job_id: str) -> list[str]:
-    """The state of every attempt of the job (requeues included), oldest first."""
-    done = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, timeout=60)
-    return [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+def free_job_id() -> str:
+    """A job id whose rendezvous port is free on this machine."""
+    while True:
+        job_id = random.randrange(1, MASTER_PORT_SPAN)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", master_port(str(job_id))))
+            except OSError:
+                continue
+        return str(job_id)
 
 
-def wait_for_end(job_id: str) -> list[str]:
-    """Wait until the job's last attempt has ended; returns the states of all its attempts."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (states := sacct_states(job_id)) or states[-1] not in END_STATES:
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job_id.partition("_")[0]], timeout=60)
-            pytest.fail(f"job {job_id} not over after {JOB_TIMEOUT_S} s (states {states})")
-        time.sleep(2.0)
-    return states
+@pytest.mark.slow
+def test_task_records_its_job_requeues_when_preempted_and_finishes(digits_dir, tmp_path):
+    (cfg,) = new_run_configs(str(TINY_CONFIG), tiny_overrides(digits_dir, tmp_path / "run", **{"trainer.max_steps": 3}), [])
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps(to_dict(cfg)))
+    job_id, folder = free_job_id(), tmp_path / "slurm" / "run"
+    env = {
+        **os.environ, "SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(folder), "SLURM_JOB_ID": job_id,
+        "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+    }
+
+    def attempt(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", TASK, str(config), mode], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    out = attempt("preempt")
+    assert f"requeued {job_id}" in out and "exit 0" in out, out
+    info = run_json(Path(cfg.run.dir))
+    assert (info["status"], info["step"], info["slurm_job_id"], info["slurm_folder"]) == ("preempted", 1, job_id, str(folder))
+    out = attempt("continue")
+    assert "outcome finished" in out and "requeued" not in out, out
+    info = run_json(Path(cfg.run.dir))
+    assert (info["status"], info["step"], info["slurm_job_id"], info["slurm_folder"]) == ("finished", 3, job_id, str(folder))
 
 
 def metric_steps(run_dir: Path) -> list[int]:
@@ -80,17 +125,6 @@ def mlflow_history(run_dir: Path, key: str = "train/loss") -> list[int]:
     info = json.loads((run_dir / "run.json").read_text())
     history = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_id"], key)
     return sorted(point.step for point in history)
-
-
-def run_json(run_dir: Path) -> dict:
-    return json.loads((run_dir / "run.json").read_text())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cluster():
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    if ping.returncode != 0:
-        pytest.fail(f"SLURM is installed but slurmctld does not answer ({ping.stdout.strip()}); run `make slurm-up`")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +147,7 @@ def jobs(digits_dir, tmp_path_factory):
         subprocess.run(["scancel", job_id], timeout=60)
 
 
+@on_cluster
 def test_preempted_two_node_job_requeues_once_and_finishes(jobs, capfd):
     run_dir, job_id = jobs["preempt"], jobs["ids"]["preempt"]
     metrics = run_dir / "logs" / "metrics.jsonl"
@@ -120,7 +155,7 @@ def test_preempted_two_node_job_requeues_once_and_finishes(jobs, capfd):
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline, f"job {job_id} did not reach step 3 (states {sacct_states(job_id)})"
         time.sleep(0.2)
-    # The job recorded itself in run.json at its first step; a second job on the same run is refused.
+    # The job recorded itself in run.json when it started the run; a second job on the same run is refused.
     assert run_json(run_dir)["slurm_job_id"] == job_id
     code, _ = launch("--resume", str(run_dir))
     assert code == 2 and f"still in SLURM job {job_id} (RUNNING)" in capfd.readouterr().err
@@ -140,6 +175,7 @@ def test_preempted_two_node_job_requeues_once_and_finishes(jobs, capfd):
     assert mlflow_history(run_dir) == expected
 
 
+@on_cluster
 def test_resume_by_hand_as_one_node_of_two_tasks(jobs):
     """The preempted 2-node run, extended by hand on one node with two tasks (same world size)."""
     run_dir, first_job = jobs["preempt"], jobs["ids"]["preempt"]
@@ -158,6 +194,7 @@ def test_resume_by_hand_as_one_node_of_two_tasks(jobs):
     assert mlflow_history(run_dir) == expected
 
 
+@on_cluster
 def test_sweep_of_two_is_one_array_of_two_finished_runs(jobs):
     from mlflow import MlflowClient
 
@@ -181,6 +218,7 @@ def test_sweep_of_two_is_one_array_of_two_finished_runs(jobs):
     assert all(run_dir.name.endswith(f"{sweep_id}-{index}") for index, run_dir in enumerate(run_dirs))
 
 
+@on_cluster
 def test_crash_is_retried_then_fails_for_good(jobs):
     job_id = jobs["ids"]["crash"]
     assert wait_for_end(job_id) == ["REQUEUED", "FAILED"]
@@ -189,6 +227,7 @@ def test_crash_is_retried_then_fails_for_good(jobs):
     assert "requeued (0 retries left)" in log and "no retries left (launcher.slurm.max_retries=1)" in log
 
 
+@on_cluster
 def test_runs_logs_prints_each_rank(jobs, capfd):
     run_dir = jobs["preempt"]
     wait_for_end(jobs["ids"]["preempt"])
@@ -200,44 +239,3 @@ def test_runs_logs_prints_each_rank(jobs, capfd):
     assert main(["runs", "logs", str(run_dir), "--rank", "2"]) == 2
     assert "ranks with logs: 0, 1" in capfd.readouterr().err
 
-
-@pytest.mark.parametrize(
-    "flags, overrides, message",
-    [
-        (["--partition", "nope"], [], "launcher.slurm.partition: 'nope' is not a partition of this cluster; choose one of: debug"),
-        (["--nodes", "3"], [], "launcher.slurm.nodes: 3 nodes asked for, partition debug has 2"),
-        (["--tasks-per-node", "3"], ["parallel.pipeline_stages=2"], "parallel.pipeline_stages: 2 stages do not divide the world size 3"),
-        (["--time", "1"], ["launcher.slurm.signal_delay_s=60"], "launcher.slurm.signal_delay_s"),
-        (["--slurm-extra", "nodes=4"], [], "launcher.slurm.extra.nodes: set by flowmill"),
-        (["--sweep", "launcher.slurm.nodes=1,2"], [], "--sweep launcher.slurm.nodes"),
-        (["--sweep", "optim.lr=1e-3,3e-4"], ["optim.lr=1e-4"], "--sweep optim.lr is also set by the override optim.lr=1e-4"),
-    ],
-)
-def test_refused_before_submission(flags, overrides, message, digits_dir, tmp_path, capfd):
-    code, _ = launch(*flags, "--folder", str(tmp_path / "slurm"), *tiny(tmp_path / "run", digits_dir), *overrides)
-    err = capfd.readouterr().err
-    assert code == 2 and message in err, err
-    assert not (tmp_path / "slurm").exists() and not (tmp_path / "run").exists()
-
-
-def test_no_sbatch_refused(digits_dir, tmp_path, monkeypatch, capfd):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    code, _ = launch(*tiny(tmp_path / "run", digits_dir), "--folder", str(tmp_path / "slurm"))
-    err = capfd.readouterr().err
-    assert code == 2 and "sbatch is not on PATH" in err, err
-    assert not (tmp_path / "slurm").exists()
-
-
-def test_resume_of_a_folder_that_is_not_a_run_refused(tmp_path, capfd):
-    (tmp_path / "notarun").mkdir()
-    code, _ = launch("--resume", str(tmp_path / "notarun"), "--folder", str(tmp_path / "slurm"))
-    err = capfd.readouterr().err
-    assert code == 2 and "is not a flowmill run dir" in err, err
-    assert not (tmp_path / "slurm").exists()
-
-
-def test_folder_inside_a_new_run_dir_refused(digits_dir, tmp_path, capfd):
-    code, _ = launch("--folder", str(tmp_path / "run" / "slurm"), *tiny(tmp_path / "run", digits_dir))
-    err = capfd.readouterr().err
-    assert code == 2 and "launcher.slurm.folder" in err and "inside the run dir" in err, err
-    assert not (tmp_path / "run").exists()
