@@ -34,7 +34,7 @@ from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
 
 def load(source: str, kind: type, judge_cache: str | None):
     """(task, EMA model) of a run, checked to be of task class ``kind``; the judge cache optionally moved."""
-    task, model, _ = load_task_and_model(Path(source))
+    task, model, _ = load_task_and_model(source)
     if not isinstance(task, kind):
         raise SystemExit(f"{source} is a {task.cfg.task} run, expected {kind.__name__}")
     if judge_cache is not None:

@@ -8,16 +8,14 @@ calls ``text_encoder(run_dir=RUN)``; the encoder it returns follows the protocol
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from flowmill.data.tokenizer import Tokenizer
+from flowmill.errors import UsageError
 from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
-from flowmill.train.run_dir import CONFIG_YAML
-from flowmill.train.tasks.mmdit import TEXT_ENCODER_FILE, TOKENIZER_FILE
+from flowmill.run_dir import RunDir
 
 
 class CaptionEncoder:
@@ -41,16 +39,13 @@ class CaptionEncoder:
 
 def text_encoder(run_dir: str) -> CaptionEncoder:
     """The text encoder of an MMDiT run: its config's ``text`` section, tokenizer and frozen weights."""
-    folder = Path(run_dir)
-    config_path = folder / CONFIG_YAML
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a flowmill run dir (no {CONFIG_YAML})")
-    section = yaml.safe_load(config_path.read_text()).get("text")
+    run = RunDir(run_dir)
+    section = run.saved_config().get("text")
     if not section:
-        raise ValueError(f"{config_path} has no text section: the run has no text encoder")
+        raise UsageError(f"{run.config_file} has no text section: the run has no text encoder")
     cfg = TextEncoderConfig(**section)
-    tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
+    tokenizer = Tokenizer.load(run.text_tokenizer)
     model = TextEncoder(cfg, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-    model.load_state_dict(load_file(folder / TEXT_ENCODER_FILE))
-    weights = hashlib.sha256((folder / TEXT_ENCODER_FILE).read_bytes()).hexdigest()
+    model.load_state_dict(load_file(run.text_encoder))
+    weights = hashlib.sha256(run.text_encoder.read_bytes()).hexdigest()
     return CaptionEncoder(model, tokenizer, cfg.max_length, {"text_encoder": section, "weights_sha256": weights})

@@ -7,7 +7,6 @@ The unit tests need no cluster. The refusals run the command in-process on the l
 from __future__ import annotations
 
 import argparse
-import json
 
 import pytest
 
@@ -20,8 +19,8 @@ from flowmill.launchers.slurm_submit import (
     sbatch_parameters,
     sweep_grid,
 )
-from flowmill.train import run_dir as rundir
-from flowmill.train.config import SlurmConfig, load_config, save_config, to_dict
+from flowmill.run_dir import RunDir
+from flowmill.train.config import SlurmConfig, load_config, to_dict
 from tests.helpers import TINY_CONFIG
 from tests.launchers.cluster import launch, on_cluster, tiny
 
@@ -85,9 +84,8 @@ def test_sweep_key_also_overridden_refused(tmp_path):
 
 def test_resumed_run_keeps_its_folder_and_takes_overrides(tmp_path):
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    save_config(load_config(TINY_CONFIG, [f"run.dir={run_dir}", "launcher.slurm.folder=/elsewhere/slurm"]), run_dir / rundir.CONFIG_YAML)
-    (run_dir / rundir.RUN_JSON).write_text(json.dumps({"status": "preempted"}))
+    RunDir(run_dir).create(to_dict(load_config(TINY_CONFIG, [f"run.dir={run_dir}", "launcher.slurm.folder=/elsewhere/slurm"])))
+    RunDir(run_dir).update_info(status="preempted")
     cfg = resumed_config(run_dir, ["trainer.max_steps=7"])
     assert (cfg.run.dir, cfg.launcher.slurm.folder, cfg.trainer.max_steps) == (str(run_dir.resolve()), "/elsewhere/slurm", 7)
     cfg = resumed_config(run_dir, ["launcher.slurm.folder="])

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from flowmill.run_dir import RunDir
 from flowmill.cli import main as flowmill_main
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
 from flowmill.train.config import load_config
@@ -143,11 +144,11 @@ def test_fmlm_distills_in_two_stages(corrector_run, flm_run, text, judges, tmp_p
     # A flow-map run is no teacher; an FLM run is no corrector.
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{"distill.teacher": corrector_run}))
     with pytest.raises(UsageError, match="distill.teacher: .* is a fmlm run \\(a flow map\\)"):
-        FMLMTask(cfg, CPU, tmp_path / "x")
+        FMLMTask(cfg, CPU, RunDir(tmp_path / "x"))
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "x", **{
         "distill.teacher": flm_run, "distill.stage": "student", "distill.corrector": flm_run}))
     with pytest.raises(UsageError, match="distill.corrector: .* is a flm run; it must be an fmlm run with distill.stage=corrector"):
-        FMLMTask(cfg, CPU, tmp_path / "x")
+        FMLMTask(cfg, CPU, RunDir(tmp_path / "x"))
 
 
 def test_flm_zero3_on_two_processes(text, judges, tmp_path):
@@ -186,7 +187,7 @@ def fake_run(root: Path, task: str, family: str) -> Path:
 def test_bad_inputs_are_refused_before_training(text, tmp_path):
     def flm_task(**extra):
         cfg = load_config(FLM_TINY, flm_overrides(text, tmp_path / "run", **{**flm_model_overrides(text), **extra}))
-        return FLMTask(cfg, CPU, tmp_path / "run")
+        return FLMTask(cfg, CPU, RunDir(tmp_path / "run"))
 
     flm_task().decoder()  # the matching inputs pass
     with pytest.raises(UsageError, match=f"model.vocab_size: 100, but the tokenizer .* has {text.vocab_size} pieces"):
@@ -211,7 +212,7 @@ def test_bad_inputs_are_refused_before_training(text, tmp_path):
     image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
     cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}))
     with pytest.raises(UsageError, match="distill.teacher: .* holds a mmdit model \\(task mmdit\\); FMLM distils a flow language model"):
-        FMLMTask(cfg, CPU, tmp_path / "d")
+        FMLMTask(cfg, CPU, RunDir(tmp_path / "d"))
     with pytest.raises(UsageError, match="distill.teacher: give the FLM run"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d"))
     with pytest.raises(UsageError, match="distill.corrector: the student stage needs"):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from flowmill.run_dir import RunDir
 from flowmill.data.builtin import MovingDigitsSpec, moving_digits_caption_lines, moving_digits_clip, pack_moving_digits
 from flowmill.data.pack import PackOptions
 from flowmill.data.tokenizer import train_tokenizer
@@ -200,7 +201,7 @@ def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
 
     clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1
     for overrides, steps in ((["recon.steps=1", "sample.steps=3"], 1), (["sample.steps=3"], 3)):
-        task = VideoTokenizerTask(load_config(TOKENIZER_TINY, overrides), None, tmp_path)
+        task = VideoTokenizerTask(load_config(TOKENIZER_TINY, overrides), None, RunDir(tmp_path))
         model = task.build_model().eval()
         indices = model.encode(clips).indices
         expected = model.decode(indices[:, :2], steps=steps, generator=torch.Generator().manual_seed(task.cfg.trainer.seed))
