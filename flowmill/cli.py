@@ -11,12 +11,12 @@ import argparse
 import os
 import sys
 
+from flowmill.arguments import merge_trailing_overrides, run_handler
 from flowmill.data import cli as data_cli
+from flowmill.errors import UsageError
 from flowmill.launchers import cli as launchers_cli
 from flowmill.runs import cli as runs_cli
 from flowmill.train import cli as train_cli
-from flowmill.arguments import merge_trailing_overrides, run_handler
-from flowmill.errors import UsageError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

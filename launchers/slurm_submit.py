@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import shutil
-import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-
 NUM_UPDATES = "num_updates"  # beside the weights in the state dict; no model has a tensor of that name
 
 

@@ -8,7 +8,6 @@ global batch on another world size) live here, and are logged as ``derived.*`` p
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir

@@ -26,9 +26,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from flowmill.errors import UsageError
+from flowmill.run_dir import RUN_JSON, RunDir
 from flowmill.runs.defaults import MAX_LISTED_RUNS
 from flowmill.train import tracking
-from flowmill.run_dir import RUN_JSON, RunDir
 
 Direction = Literal["min", "max"]
 

@@ -9,10 +9,10 @@ from PIL import Image, UnidentifiedImageError
 
 from flowmill.data.builtin import digit_captions, pack_builtin_digits
 from flowmill.data.decode import ClipDecoder, GenericDecoder, ImageTextDecoder, TokenDecoder, npy_array
-from flowmill.data.video import encode_mp4
 from flowmill.data.loader import StreamingLoader
 from flowmill.data.pack import PackOptions
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.video import encode_mp4
 
 
 def test_digit_batches_for_a_text_to_image_model(tmp_path):

@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pytest
 
 from flowmill.cli import main
-from flowmill.run_dir import RunDir
 from flowmill.launchers.slurm_job import MASTER_PORT_BASE, MASTER_PORT_SPAN, master_port, process_group_env, record_requeue
 from flowmill.launchers.slurm_submit import new_run_configs
+from flowmill.run_dir import RunDir
 from flowmill.train.config import to_dict
 from tests.helpers import TINY_CONFIG, tiny_overrides
 from tests.launchers.cluster import JOB_TIMEOUT_S, launch, on_cluster, run_json, sacct_states, submit, tiny, wait_for_end

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import dataclasses
+
+import pytest
 
 from flowmill.errors import UsageError
 from flowmill.models.flow_lm import FLOW_LM_SIZES

@@ -7,6 +7,7 @@ import pytest
 
 from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.pack import PackOptions
+from flowmill.errors import UsageError
 from flowmill.train.encoders import text_encoder
 from tests.encode_helpers import CAPTIONS, caption_dataset, mmdit_run_dir
 from tests.helpers import shard_members
@@ -33,8 +34,8 @@ def test_text_embeddings_are_cached_per_sample(tmp_path):
 
 
 def test_a_folder_that_is_no_text_run_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="is not a flowmill run dir"):
+    with pytest.raises(UsageError, match="is not a flowmill run dir"):
         text_encoder(str(tmp_path))
     (tmp_path / "config.yaml").write_text("task: flm\n")
-    with pytest.raises(ValueError, match="has no text section"):
+    with pytest.raises(UsageError, match="has no text section"):
         text_encoder(str(tmp_path))

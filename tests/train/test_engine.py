@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, ParallelConfig, TrainerConfig

@@ -11,16 +11,16 @@ import pytest
 import torch
 import yaml
 
-from flowmill.run_dir import RunDir
 from flowmill.cli import main as flowmill_main
 from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.errors import UsageError
+from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.tasks.flm import FLMTask
 from flowmill.train.tasks.fmlm import FMLMTask
 from tests.helpers import flowmill
 from tests.text_helpers import FLM_TINY, FMLM_TINY, SEQ_LEN, flm_model_overrides, flm_overrides, pack_tiny_text
-from flowmill.errors import UsageError
 
 pytestmark = pytest.mark.slow
 
@@ -225,5 +225,5 @@ def test_a_bad_teacher_stops_the_cli_with_exit_code_2(text, tmp_path):
     image_run = fake_run(tmp_path / "mmdit-run", "mmdit", "mmdit")
     result = flowmill("train", str(FMLM_TINY), *flm_overrides(text, tmp_path / "d", **{"distill.teacher": image_run}), cwd=tmp_path)
     assert result.returncode == 2
-    assert "config error: distill.teacher:" in result.stderr and "holds a mmdit model" in result.stderr
+    assert "flowmill: error: distill.teacher:" in result.stderr and "holds a mmdit model" in result.stderr
     assert not (tmp_path / "d" / "checkpoints" / "step-00000001").exists()

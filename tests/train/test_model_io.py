@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flowmill.cli import main
+from flowmill.errors import UsageError
 from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
 from flowmill.run_dir import RunDir
@@ -24,7 +25,6 @@ from flowmill.train.distributed import DistEnv
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
 from flowmill.train.tasks.mmdit import MMDiTTask
 from tests.helpers import TINY_CONFIG, tiny_overrides
-from flowmill.errors import UsageError
 
 torch.set_num_threads(1)
 
@@ -161,7 +161,7 @@ def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_fol
     meta = json.loads((tmp_path / "model" / "flowmill_model.json").read_text())
     (tmp_path / "model" / "flowmill_model.json").write_text(json.dumps({**meta, "family": "flow_lm"}))
     with pytest.raises(UsageError, match="unknown model family 'flow_lm'; choose one of: mmdit"):
-        task.__class__(task.cfg, task.env, tmp_path / "run3").build_model()
+        task.__class__(task.cfg, task.env, RunDir(tmp_path / "run3")).build_model()
 
 
 def fake_run(folder, task: str, family: str) -> None:
@@ -229,8 +229,8 @@ def test_load_model_imports_no_training_stack(sd3_folder, tmp_path):
 
 def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir, tmp_path):
     from flowmill.data.encode import encode_dataset, load_encoder
-    from flowmill.data.pack import PackOptions
     from flowmill.data.loader import StreamingLoader
+    from flowmill.data.pack import PackOptions
 
     args = {"run_dir": str(finished_run)}
     encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.train.encoders:text_encoder", args),

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from flowmill.train import tracking
 from flowmill.train.images import image_grid
 from flowmill.train.tracking import MLflowTracker, NullTracker
 from flowmill.train.tracking_params import flatten_config
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from tests.train.test_tracking_params import Config
 
 STEP_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s")

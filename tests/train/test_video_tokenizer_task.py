@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from flowmill.run_dir import RunDir
 from flowmill.data.builtin import MovingDigitsSpec, moving_digits_caption_lines, moving_digits_clip, pack_moving_digits
 from flowmill.data.pack import PackOptions
 from flowmill.data.tokenizer import train_tokenizer
 from flowmill.data.video import read_video
 from flowmill.models.fsq import FSQ
-from tests.helpers import REPO, flowmill, shard_members
 from flowmill.errors import UsageError
+from flowmill.run_dir import RunDir
+from tests.helpers import REPO, flowmill, shard_members
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, t
 def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
     """recon.steps (1: the decoder's estimate of the clip, its best in PSNR) sets the decoder steps
     of the reconstruction metrics, apart from sample.steps; without it they use sample.steps."""
-    from flowmill.train.config import UsageError, load_config
+    from flowmill.train.config import load_config
     from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
 
     clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1

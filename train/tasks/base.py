@@ -13,7 +13,6 @@ from flowmill.data.loader import StreamingLoader
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
-from flowmill.errors import UsageError
 
 
 class Task:

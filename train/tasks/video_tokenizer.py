@@ -34,8 +34,8 @@ from flowmill.models.samplers import build_sampler
 from flowmill.models.video_tokenizer import TOKENIZER_SIZES, VideoTokenizer, VideoTokenizerConfig, patchify
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import Config
-from flowmill.train.sample import load_task_and_model
 from flowmill.train.distributed import DistEnv
+from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.base import Task
 from flowmill.train.video_metrics import psnr, ssim
 from flowmill.train.videos import clip_uint8, quality_plot, side_by_side_gif
@@ -199,9 +199,9 @@ class VideoTokenizerTask(Task):
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
         metrics = self.validation_losses(model, self.validation_clips())
-        for k, (psnr, ssim) in self.recon_quality(model, step).scores.items():
-            metrics[f"recon/psnr_k{k}"] = psnr
-            metrics[f"recon/ssim_k{k}"] = ssim
+        for k, (psnr_k, ssim_k) in self.recon_quality(model, step).scores.items():
+            metrics[f"recon/psnr_k{k}"] = psnr_k
+            metrics[f"recon/ssim_k{k}"] = ssim_k
         return metrics
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
