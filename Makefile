@@ -24,10 +24,10 @@ install: $(STAMP)
 $(DIGITS)/manifest.json: | $(STAMP)
 	$(FLOWMILL) data pack builtin:digits $(DIGITS)
 
-$(DIGITS)/tokenizer.model: $(DIGITS)/manifest.json
-	$(FLOWMILL) data tokenizer $(DIGITS)/tokenizer --text builtin:digit-captions --vocab-size 80 --model-type bpe
+$(DIGITS)/text_tokenizer.model: $(DIGITS)/manifest.json
+	$(FLOWMILL) data tokenizer $(DIGITS)/text_tokenizer --text builtin:digit-captions --vocab-size 80 --model-type bpe
 
-data: $(DIGITS)/tokenizer.model
+data: $(DIGITS)/text_tokenizer.model
 
 run: data
 	$(FLOWMILL) launch local --nproc 2 configs/mmdit_digits.yaml run.dir=$(RUN_DIR)

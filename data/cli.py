@@ -1,4 +1,4 @@
-"""``flowmill data ...`` parsers: pack shards, train a tokenizer, inspect what each rank reads, cache encoders.
+"""``flowmill data ...`` parsers: pack shards, train a text tokenizer, inspect what each rank reads, cache encoders.
 
 ``register(subparsers)`` adds the ``data`` group to the main parser. Each command names its
 handler in ``flowmill.data.commands``, imported only when the command runs: this module
@@ -139,7 +139,7 @@ def _add_pack(commands: argparse._SubParsersAction) -> None:
 def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
     tokenizer = commands.add_parser(
         "tokenizer",
-        help="train a sentencepiece tokenizer",
+        help="train a sentencepiece text tokenizer",
         description=(
             "Train a sentencepiece model on text, one sentence per line, and write OUT_PREFIX.model. "
             "Special ids: pad 0, unk 1, bos 2, eos 3. --vocab-size is an upper bound on tiny corpora."

@@ -38,7 +38,7 @@ from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.images import pack_images
 from flowmill.data.pack import PackOptions
 from flowmill.data.text import pack_text
-from flowmill.data.tokenizer import train_tokenizer
+from flowmill.data.text_tokenizer import train_text_tokenizer
 from flowmill.data.video import ClipSpec, pack_videos
 from flowmill.errors import UsageError
 
@@ -125,7 +125,7 @@ def _run_pack(args: argparse.Namespace, inputs: list[str], out_dir: str, options
         spec = ClipSpec(frames=frames, size=given(args.size, 32), stride=given(args.stride, frames), mp4=args.mp4)
         return {out_dir: pack_videos(inputs, out_dir, spec, options=options)}
     manifests = pack_text(
-        inputs, out_dir, tokenizer_path=args.tokenizer, seq_len=given(args.seq_len, 256),
+        inputs, out_dir, text_tokenizer_path=args.tokenizer, seq_len=given(args.seq_len, 256),
         val_fraction=given(args.val_fraction, 0.1), options=options,
     )
     return {str(Path(out_dir) / split): manifest for split, manifest in manifests.items()}
@@ -153,7 +153,7 @@ def _read_lines(paths: list[str]) -> list[str]:
 
 def tokenizer_command(args: argparse.Namespace) -> int:
     """``flowmill data tokenizer``: train a sentencepiece model on the texts, print where it went."""
-    path = train_tokenizer(
+    path = train_text_tokenizer(
         _read_lines(args.text), args.out_prefix, args.vocab_size, model_type=args.model_type, newlines=args.newlines
     )
     print(f"wrote {path}")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from flowmill.data.images import square
-from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer
 
 
 def field(sample: dict, name: str) -> bytes:
@@ -86,7 +86,7 @@ class ImageTextDecoder:
     image_field: str = "png"  # the image field: png or jpg, or a latent image *.npy float (C, H, W) taken as it is
     channels: int = 1  # 1 = grey, 3 = RGB (a latent: its C)
     size: int | None = 32  # expected image side in pixels; another size is rejected (None accepts any)
-    tokenizer: Tokenizer | None = None  # tokenizes the caption when set
+    tokenizer: TextTokenizer | None = None  # tokenizes the caption when set
     max_len: int = 16  # token ids per caption, eos included, when a tokenizer is set
 
     def __call__(self, sample: dict) -> dict:

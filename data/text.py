@@ -2,7 +2,7 @@
 
 Each file is read as UTF-8 and split in two at a line boundary: the first
 ``1 - val_fraction`` of its characters go to the ``train`` split, the rest to ``val``
-(held-out text). Per split, the files are tokenized with a sentencepiece ``Tokenizer``,
+(held-out text). Per split, the files are tokenized with a sentencepiece ``TextTokenizer``,
 concatenated with an eos id after each file, and cut into back-to-back sequences of
 ``seq_len`` ids; the last ``< seq_len`` ids of a split do not fill a sequence and are
 dropped (their count is in the manifest's notes). A sample is
@@ -22,7 +22,7 @@ from flowmill.data.constants import DEFAULT_SHARD_SAMPLES, TEXT_SOURCE, TINYSHAK
 from flowmill.data.pack import PackOptions, input_fingerprint, write_shards
 from flowmill.data.parallel import parallel_map, warn
 from flowmill.data.shards import sha256_file
-from flowmill.data.tokenizer import EOS_ID, Tokenizer
+from flowmill.data.text_tokenizer import EOS_ID, TextTokenizer
 
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 16  # characters per tokenization job (cut at a line end): ~16 jobs for tinyshakespeare
@@ -71,14 +71,14 @@ def chunks(text: str, size: int = CHUNK_CHARS) -> list[str]:
 class _Encode:
     """Picklable ``text -> ids`` for pack worker processes."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: TextTokenizer):
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_eos=False)
 
 
-def token_stream(texts: list[str], tokenizer: Tokenizer, processes: int) -> np.ndarray:
+def token_stream(texts: list[str], tokenizer: TextTokenizer, processes: int) -> np.ndarray:
     """Ids of every text followed by eos, concatenated: int32 (N,)."""
     jobs = [(index, piece) for index, text in enumerate(texts) for piece in chunks(text, CHUNK_CHARS)]
     encoded = parallel_map(_Encode(tokenizer), [piece for _, piece in jobs], processes)
@@ -100,7 +100,7 @@ def sequence_samples(ids: np.ndarray, seq_len: int) -> list[dict]:
     return samples
 
 
-def keeps_newlines(tokenizer: Tokenizer) -> bool:
+def keeps_newlines(tokenizer: TextTokenizer) -> bool:
     """True if the tokenizer has a piece for line breaks (trained with ``newlines=True``)."""
     return tokenizer.decode(tokenizer.encode("a\nb", add_eos=False)) == "a\nb"
 
@@ -109,7 +109,7 @@ def pack_text(
     inputs: list[str],
     out_dir: str | Path,
     *,
-    tokenizer_path: str | Path,
+    text_tokenizer_path: str | Path,
     seq_len: int,
     val_fraction: float = 0.1,
     options: PackOptions = PackOptions(),
@@ -126,7 +126,7 @@ def pack_text(
         raise ValueError(f"seq_len must be >= 1 token, got {seq_len}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = TextTokenizer.load(text_tokenizer_path)
     texts, used, rejected = [], [], []
     for name in inputs:
         try:
@@ -139,7 +139,7 @@ def pack_text(
         raise ValueError(f"no usable text in {', '.join(inputs)}")
     newlines = keeps_newlines(tokenizer)
     if not newlines:
-        on_reject(f"note: {tokenizer_path} has no line-break piece, line breaks become spaces (train it with --newlines)")
+        on_reject(f"note: {text_tokenizer_path} has no line-break piece, line breaks become spaces (train it with --newlines)")
     splits = [split_at_line(text, val_fraction) for text in texts]
     manifests = {}
     for index, split in enumerate(SPLITS if val_fraction > 0 else SPLITS[:1]):
@@ -152,7 +152,7 @@ def pack_text(
         args = {
             "files": [str(resolve_text_path(name).resolve()) for name in used],
             "inputs": input_fingerprint([resolve_text_path(name) for name in used]),
-            "tokenizer_sha256": sha256_file(tokenizer_path), "seq_len": seq_len, "val_fraction": val_fraction,
+            "text_tokenizer_sha256": sha256_file(text_tokenizer_path), "seq_len": seq_len, "val_fraction": val_fraction,
             "split": split,
         }
         notes = {

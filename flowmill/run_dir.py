@@ -8,7 +8,7 @@ Layout of ``RUN_DIR``:
     checkpoints/step-N/        one checkpoint; ``flowmill.json`` inside, written last, marks it complete
     samples/                   sample grids written during training
     logs/                      train.log, metrics.jsonl, keys-rank-R.jsonl
-    tokenizer.model            the text tokenizer the run's text side uses (image and text runs)
+    text_tokenizer.model       the text tokenizer the run's text side uses (image and text runs)
     text_encoder.safetensors   the text encoder's weights (image runs with a random-weight encoder)
     teacher/, corrector/       copies of the runs a distillation depends on (config.yaml, ema.safetensors)
 
@@ -139,7 +139,7 @@ class RunDir:
 
     @property
     def text_tokenizer(self) -> Path:
-        return self.path / "tokenizer.model"
+        return self.path / "text_tokenizer.model"
 
     @property
     def text_encoder(self) -> Path:

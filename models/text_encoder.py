@@ -33,7 +33,7 @@ from torch import nn
 @dataclass
 class TextEncoderConfig:
     kind: str = "clip"  # clip | t5 | clip+t5 (see the module docstring)
-    tokenizer: str = "datasets/digits/tokenizer.model"  # sentencepiece model file of the random-weight encoders
+    tokenizer: str = "datasets/digits/text_tokenizer.model"  # sentencepiece model file of the random-weight encoders
     pretrained: str | None = None  # local transformers folder (weights + tokenizer) of the CLIP (clip, clip+t5) or the T5 (t5)
     t5_pretrained: str | None = None  # kind clip+t5: local transformers folder of the T5
     dim: int = 64  # random weights: width of the CLIP (clip, clip+t5) or of the T5 (t5)

@@ -132,7 +132,7 @@ class VideoTokenizerConfig:
         return list(range(1, self.num_registers + 1))
 
 
-TOKENIZER_SIZES: dict[str, VideoTokenizerConfig] = {
+VIDEO_TOKENIZER_SIZES: dict[str, VideoTokenizerConfig] = {
     "tiny": VideoTokenizerConfig(
         dim=64, encoder_depth=2, decoder_depth=2, num_heads=4, num_registers=16, fsq_levels=(5, 5, 5)
     ),
@@ -141,11 +141,11 @@ TOKENIZER_SIZES: dict[str, VideoTokenizerConfig] = {
 }
 
 
-def tokenizer_config(size: str, **overrides) -> VideoTokenizerConfig:
-    """The named size from ``TOKENIZER_SIZES`` with fields replaced by ``overrides`` (e.g. frames=4)."""
-    if size not in TOKENIZER_SIZES:
-        raise ValueError(f"unknown tokenizer size '{size}'; choose one of: {', '.join(TOKENIZER_SIZES)}")
-    return replace(TOKENIZER_SIZES[size], **overrides)
+def video_tokenizer_config(size: str, **overrides) -> VideoTokenizerConfig:
+    """The named size from ``VIDEO_TOKENIZER_SIZES`` with fields replaced by ``overrides`` (e.g. frames=4)."""
+    if size not in VIDEO_TOKENIZER_SIZES:
+        raise ValueError(f"unknown video tokenizer size '{size}'; choose one of: {', '.join(VIDEO_TOKENIZER_SIZES)}")
+    return replace(VIDEO_TOKENIZER_SIZES[size], **overrides)
 
 
 def _draw(draw, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -15,11 +15,11 @@ def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn's digits packed into 8 shards, with a sentencepiece tokenizer beside them."""
     from flowmill.data.builtin import digit_captions, pack_builtin_digits
     from flowmill.data.pack import PackOptions
-    from flowmill.data.tokenizer import train_tokenizer
+    from flowmill.data.text_tokenizer import train_text_tokenizer
 
     out = tmp_path_factory.mktemp("digits")
     pack_builtin_digits(out, options=PackOptions(shard_samples=225, progress=False))
-    train_tokenizer(digit_captions(), out / "tokenizer", vocab_size=32)
+    train_text_tokenizer(digit_captions(), out / "text_tokenizer", vocab_size=32)
     return out
 
 

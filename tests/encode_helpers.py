@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import save_file
 
 from flowmill.data.pack import write_shards
-from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
 
 CAPTIONS = ["a red cat", "a blue dog", "two green birds", "one cat", "the dog sleeps"]
@@ -22,10 +22,10 @@ def caption_dataset(folder: Path) -> None:
     write_shards(samples, folder, source="test", args={}, shard_samples=4, progress=False)
 
 
-def mmdit_run_dir(folder: Path) -> tuple[TextEncoder, Tokenizer]:
+def mmdit_run_dir(folder: Path) -> tuple[TextEncoder, TextTokenizer]:
     """A minimal MMDiT run dir: config.yaml with a text section, tokenizer, frozen text encoder weights."""
     folder.mkdir()
-    tokenizer = Tokenizer.load(train_tokenizer(CAPTIONS, folder / "tokenizer", vocab_size=40))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(CAPTIONS, folder / "text_tokenizer", vocab_size=40))
     section = {"dim": 16, "depth": 1, "num_heads": 2, "max_length": 8, "seed": 3}
     (folder / "config.yaml").write_text(yaml.safe_dump({"task": "mmdit", "text": section}))
     model = TextEncoder(TextEncoderConfig(**section), tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id,

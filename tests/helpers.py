@@ -28,7 +28,7 @@ def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
     """Overrides pointing the tiny config at the test data, a run dir and a store in tmp."""
     values = {
         "data.path": str(digits_dir),
-        "text.tokenizer": str(digits_dir / "tokenizer.model"),
+        "text.tokenizer": str(digits_dir / "text_tokenizer.model"),
         "run.dir": str(run_dir),
         **extra,
     }

@@ -34,15 +34,15 @@ def pack_tiny_text(root: Path, chars: int = 40_000, vocab_size: int = 64, seq_le
     from flowmill.data.builtin import tinyshakespeare_path
     from flowmill.data.pack import PackOptions
     from flowmill.data.text import pack_text
-    from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+    from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     text = tinyshakespeare_path().read_text(encoding="utf-8")[:chars]
     (root / "corpus.txt").write_text(text)
-    tokenizer = train_tokenizer(text.splitlines(), root / "tokenizer", vocab_size=vocab_size, newlines=True)
-    pack_text([str(root / "corpus.txt")], root, tokenizer_path=tokenizer, seq_len=seq_len,
+    tokenizer = train_text_tokenizer(text.splitlines(), root / "text_tokenizer", vocab_size=vocab_size, newlines=True)
+    pack_text([str(root / "corpus.txt")], root, text_tokenizer_path=tokenizer, seq_len=seq_len,
               options=PackOptions(shard_samples=128, progress=False))
-    return TinyText(root, tokenizer, Tokenizer.load(tokenizer).vocab_size)
+    return TinyText(root, tokenizer, TextTokenizer.load(tokenizer).vocab_size)
 
 
 def flm_overrides(data: TinyText, run_dir: Path, **extra) -> list[str]:

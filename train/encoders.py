@@ -12,7 +12,7 @@ import hashlib
 import torch
 from safetensors.torch import load_file
 
-from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.errors import UsageError
 from flowmill.models.text_encoder import TextEncoder, TextEncoderConfig
 from flowmill.run_dir import RunDir
@@ -22,7 +22,7 @@ class CaptionEncoder:
     """The MMDiT's frozen text encoder over the ``txt`` captions: outputs ``txt_emb`` (L, D),
     ``txt_mask`` (L,) and ``vec_emb`` (D,) per sample."""
 
-    def __init__(self, text_encoder: torch.nn.Module, tokenizer: Tokenizer, max_length: int, description: dict):
+    def __init__(self, text_encoder: torch.nn.Module, tokenizer: TextTokenizer, max_length: int, description: dict):
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -44,7 +44,7 @@ def text_encoder(run_dir: str) -> CaptionEncoder:
     if not section:
         raise UsageError(f"{run.config_file} has no text section: the run has no text encoder")
     cfg = TextEncoderConfig(**section)
-    tokenizer = Tokenizer.load(run.text_tokenizer)
+    tokenizer = TextTokenizer.load(run.text_tokenizer)
     model = TextEncoder(cfg, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
     model.load_state_dict(load_file(run.text_encoder))
     weights = hashlib.sha256(run.text_encoder.read_bytes()).hexdigest()

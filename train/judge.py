@@ -63,7 +63,7 @@ class TextDataInfo:
 
     vocab_size: int  # pieces of the tokenizer the data was packed with
     seq_len: int  # tokens per sequence
-    tokenizer_sha256: str  # sha256 of that tokenizer's .model file
+    text_tokenizer_sha256: str  # sha256 of that tokenizer's .model file
     shards_sha256: list[str]  # sha256 of every shard, in manifest order
 
 
@@ -76,7 +76,7 @@ def text_data_info(path: str | Path) -> TextDataInfo:
     return TextDataInfo(
         vocab_size=int(manifest["made"]["notes"]["vocab_size"]),
         seq_len=int(params["args"]["seq_len"]),
-        tokenizer_sha256=params["args"]["tokenizer_sha256"],
+        text_tokenizer_sha256=params["args"]["text_tokenizer_sha256"],
         shards_sha256=[shard["sha256"] for shard in manifest["shards"]],
     )
 
@@ -139,7 +139,7 @@ def load_or_train_judge(data_path: str | Path, config: JudgeConfig, val_path: st
 def held_out_tokens(val_path: str | Path, info: TextDataInfo) -> torch.Tensor:
     """Every sequence of ``val_path`` (N, L) long; ValueError if it was packed with another tokenizer or length."""
     val = text_data_info(val_path)
-    if (val.tokenizer_sha256, val.seq_len) != (info.tokenizer_sha256, info.seq_len):
+    if (val.text_tokenizer_sha256, val.seq_len) != (info.text_tokenizer_sha256, info.seq_len):
         raise ValueError(f"{val_path} was packed with another tokenizer or sequence length than the judge's training data")
     loader = StreamingLoader(
         val_path, rank=0, world_size=1, batch_size=256, num_workers=0, seed=0,

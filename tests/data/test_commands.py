@@ -10,7 +10,7 @@ from PIL import Image
 
 from flowmill.cli import main
 from flowmill.data.pack import write_shards
-from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 from flowmill.data.video import encode_mp4
 from tests.encode_helpers import caption_dataset, mmdit_run_dir
 from tests.helpers import shard_members
@@ -38,7 +38,7 @@ def test_tokenizer_from_files_and_captions(tmp_path):
     corpus.write_text("to be or not to be\nthat is the question\n")
     assert run(["data", "tokenizer", str(tmp_path / "tok"), "--text", str(corpus), "builtin:digit-captions",
                 "--vocab-size", "40"]) == 0
-    tokenizer = Tokenizer.load(tmp_path / "tok.model")
+    tokenizer = TextTokenizer.load(tmp_path / "tok.model")
     assert tokenizer.decode(tokenizer.encode("that is the question")) == "that is the question"
 
 
@@ -85,7 +85,7 @@ def test_pack_every_source_from_the_command_line(tmp_path, capsys):
     assert captured.err.startswith("skipping ") and "bad.mp4: PyAV cannot open it" in captured.err
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"to be or not to be, line {index}\n" for index in range(200)))
-    train_tokenizer(corpus.read_text().splitlines(), tmp_path / "tok", vocab_size=40, newlines=True)
+    train_text_tokenizer(corpus.read_text().splitlines(), tmp_path / "tok", vocab_size=40, newlines=True)
     assert run(["data", "pack", "text", str(corpus), str(tmp_path / "txt"), "--tokenizer", str(tmp_path / "tok.model"),
                 "--seq-len", "64", "--quiet"]) == 0
     out = capsys.readouterr().out

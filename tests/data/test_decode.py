@@ -11,13 +11,13 @@ from flowmill.data.builtin import digit_captions, pack_builtin_digits
 from flowmill.data.decode import ClipDecoder, GenericDecoder, ImageTextDecoder, TokenDecoder, npy_array
 from flowmill.data.loader import StreamingLoader
 from flowmill.data.pack import PackOptions
-from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 from flowmill.data.video import encode_mp4
 
 
 def test_digit_batches_for_a_text_to_image_model(tmp_path):
     pack_builtin_digits(tmp_path / "digits", options=PackOptions(progress=False))
-    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "tok", vocab_size=32))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(digit_captions(), tmp_path / "tok", vocab_size=32))
     decode = ImageTextDecoder(tokenizer=tokenizer, max_len=24)
     loader = StreamingLoader(tmp_path / "digits", rank=0, world_size=2, batch_size=4, num_workers=1, seed=0,
                              decode=decode, shuffle_buffer=16)

@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from flowmill.models.video_tokenizer import (
-    TOKENIZER_SIZES,
+    VIDEO_TOKENIZER_SIZES,
     VideoTokenizer,
     VideoTokenizerConfig,
     patchify,
-    tokenizer_config,
     unpatchify,
+    video_tokenizer_config,
 )
 
 torch.set_num_threads(1)
@@ -21,7 +21,7 @@ TINY = dict(frames=4, image_size=8, channels=3, dim=32, encoder_depth=1, decoder
 
 def tiny_model(seed: int = 0, **overrides) -> VideoTokenizer:
     torch.manual_seed(seed)
-    return VideoTokenizer(tokenizer_config("tiny", **{**TINY, **overrides}))
+    return VideoTokenizer(video_tokenizer_config("tiny", **{**TINY, **overrides}))
 
 
 def randomized(model: VideoTokenizer, seed: int = 0) -> VideoTokenizer:
@@ -55,13 +55,13 @@ def moving_squares(batch: int, frames: int, size: int, side: int, generator: tor
 
 
 def test_sizes_and_overrides():
-    assert {"tiny", "d18"} <= set(TOKENIZER_SIZES)
-    config = tokenizer_config("tiny", frames=4, num_registers=8)
+    assert {"tiny", "d18"} <= set(VIDEO_TOKENIZER_SIZES)
+    config = video_tokenizer_config("tiny", frames=4, num_registers=8)
     assert config.frames == 4 and config.num_registers == 8
-    assert config.dim == TOKENIZER_SIZES["tiny"].dim
+    assert config.dim == VIDEO_TOKENIZER_SIZES["tiny"].dim
     assert config.keep_k_choices == [1, 2, 4, 8]
-    assert tokenizer_config("tiny", keep_k_distribution="uniform", num_registers=5).keep_k_choices == [1, 2, 3, 4, 5]
-    assert TOKENIZER_SIZES["d18"].num_patches == 8 * 8 * 8
+    assert video_tokenizer_config("tiny", keep_k_distribution="uniform", num_registers=5).keep_k_choices == [1, 2, 3, 4, 5]
+    assert VIDEO_TOKENIZER_SIZES["d18"].num_patches == 8 * 8 * 8
 
 
 @pytest.mark.parametrize(
@@ -76,12 +76,12 @@ def test_sizes_and_overrides():
 )
 def test_bad_config_is_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        tokenizer_config("tiny", **overrides)
+        video_tokenizer_config("tiny", **overrides)
 
 
 def test_unknown_size_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown tokenizer size 'huge'; choose one of: tiny"):
-        tokenizer_config("huge")
+    with pytest.raises(ValueError, match="unknown video tokenizer size 'huge'; choose one of: tiny"):
+        video_tokenizer_config("huge")
 
 
 # ----- patches and encoder --------------------------------------------------------------------
@@ -288,7 +288,7 @@ def test_heun_sampler_spends_two_evaluations_per_step():
 
 def test_tiny_model_learns_moving_squares():
     start = time.perf_counter()
-    config = tokenizer_config(
+    config = video_tokenizer_config(
         "tiny", frames=4, image_size=16, channels=1, dim=64, encoder_depth=1, decoder_depth=1, num_registers=8
     )
     torch.manual_seed(0)
@@ -313,7 +313,7 @@ def test_trained_decoder_reads_the_clips_own_tokens():
     """At t = 1 the decoder sees pure noise: only the tokens tell the clips apart, so a clip's own
     tokens must reconstruct it better than another clip's (a decoder that ignored its tokens, or
     an encoder that gave every clip the same ones, would score the same with both)."""
-    config = tokenizer_config(
+    config = video_tokenizer_config(
         "tiny", frames=4, image_size=16, channels=1, dim=64, encoder_depth=1, decoder_depth=1, num_registers=8,
         noise_only_prob=0.9,
     )

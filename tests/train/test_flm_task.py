@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from flowmill.cli import main as flowmill_main
-from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
@@ -82,7 +82,7 @@ def test_flm_trains_with_validation_metrics_and_text_samples(flm_run, text):
     assert records[6]["val/ce_tau0.25"] < records[6]["val/ce_tau0.75"] < math.log(text.vocab_size)
     samples = (flm_run / "samples" / "text-00000006.txt").read_text()
     assert samples.count("=== sample") == 4
-    assert (flm_run / "tokenizer.model").read_bytes() == text.tokenizer.read_bytes()
+    assert (flm_run / "text_tokenizer.model").read_bytes() == text.tokenizer.read_bytes()
 
     from mlflow.tracking import MlflowClient
 
@@ -198,8 +198,8 @@ def test_bad_inputs_are_refused_before_training(text, tmp_path):
         flm_task(**{"model.seq_len": 32}).validation_tokens()
     # Another tokenizer: the data's ids would mean other pieces.
     reversed_text = (text.root / "corpus.txt").read_text()[::-1]
-    foreign = train_tokenizer(reversed_text.splitlines(), tmp_path / "foreign", vocab_size=text.vocab_size, newlines=True)
-    foreign_size = Tokenizer.load(foreign).vocab_size
+    foreign = train_text_tokenizer(reversed_text.splitlines(), tmp_path / "foreign", vocab_size=text.vocab_size, newlines=True)
+    foreign_size = TextTokenizer.load(foreign).vocab_size
     with pytest.raises(UsageError, match="data.path: .* was packed with another tokenizer"):
         flm_task(**{"text.tokenizer": foreign, "model.vocab_size": foreign_size}).decoder()
     with pytest.raises(UsageError, match="text.tokenizer: .* does not exist"):

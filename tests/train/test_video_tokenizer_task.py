@@ -18,18 +18,18 @@ from safetensors.torch import load_file, save_file
 
 from flowmill.data.builtin import MovingDigitsSpec, moving_digits_caption_lines, moving_digits_clip, pack_moving_digits
 from flowmill.data.pack import PackOptions
-from flowmill.data.tokenizer import train_tokenizer
+from flowmill.data.text_tokenizer import train_text_tokenizer
 from flowmill.data.video import read_video
-from flowmill.models.fsq import FSQ
 from flowmill.errors import UsageError
+from flowmill.models.fsq import FSQ
 from flowmill.run_dir import RunDir
 from tests.helpers import REPO, flowmill, shard_members
 
 pytestmark = pytest.mark.slow
 
-TOKENIZER_TINY = REPO / "configs" / "tokenizer_tiny.yaml"
+VIDEO_TOKENIZER_TINY = REPO / "configs" / "video_tokenizer_tiny.yaml"
 GENERATOR = REPO / "configs" / "mmdit_video_tokens.yaml"
-SPEC = MovingDigitsSpec(frames=4, size=16)  # the clips tokenizer_tiny.yaml reads
+SPEC = MovingDigitsSpec(frames=4, size=16)  # the clips video_tokenizer_tiny.yaml reads
 K, LEVELS = 4, (5, 5, 5)  # its tokens per clip and FSQ levels
 
 
@@ -43,7 +43,7 @@ def run_ok(*args: str, cwd: Path) -> str:
     return result.stdout
 
 
-def tokenizer_overrides(clips: Path, run_dir: Path, **extra) -> list[str]:
+def video_tokenizer_overrides(clips: Path, run_dir: Path, **extra) -> list[str]:
     values = {"data.path": clips, "run.dir": run_dir, **extra}
     return [f"{key}={value}" for key, value in values.items()]
 
@@ -56,16 +56,16 @@ def clips(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_run(clips, tmp_path_factory) -> Path:
+def video_tokenizer_run(clips, tmp_path_factory) -> Path:
     """A finished 8-step tokenizer run, evaluated and sampled at steps 4 and 8 (read-only)."""
     root = tmp_path_factory.mktemp("tokenizer")
-    run_ok("train", str(TOKENIZER_TINY), *tokenizer_overrides(
+    run_ok("train", str(VIDEO_TOKENIZER_TINY), *video_tokenizer_overrides(
         clips, root / "run", **{"trainer.eval_every_steps": 4, "trainer.sample_every_steps": 4}), cwd=root)
     return root / "run"
 
 
-def test_training_logs_flow_loss_and_reconstruction_quality_per_token_count(tokenizer_run):
-    records = {r["step"]: r for r in read_jsonl(tokenizer_run / "logs" / "metrics.jsonl")}
+def test_training_logs_flow_loss_and_reconstruction_quality_per_token_count(video_tokenizer_run):
+    records = {r["step"]: r for r in read_jsonl(video_tokenizer_run / "logs" / "metrics.jsonl")}
     assert sorted(records) == list(range(1, 9))
     for step in (4, 8):
         metrics = records[step]
@@ -75,12 +75,12 @@ def test_training_logs_flow_loss_and_reconstruction_quality_per_token_count(toke
         assert metrics["val/loss"] == metrics["val/loss_k4"]
     assert all(math.isfinite(r["train/loss"]) and r["data/skipped"] == 0 for r in records.values())
 
-    gif = Image.open(tokenizer_run / "samples" / "recon-00000008.gif")
+    gif = Image.open(video_tokenizer_run / "samples" / "recon-00000008.gif")
     assert gif.n_frames == SPEC.frames
     # Two clips (sample.num_per_prompt) by the input and its 3 reconstructions (k = 1, 2, 4), 16 px + 2 px borders, ×3.
     assert gif.size == ((4 * 18 + 2) * 3, (2 * 18 + 2) * 3)
     for name in ("psnr-00000008.png", "ssim-00000008.png"):
-        assert Image.open(tokenizer_run / "samples" / name).size[0] > 100
+        assert Image.open(video_tokenizer_run / "samples" / name).size[0] > 100
 
 
 def npy_clip(path: Path, index: int, spec: MovingDigitsSpec = SPEC) -> Path:
@@ -89,10 +89,10 @@ def npy_clip(path: Path, index: int, spec: MovingDigitsSpec = SPEC) -> Path:
     return path
 
 
-def test_reconstruct_writes_npy_and_mp4_of_the_input_shape(tokenizer_run, tmp_path):
+def test_reconstruct_writes_npy_and_mp4_of_the_input_shape(video_tokenizer_run, tmp_path):
     inputs = [npy_clip(tmp_path / "a.npy", 1), npy_clip(tmp_path / "b.npy", 2)]
     out = tmp_path / "recon"
-    stdout = run_ok("reconstruct", str(tokenizer_run), *map(str, inputs), "--num-tokens", "2", "--steps", "3",
+    stdout = run_ok("reconstruct", str(video_tokenizer_run), *map(str, inputs), "--num-tokens", "2", "--steps", "3",
                     "--out", str(out), cwd=tmp_path)
     assert "from 2 of 4 tokens" in stdout
     for name in ("a", "b"):
@@ -100,18 +100,18 @@ def test_reconstruct_writes_npy_and_mp4_of_the_input_shape(tokenizer_run, tmp_pa
         assert clip.shape == (4, 16, 16, 3) and clip.dtype == np.uint8
         assert read_video(out / f"{name}.mp4").shape == (4, 16, 16, 3)
     # Same seed, same tokens: the same clip again.
-    run_ok("reconstruct", str(tokenizer_run), str(inputs[0]), "--num-tokens", "2", "--steps", "3", "--out",
+    run_ok("reconstruct", str(video_tokenizer_run), str(inputs[0]), "--num-tokens", "2", "--steps", "3", "--out",
            str(tmp_path / "again"), cwd=tmp_path)
     assert np.array_equal(np.load(tmp_path / "again" / "a.npy"), np.load(out / "a.npy"))
 
 
-def test_reconstruct_refuses_or_crops_clips_of_another_shape(tokenizer_run, tmp_path):
+def test_reconstruct_refuses_or_crops_clips_of_another_shape(video_tokenizer_run, tmp_path):
     other = npy_clip(tmp_path / "big.npy", 3, MovingDigitsSpec(frames=6, size=24))
-    refused = flowmill("reconstruct", str(tokenizer_run), str(other), "--num-tokens", "2", "--out", str(tmp_path / "o"))
+    refused = flowmill("reconstruct", str(video_tokenizer_run), str(other), "--num-tokens", "2", "--out", str(tmp_path / "o"))
     assert refused.returncode == 2
     assert "big.npy: clip is (6, 24, 24, 3), expected (4, 16, 16, 3)" in refused.stderr
     assert not (tmp_path / "o").exists()
-    run_ok("reconstruct", str(tokenizer_run), str(other), "--num-tokens", "4", "--steps", "2", "--fit", "crop",
+    run_ok("reconstruct", str(video_tokenizer_run), str(other), "--num-tokens", "4", "--steps", "2", "--fit", "crop",
            "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert np.load(tmp_path / "o" / "big.npy").shape == (4, 16, 16, 3)
 
@@ -121,7 +121,7 @@ def test_reconstruct_refuses_or_crops_clips_of_another_shape(tokenizer_run, tmp_
         ((str(npy_clip(tmp_path / "ok.npy", 4)), "--num-tokens", "5"), "--num-tokens: this tokenizer has K=4 tokens"),
         ((str(tmp_path / "missing.npy"),), "missing.npy: no such file"),
     ]:
-        result = flowmill("reconstruct", str(tokenizer_run), *args, *(() if "--num-tokens" in args else ("--num-tokens", "2")),
+        result = flowmill("reconstruct", str(video_tokenizer_run), *args, *(() if "--num-tokens" in args else ("--num-tokens", "2")),
                           "--out", str(tmp_path / "x"))
         assert result.returncode == 2 and message in result.stderr, result.stderr
 
@@ -130,21 +130,21 @@ def test_resume_under_zero3_on_two_processes_is_exact(clips, tmp_path):
     """6 steps straight vs 4 steps, then resumed to 6, both ZeRO-3 on 2 gloo processes."""
     common = {"parallel.zero_stage": 3, "trainer.max_steps": 6, "optim.decay_steps": 6, "checkpoint.every_steps": 2,
               "data.num_workers": 1}
-    run_ok("launch", "local", "--nproc", "2", str(TOKENIZER_TINY),
-           *tokenizer_overrides(clips, tmp_path / "straight", **common), cwd=tmp_path)
-    run_ok("launch", "local", "--nproc", "2", str(TOKENIZER_TINY),
-           *tokenizer_overrides(clips, tmp_path / "stopped", **{**common, "trainer.max_steps": 4}), cwd=tmp_path)
+    run_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
+           *video_tokenizer_overrides(clips, tmp_path / "straight", **common), cwd=tmp_path)
+    run_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
+           *video_tokenizer_overrides(clips, tmp_path / "stopped", **{**common, "trainer.max_steps": 4}), cwd=tmp_path)
     run_ok("resume", str(tmp_path / "stopped"), "trainer.max_steps=6", cwd=tmp_path)
     straight = [r["train/loss"] for r in read_jsonl(tmp_path / "straight" / "logs" / "metrics.jsonl")]
     resumed = [r["train/loss"] for r in read_jsonl(tmp_path / "stopped" / "logs" / "metrics.jsonl")]
     assert len(straight) == 6 and resumed == straight
 
 
-def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, tokenizer_run, tmp_path):
+def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, video_tokenizer_run, tmp_path):
     """video → tokens (data encode) → caption-conditioned MMDiT over the codes → generated tokens → clips."""
     tokens = tmp_path / "tokens"
     run_ok("data", "encode", str(clips), str(tokens), "--encoder", "flowmill.train.tasks.video_tokenizer:token_encoder",
-           "--arg", f"run_dir={tokenizer_run}", "--keep", "txt", "cls", cwd=tmp_path)
+           "--arg", f"run_dir={video_tokenizer_run}", "--keep", "txt", "cls", cwd=tmp_path)
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["total_samples"] == 48 and {"tokens.npy", "codes.npy", "txt"} <= set(manifest["fields"])
     members = shard_members(tokens)
@@ -156,9 +156,9 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, t
     fsq = FSQ(LEVELS)
     assert torch.equal(fsq.codes_to_indices(torch.from_numpy(codes).reshape(len(LEVELS), K).T), torch.from_numpy(ids))
 
-    captions = train_tokenizer(moving_digits_caption_lines(), tmp_path / "captions", 60, model_type="bpe")
+    captions = train_text_tokenizer(moving_digits_caption_lines(), tmp_path / "captions", 60, model_type="bpe")
     generator = {
-        "data.path": tokens, "text.tokenizer": captions, "flow.token_decoder": tokenizer_run,
+        "data.path": tokens, "text.tokenizer": captions, "flow.token_decoder": video_tokenizer_run,
         "model.in_channels": 3, "model.out_channels": 3, "model.sample_size": 2, "model.pos_embed_max_size": 2,
         "model.depth": 1, "model.txt_dim": 32, "model.vec_dim": 32, "text.dim": 32, "text.depth": 1,
         "trainer.max_steps": 3, "trainer.micro_batch_size": 8, "eval.num_samples": 8, "parallel.zero_stage": 0,
@@ -179,7 +179,7 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, t
 
     # Another tokenizer's weights cannot decode these tokens: refused before training.
     other = tmp_path / "other-tokenizer"
-    shutil.copytree(tokenizer_run, other)
+    shutil.copytree(video_tokenizer_run, other)
     weights = other / (other / "latest").read_text().strip() / "ema.safetensors"
     save_file({name: tensor + 0.01 for name, tensor in load_file(weights).items()}, weights)
     refused = flowmill("train", str(GENERATOR), *[f"{key}={value}" for key, value in
@@ -201,11 +201,11 @@ def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
 
     clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1
     for overrides, steps in ((["recon.steps=1", "sample.steps=3"], 1), (["sample.steps=3"], 3)):
-        task = VideoTokenizerTask(load_config(TOKENIZER_TINY, overrides), None, RunDir(tmp_path))
+        task = VideoTokenizerTask(load_config(VIDEO_TOKENIZER_TINY, overrides), None, RunDir(tmp_path))
         model = task.build_model().eval()
         indices = model.encode(clips).indices
         expected = model.decode(indices[:, :2], steps=steps, generator=torch.Generator().manual_seed(task.cfg.trainer.seed))
         assert task.recon_steps == steps
         assert torch.equal(task.reconstructions(model, clips)[2], expected)
     with pytest.raises(UsageError, match="recon.steps: must be at least 1 decoder step"):
-        load_config(TOKENIZER_TINY, ["recon.steps=0"])
+        load_config(VIDEO_TOKENIZER_TINY, ["recon.steps=0"])

@@ -29,7 +29,7 @@ from torch import nn
 
 from flowmill.data.decode import TokenDecoder
 from flowmill.data.shards import sha256_file
-from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.errors import UsageError
 from flowmill.files import copy_atomic
 from flowmill.models.flow_lm import FLOW_LM_SIZES, FlowLM, FlowLMConfig, continuous_time
@@ -48,7 +48,7 @@ FAMILY = "flow_lm"
 
 @dataclass
 class TextConfig:
-    tokenizer: str = "datasets/shakespeare/tokenizer.model"  # sentencepiece model the data was packed with (copied into the run dir)
+    tokenizer: str = "datasets/shakespeare/text_tokenizer.model"  # sentencepiece model the data was packed with (copied into the run dir)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Trainee:
         return self._forward(*args)
 
 
-def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
+def check_text_data(path: str, key: str, text_tokenizer_path: Path, tokenizer: TextTokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
     """The manifest facts of packed text at ``path``; UsageError (naming ``key``) unless it fits the model.
 
     The data must have been packed with this very tokenizer (sha256 in its manifest) and hold
@@ -113,9 +113,9 @@ def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokeni
         info = text_data_info(path)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise UsageError(f"{key}: {error}; flow LMs read token sequences packed by `flowmill data pack text`") from None
-    if info.tokenizer_sha256 != sha256_file(tokenizer_path):
+    if info.text_tokenizer_sha256 != sha256_file(text_tokenizer_path):
         raise UsageError(
-            f"{key}: {path} was packed with another tokenizer ({info.vocab_size} pieces) than {tokenizer_path} "
+            f"{key}: {path} was packed with another tokenizer ({info.vocab_size} pieces) than {text_tokenizer_path} "
             f"({tokenizer.vocab_size} pieces); pack the text with this tokenizer or use the one it was packed with"
         )
     if info.seq_len > model.seq_len:
@@ -134,7 +134,7 @@ def check_text_data(path: str, key: str, tokenizer_path: Path, tokenizer: Tokeni
 class TextFlowTask(Task):
     """What FLM and FMLM share: tokenizer, data checks, validation text, samples, metrics, ``flowmill sample``.
 
-    A subclass sets ``self.tokenizer_path``, ``self.tokenizer`` and ``self.model_config`` in its
+    A subclass sets ``self.text_tokenizer_path``, ``self.text_tokenizer`` and ``self.model_config`` in its
     ``__init__`` and provides the loss, the sampler and its validation metrics.
     """
 
@@ -145,8 +145,8 @@ class TextFlowTask(Task):
 
     def __init__(self, cfg: TextFlowRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
-        self.tokenizer_path: Path
-        self.tokenizer: Tokenizer
+        self.text_tokenizer_path: Path
+        self.text_tokenizer: TextTokenizer
         self.model_config: FlowLMConfig
         self.live: FlowLM | None = None  # the model being trained (build_model), for its plain attributes
         self._checked: dict[str, TextDataInfo] = {}
@@ -172,7 +172,7 @@ class TextFlowTask(Task):
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
         if path not in self._checked:
-            self._checked[path] = check_text_data(path, key, self.tokenizer_path, self.tokenizer, self.model_config, self.model_key)
+            self._checked[path] = check_text_data(path, key, self.text_tokenizer_path, self.text_tokenizer, self.model_config, self.model_key)
         return self._checked[path]
 
     def decoder(self) -> TokenDecoder:
@@ -239,7 +239,7 @@ class TextFlowTask(Task):
         return metrics
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
-        return [self.tokenizer.decode(row.tolist()) for row in tokens]
+        return [self.text_tokenizer.decode(row.tolist()) for row in tokens]
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``text-{step}.txt``: the evaluation samples of this step, detokenized, one block each."""
@@ -276,23 +276,23 @@ class FLMTask(TextFlowTask):
     def __init__(self, cfg: FLMRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
         own = self.run_dir.text_tokenizer
-        self.tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
-        if not self.tokenizer_path.is_file():
+        self.text_tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
+        if not self.text_tokenizer_path.is_file():
             raise UsageError(
-                f"text.tokenizer: {self.tokenizer_path} does not exist; train one with "
+                f"text.tokenizer: {self.text_tokenizer_path} does not exist; train one with "
                 "`flowmill data tokenizer PREFIX --text FILE --vocab-size N --newlines` and pack the text with it"
             )
-        self.tokenizer = Tokenizer.load(self.tokenizer_path)
-        if self.tokenizer.vocab_size != cfg.model.vocab_size:
+        self.text_tokenizer = TextTokenizer.load(self.text_tokenizer_path)
+        if self.text_tokenizer.vocab_size != cfg.model.vocab_size:
             raise UsageError(
-                f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.tokenizer_path} has "
-                f"{self.tokenizer.vocab_size} pieces; set model.vocab_size={self.tokenizer.vocab_size}"
+                f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.text_tokenizer_path} has "
+                f"{self.text_tokenizer.vocab_size} pieces; set model.vocab_size={self.text_tokenizer.vocab_size}"
             )
         self.model_config = cfg.model.architecture()
 
     def prepare_run_dir(self) -> None:
-        if self.tokenizer_path != self.run_dir.text_tokenizer:
-            copy_atomic(self.tokenizer_path, self.run_dir.text_tokenizer)
+        if self.text_tokenizer_path != self.run_dir.text_tokenizer:
+            copy_atomic(self.text_tokenizer_path, self.run_dir.text_tokenizer)
 
     def build_model(self) -> nn.Module:
         self.live = FlowLM(self.model_config)

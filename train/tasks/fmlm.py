@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flowmill.data.shards import sha256_file
-from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.errors import UsageError
 from flowmill.files import copy_atomic
 from flowmill.models.flow_lm import FlowLM, FlowLMConfig
@@ -109,12 +109,12 @@ class FMLMTask(TextFlowTask):
         if (own_teacher / SOURCE_FILE).is_file():  # resume or sample: the run's own copies
             refuse_changed_distill(cfg, self.run_dir)
             self.teacher_files = ModelFiles.copied(own_teacher)
-            self.tokenizer_path = self.run_dir.text_tokenizer
+            self.text_tokenizer_path = self.run_dir.text_tokenizer
         else:
-            self.teacher_files, self.tokenizer_path = teacher_source(cfg.distill.teacher)
+            self.teacher_files, self.text_tokenizer_path = teacher_source(cfg.distill.teacher)
         teacher_config = flow_lm_architecture(read_yaml(self.teacher_files.config)["model"])
         self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False), self.teacher_files.weights, env.device)
-        self.tokenizer = Tokenizer.load(self.tokenizer_path)
+        self.text_tokenizer = TextTokenizer.load(self.text_tokenizer_path)
         self.model_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=self.stage == "corrector")
         self.corrector_files = self.corrector = None
         if self.stage == "student":
@@ -129,7 +129,7 @@ class FMLMTask(TextFlowTask):
         own_teacher = self.run_dir.teacher
         if self.teacher_files.folder != own_teacher:
             # The text tokenizer first: the teacher copy's source.json tells other ranks that both are there.
-            copy_atomic(self.tokenizer_path, self.run_dir.text_tokenizer)
+            copy_atomic(self.text_tokenizer_path, self.run_dir.text_tokenizer)
             self.teacher_files.copy_to(own_teacher)
         if self.corrector_files is not None and self.corrector_files.folder != self.run_dir.corrector:
             self.corrector_files.copy_to(self.run_dir.corrector)
@@ -233,7 +233,7 @@ def open_source(source: str, key: str) -> tuple[RunDir, Checkpoint, dict]:
 
 
 def teacher_source(source: str) -> tuple[ModelFiles, Path]:
-    """The teacher's files and its tokenizer.model, from the FLM run (or checkpoint) ``source``.
+    """The teacher's files and its text_tokenizer.model, from the FLM run (or checkpoint) ``source``.
 
     UsageError unless it is an FLM run: another model family, or a flow-map run given as the
     teacher, is refused.

@@ -24,7 +24,7 @@ from torch import nn
 from flowmill.data import decode
 from flowmill.data.decode import ImageTextDecoder, npy_array
 from flowmill.data.shards import read_manifest
-from flowmill.data.tokenizer import Tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.data.video import encode_mp4
 from flowmill.errors import UsageError
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
@@ -142,13 +142,13 @@ class MMDiTTask(Task):
         text = cfg.text
         if text.pretrained is None:
             own_tokenizer = self.run_dir.text_tokenizer
-            self.tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
-            if not Path(self.tokenizer_path).is_file():
+            self.text_tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
+            if not Path(self.text_tokenizer_path).is_file():
                 raise UsageError(
-                    f"text.tokenizer: {self.tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
+                    f"text.tokenizer: {self.text_tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
                     "(make run does it for the digits)"
                 )
-            tokenizer = Tokenizer.load(self.tokenizer_path)
+            tokenizer = TextTokenizer.load(self.text_tokenizer_path)
             self.text_encoder = TextEncoder(text, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
             weights = self.run_dir.text_encoder
             if weights.exists():
@@ -204,8 +204,8 @@ class MMDiTTask(Task):
     def prepare_run_dir(self) -> None:
         if self.cfg.text.pretrained is not None:
             return  # the run's config names the pretrained folders; they are not copied
-        if Path(self.tokenizer_path) != self.run_dir.text_tokenizer:
-            shutil.copyfile(self.tokenizer_path, self.run_dir.text_tokenizer)
+        if Path(self.text_tokenizer_path) != self.run_dir.text_tokenizer:
+            shutil.copyfile(self.text_tokenizer_path, self.run_dir.text_tokenizer)
         if not self.run_dir.text_encoder.exists():
             save_file(self.text_encoder_state(), self.run_dir.text_encoder)
 

@@ -31,7 +31,7 @@ from flowmill.data.shards import read_manifest
 from flowmill.data.video import encode_mp4, read_video
 from flowmill.errors import UsageError
 from flowmill.models.samplers import build_sampler
-from flowmill.models.video_tokenizer import TOKENIZER_SIZES, VideoTokenizer, VideoTokenizerConfig, patchify
+from flowmill.models.video_tokenizer import VIDEO_TOKENIZER_SIZES, VideoTokenizer, VideoTokenizerConfig, patchify
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
@@ -61,8 +61,8 @@ class ReconConfig:
 class VideoTokenizerModelConfig(VideoTokenizerConfig):
     """The video tokenizer's architecture, optionally from a preset size."""
 
-    presets: ClassVar[dict[str, VideoTokenizerConfig]] = TOKENIZER_SIZES
-    size: str | None = None  # a preset from TOKENIZER_SIZES (tiny, d12, d18); fields given beside it override it
+    presets: ClassVar[dict[str, VideoTokenizerConfig]] = VIDEO_TOKENIZER_SIZES
+    size: str | None = None  # a preset from VIDEO_TOKENIZER_SIZES (tiny, d12, d18); fields given beside it override it
 
     def architecture(self) -> VideoTokenizerConfig:
         """The plain VideoTokenizerConfig: what defines the model's function and its weights."""
@@ -319,7 +319,7 @@ class TokenEncoder:
         return {"tokens": encoded.indices, "codes": codes}
 
 
-def tokenizer_weights_sha256(checkpoint: Checkpoint) -> str:
+def video_tokenizer_sha256(checkpoint: Checkpoint) -> str:
     """sha256 of the EMA weights file a tokenizer run decodes and encodes with."""
     return hashlib.sha256(checkpoint.ema_file.read_bytes()).hexdigest()
 
@@ -332,7 +332,7 @@ def token_encoder(run_dir: str) -> TokenEncoder:
     description = {
         "video_tokenizer": str(Path(run_dir).resolve()),
         "checkpoint": checkpoint.path.name,
-        "weights_sha256": tokenizer_weights_sha256(checkpoint),
+        "weights_sha256": video_tokenizer_sha256(checkpoint),
         "num_tokens": model.config.num_registers,
         "fsq_levels": list(model.config.fsq_levels),
     }
@@ -357,7 +357,7 @@ class TokenVideoDecoder:
         self.run_dir = run_dir
         self.model = model.to(device)
         self.task = task
-        self.weights_sha256 = tokenizer_weights_sha256(checkpoint)
+        self.weights_sha256 = video_tokenizer_sha256(checkpoint)
 
     def check(self, source: str) -> None:
         """UsageError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""

@@ -1,16 +1,16 @@
-"""Tests for flowmill.data.tokenizer on the digit captions."""
+"""Tests for flowmill.data.text_tokenizer on the digit captions."""
 
 import pickle
 
 import pytest
 
 from flowmill.data.builtin import digit_captions
-from flowmill.data.tokenizer import Tokenizer, train_tokenizer
+from flowmill.data.text_tokenizer import TextTokenizer, train_text_tokenizer
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_digit_captions_round_trip(tmp_path, model_type):
-    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "digits", vocab_size=48, model_type=model_type))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(digit_captions(), tmp_path / "digits", vocab_size=48, model_type=model_type))
     assert 4 < tokenizer.vocab_size <= 48
     for caption in digit_captions():
         ids = tokenizer.encode(caption)
@@ -21,13 +21,13 @@ def test_digit_captions_round_trip(tmp_path, model_type):
 
 
 def test_training_is_deterministic(tmp_path):
-    first = train_tokenizer(digit_captions(), tmp_path / "a", vocab_size=40, model_type="bpe")
-    second = train_tokenizer(digit_captions(), tmp_path / "b", vocab_size=40, model_type="bpe")
+    first = train_text_tokenizer(digit_captions(), tmp_path / "a", vocab_size=40, model_type="bpe")
+    second = train_text_tokenizer(digit_captions(), tmp_path / "b", vocab_size=40, model_type="bpe")
     assert first.read_bytes() == second.read_bytes()
 
 
 def test_max_len_truncates_text_but_keeps_specials(tmp_path):
-    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
     full = tokenizer.encode("a handwritten digit seven", add_bos=True)
     short = tokenizer.encode("a handwritten digit seven", max_len=5, add_bos=True)
     assert len(short) == 5 and short[0] == tokenizer.bos_id and short[-1] == tokenizer.eos_id
@@ -38,27 +38,27 @@ def test_max_len_truncates_text_but_keeps_specials(tmp_path):
 
 
 def test_pickles_for_dataloader_workers(tmp_path):
-    tokenizer = Tokenizer.load(train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32))
     copy = pickle.loads(pickle.dumps(tokenizer))
     assert copy.encode("a handwritten digit two") == tokenizer.encode("a handwritten digit two")
 
 
 def test_bad_arguments_are_explained(tmp_path):
     with pytest.raises(ValueError, match="choose one of: unigram, bpe"):
-        train_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32, model_type="wordpiece")
+        train_text_tokenizer(digit_captions(), tmp_path / "t", vocab_size=32, model_type="wordpiece")
     with pytest.raises(ValueError, match="no non-empty text"):
-        train_tokenizer(["", "  "], tmp_path / "t", vocab_size=32)
+        train_text_tokenizer(["", "  "], tmp_path / "t", vocab_size=32)
     with pytest.raises(FileNotFoundError, match="missing.model"):
-        Tokenizer.load(tmp_path / "missing.model")
+        TextTokenizer.load(tmp_path / "missing.model")
 
 
 def test_newlines_tokenizer_keeps_layout_exactly(tmp_path):
     lines = ["First Citizen:", "  Before we proceed any further, hear me speak.", "", "All:", "Speak, speak."]
-    tokenizer = Tokenizer.load(train_tokenizer(lines, tmp_path / "t", vocab_size=60, newlines=True))
+    tokenizer = TextTokenizer.load(train_text_tokenizer(lines, tmp_path / "t", vocab_size=60, newlines=True))
     text = "First Citizen:\n  Before we proceed,  hear me.\n\nAll:\nSpeak.\n"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     pieces = text.split("\n", 2)
     joined = tokenizer.encode(pieces[0] + "\n", add_eos=False) + tokenizer.encode("\n".join(pieces[1:]), add_eos=False)
     assert tokenizer.decode(joined) == text
-    plain = Tokenizer.load(train_tokenizer(lines, tmp_path / "p", vocab_size=60))
+    plain = TextTokenizer.load(train_text_tokenizer(lines, tmp_path / "p", vocab_size=60))
     assert plain.decode(plain.encode(text)) != text  # without newlines, line breaks are lost

@@ -14,7 +14,7 @@ It says whether PSNR rises with k (coarse to fine) and whether all K tokens beat
 writes the PSNR and SSIM plots into ``--out`` and, unless ``--no-mlflow``, logs the curves
 (``bench/psnr_k{k}``, ``bench/ssim_k{k}``, baselines) and the plots to the run's MLflow run.
 
-    python bench/tokenizer_quality.py runs/tokenizer-moving-digits-... --clips 64
+    python bench/video_tokenizer_quality.py runs/video-tokenizer-moving-digits-... --clips 64
 """
 
 from __future__ import annotations
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ks = [row["k"] for row in rows]
     plots = [
-        quality_plot(ks, {"tokenizer": psnrs}, "PSNR (dB)", out / "tokenizer_quality_psnr.png",
+        quality_plot(ks, {"tokenizer": psnrs}, "PSNR (dB)", out / "video_tokenizer_quality_psnr.png",
                      baselines={"grid code, same bits": [r["grid_psnr"] for r in rows], "mean clip": [mean_psnr] * len(rows)}),
-        quality_plot(ks, {"tokenizer": [r["ssim"] for r in rows]}, "SSIM", out / "tokenizer_quality_ssim.png",
+        quality_plot(ks, {"tokenizer": [r["ssim"] for r in rows]}, "SSIM", out / "video_tokenizer_quality_ssim.png",
                      baselines={"grid code, same bits": [r["grid_ssim"] for r in rows], "mean clip": [mean_ssim] * len(rows)}),
     ]
     (out / "results.json").write_text(json.dumps({"checkpoint": str(checkpoint.path), "rows": rows, "rises": rises,

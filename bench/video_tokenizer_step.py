@@ -6,7 +6,7 @@ median round, so a machine that gets busier halfway slows every row alike. Decod
 ``--steps`` Euler steps of the flow decoder from the first k tokens; the last column is the
 time relative to decoding from 1 token.
 
-    python bench/tokenizer_step.py --config configs/tokenizer_moving_digits.yaml --batch 16 --steps 25
+    python bench/video_tokenizer_step.py --config configs/video_tokenizer_moving_digits.yaml --batch 16 --steps 25
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def encode_decode(model: VideoTokenizer, clips: torch.Tensor, k: int, steps: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tokenizer_moving_digits.yaml", help="a video_tokenizer config; its model section is measured")
+    parser.add_argument("--config", default="configs/video_tokenizer_moving_digits.yaml", help="a video_tokenizer config; its model section is measured")
     parser.add_argument("--batch", type=int, default=16, help="clips per training step and per encode+decode call (default 16)")
     parser.add_argument("--steps", type=int, default=25, help="decoder ODE steps (default 25)")
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale of the decoder (default 1.0; other values double its batch)")

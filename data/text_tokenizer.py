@@ -18,7 +18,7 @@ from flowmill.data.constants import MODEL_TYPES
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-def train_tokenizer(
+def train_text_tokenizer(
     texts: Iterable[str],
     out_prefix: str | Path,
     vocab_size: int,
@@ -67,7 +67,7 @@ def train_tokenizer(
     return path
 
 
-class Tokenizer:
+class TextTokenizer:
     """A trained sentencepiece model: text ↔ lists of int ids. Picklable (DataLoader workers)."""
 
     def __init__(self, model_proto: bytes):
@@ -75,8 +75,8 @@ class Tokenizer:
         self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Load a ``.model`` file written by ``train_tokenizer``."""
+    def load(cls, path: str | Path) -> TextTokenizer:
+        """Load a ``.model`` file written by ``train_text_tokenizer``."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer model at {path}; train one with `flowmill data tokenizer`")
