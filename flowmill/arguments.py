@@ -11,6 +11,8 @@ import argparse
 import importlib
 
 EXAMPLE_RUN = "runs/mmdit-digits-20260101-120000"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVEL_ENV = "FLOWMILL_LOG_LEVEL"  # read by every flowmill process, so workers a command starts inherit it
 
 
 def set_handler(parser: argparse.ArgumentParser, target: str) -> None:
@@ -63,3 +65,17 @@ def merge_trailing_overrides(parser: argparse.ArgumentParser, argv: list[str] | 
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """--log-level, on the main parser and on every command (default: $FLOWMILL_LOG_LEVEL, else info)."""
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help=f"how much flowmill logs (default: ${LOG_LEVEL_ENV}, else info)")
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every command under ``parser`` (those that take no further sub-command)."""
+    groups = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not groups:
+        return [parser]
+    return [leaf for group in groups for child in group.choices.values() for leaf in leaf_parsers(child)]

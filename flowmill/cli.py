@@ -8,10 +8,11 @@ any handler is printed here, on one line, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from flowmill.arguments import merge_trailing_overrides, run_handler
+from flowmill.arguments import LOG_LEVEL_ENV, LOG_LEVELS, add_log_level, leaf_parsers, merge_trailing_overrides, run_handler
 from flowmill.data import cli as data_cli
 from flowmill.errors import UsageError
 from flowmill.launchers import cli as launchers_cli
@@ -42,12 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     launchers_cli.register(commands)
     data_cli.register(commands)
     runs_cli.register(commands)
+    for command in [parser, *leaf_parsers(parser)]:
+        add_log_level(command)
     return parser
+
+
+def set_log_level(args: argparse.Namespace) -> None:
+    """The verbosity of this command and of the processes it starts: --log-level, else $FLOWMILL_LOG_LEVEL."""
+    level = getattr(args, "log_level", None) or os.environ.get(LOG_LEVEL_ENV, "info").lower()
+    if level not in LOG_LEVELS:
+        raise UsageError(f"{LOG_LEVEL_ENV}: {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    os.environ[LOG_LEVEL_ENV] = level
+    logger = logging.getLogger("flowmill")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[flowmill] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = merge_trailing_overrides(build_parser(), argv)
     try:
+        set_log_level(args)
         return run_handler(args)
     except UsageError as error:
         print(f"flowmill: error: {error}", file=sys.stderr)

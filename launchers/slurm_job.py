@@ -1,9 +1,9 @@
 """The SLURM job of ``flowmill launch slurm``: what runs on the compute nodes.
 
 One job is ``nodes x tasks_per_node`` tasks, one training process each. Every task runs the
-pickled ``TrainingJob``: it reads its place from ``submitit.JobEnvironment`` (global rank,
-local rank, world size; the master is the first node of the job, its port is derived from the
-job id so a requeued job finds it again) and calls ``flowmill.train.loop.train``. Rank 0 of
+pickled ``TrainingJob`` inside submitit's ``srun`` step and calls ``flowmill.train.loop.train``,
+which reads the task's place from the step (``flowmill.train.distributed.place_of``: the master
+is the step's first node, its port derived from the job id so a requeued job finds it again). Rank 0 of
 the loop writes ``slurm_job_id`` and ``slurm_folder`` into run.json when it starts the run
 (``run_info``), which ``flowmill runs logs RUN`` reads.
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import multiprocessing
-import os
 import signal
 import sys
 import traceback
@@ -42,30 +41,6 @@ from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.loop import train
 from flowmill.train.preemption import StopRequest
-
-MASTER_PORT_BASE = 20000  # rendezvous ports are MASTER_PORT_BASE + job id % MASTER_PORT_SPAN
-MASTER_PORT_SPAN = 10000  # below Linux's ephemeral range (32768+), so no client socket holds the port
-
-
-def master_port(job_id: str) -> int:
-    """The rendezvous port of a job: the same on every attempt of that job."""
-    return MASTER_PORT_BASE + int(job_id) % MASTER_PORT_SPAN
-
-
-def process_group_env(job_env: submitit.JobEnvironment) -> dict[str, str]:
-    """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this task.
-
-    The master is the job's first node.
-    """
-    return {
-        "RANK": str(job_env.global_rank),
-        "LOCAL_RANK": str(job_env.local_rank),
-        "WORLD_SIZE": str(job_env.num_tasks),
-        "LOCAL_WORLD_SIZE": str(job_env.num_tasks // job_env.num_nodes),
-        "MASTER_ADDR": job_env.hostnames[0],
-        "MASTER_PORT": str(master_port(job_env.raw_job_id)),
-    }
-
 
 def block_sigterm() -> None:
     """Keep SIGTERM from this process and the DataLoader workers it forks later.
@@ -113,7 +88,6 @@ class TrainingJob:
     def __call__(self) -> str:
         """Train this task's share of the run; returns ``finished`` (a preempted or retried task exits)."""
         job_env = submitit.JobEnvironment()
-        os.environ.update(process_group_env(job_env))
         rank = job_env.global_rank
         block_sigterm()
         cfg = load_config(None, [], base=self.config)

@@ -48,6 +48,7 @@ class TrainerConfig:
     sample_every_steps: int = 0  # log a sample grid every N steps (0: only at the end)
     eval_every_steps: int = 0  # run the task's evaluation every N steps (0: only at the end)
     num_threads: int = 0  # torch intra-op threads per process (0: cores / processes)
+    log_every_steps: int = 10  # when stderr is a file, not a terminal: one progress line every N steps
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ParallelConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     pipeline_stages: int = 1  # DeepSpeed pipeline stages (must divide the world size)
     activation_checkpointing: bool = False  # recompute block activations in backward
+    timeout_min: float = 30.0  # minutes a collective waits for every rank before the job fails (evaluations and saves must fit)
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "trainer.micro_batch_size": cfg.trainer.micro_batch_size,
         "trainer.grad_accum_steps": cfg.trainer.grad_accum_steps,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "trainer.log_every_steps": cfg.trainer.log_every_steps,
         "parallel.pipeline_stages": cfg.parallel.pipeline_stages,
         "optim.lr": cfg.optim.lr,
     }
@@ -282,6 +285,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise UsageError(f"{key}: must be >= 0, got {value}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
         raise UsageError(f"data.max_skip_fraction: must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    if cfg.parallel.timeout_min <= 0:
+        raise UsageError(f"parallel.timeout_min: must be positive (minutes), got {cfg.parallel.timeout_min}")
     if cfg.eval.num_samples < 1:
         raise UsageError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
     if not cfg.eval.timesteps or not all(0.0 <= t <= 1.0 for t in cfg.eval.timesteps):

@@ -1,18 +1,33 @@
 """Process-group setup and the one place where the device is chosen.
 
-A process learns its place from the environment torchrun, ``flowmill launch`` and the
-SLURM launcher all set: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT. A single
-process without them is world size 1.
+A process learns its place in the job from whichever launcher started it (``place_of``):
+- torchrun, ``flowmill launch`` and flowmill's SLURM jobs set RANK, LOCAL_RANK, WORLD_SIZE,
+  MASTER_ADDR and MASTER_PORT;
+- a plain ``srun`` step sets SLURM_PROCID, SLURM_LOCALID, SLURM_STEP_NUM_TASKS and its node
+  list: the first node leads, on a port derived from the job and step ids, so every task
+  finds it without talking first;
+- ``mpirun`` (Open MPI) sets OMPI_COMM_WORLD_*; the leader's address comes from MASTER_ADDR.
+A process with none of them is alone (world size 1).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+# submitit's parser of SLURM node lists (n[1-3,5],gpu-a1): what its own job environment uses.
+from submitit.slurm.slurm import _parse_node_list as parse_node_list
+
+from flowmill.errors import UsageError
+
+MASTER_PORT_BASE = 20000  # rendezvous ports are MASTER_PORT_BASE + job id % MASTER_PORT_SPAN
+MASTER_PORT_SPAN = 10000  # below Linux's ephemeral range (32768+), so no client socket holds the port
+DEFAULT_MASTER_PORT = 29500  # torchrun's default, for mpirun jobs that name no port
 
 
 @dataclass(frozen=True)
@@ -46,28 +61,83 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass(frozen=True)
+class Place:
+    """Where a process sits, as its launcher told it; ``process_group_env`` in torch's terms."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun (also flowmill launch and flowmill's SLURM jobs) | srun | mpirun | alone
+
+    def process_group_env(self) -> dict[str, str]:
+        return {
+            "RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
-def init_distributed(requested_device: str) -> DistEnv:
-    """Join the job's process group (creating a single-process one when alone)."""
+def rendezvous_port(job_id: str, step_id: str = "0") -> int:
+    """The leader's port of a SLURM job (step): the same on every task and every attempt of the job."""
+    return MASTER_PORT_BASE + (int(job_id) + int(step_id or 0)) % MASTER_PORT_SPAN
+
+
+def place_of(environ: Mapping[str, str]) -> Place:
+    """This process's place, read from ``environ`` (see the module docstring)."""
+    if "RANK" in environ:
+        world_size = int(environ.get("WORLD_SIZE", "1"))
+        return Place(int(environ["RANK"]), int(environ.get("LOCAL_RANK", "0")), world_size,
+                     int(environ.get("LOCAL_WORLD_SIZE", world_size)), environ.get("MASTER_ADDR", "127.0.0.1"),
+                     int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "torchrun")
+    if "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ:
+        return srun_place(environ)
+    if "OMPI_COMM_WORLD_RANK" in environ:
+        world_size = int(environ["OMPI_COMM_WORLD_SIZE"])
+        if world_size > 1 and "MASTER_ADDR" not in environ:
+            raise UsageError("MASTER_ADDR: Open MPI does not say which host leads the job; export it to every "
+                             "process (mpirun -x MASTER_ADDR=<first host> -x MASTER_PORT=<port>)")
+        return Place(int(environ["OMPI_COMM_WORLD_RANK"]), int(environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
+                     world_size, int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", world_size)),
+                     environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+                     "mpirun")
+    return Place(0, 0, 1, 1, "127.0.0.1", 0, "alone")
+
+
+def srun_place(environ: Mapping[str, str]) -> Place:
+    """The place of a task of a plain ``srun`` step; UsageError when its tasks do not fill its nodes evenly."""
+    tasks, nodes = int(environ["SLURM_STEP_NUM_TASKS"]), int(environ.get("SLURM_STEP_NUM_NODES", "1"))
+    if tasks < nodes or tasks % nodes:
+        raise UsageError(f"SLURM_STEP_NUM_TASKS: {tasks} tasks do not spread evenly over SLURM_STEP_NUM_NODES={nodes} "
+                         "nodes; ask srun for the same number of tasks on every node (--ntasks-per-node)")
+    node_list = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+    hosts = parse_node_list(node_list) if node_list else ["127.0.0.1"]
+    port = rendezvous_port(environ.get("SLURM_JOB_ID", "0"), environ.get("SLURM_STEP_ID", "0"))
+    return Place(int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", "0")), tasks, tasks // nodes,
+                 hosts[0], port, "srun")
+
+
+def init_distributed(requested_device: str, timeout_min: float | None = None) -> DistEnv:
+    """Join the job's process group (creating a single-process one when alone).
+
+    ``timeout_min``: how long a collective waits for a rank that stopped answering before it fails.
+    """
     import deepspeed  # deliberately lazy (start-up time): sampling uses this module's device choice without DeepSpeed
 
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    world_size = env_world_size()
-    if world_size == 1:
+    place = place_of(os.environ)
+    if place.launcher == "alone":
         # DeepSpeed always wants a process group; a lone process gets one on a free local port.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-    device = choose_device(requested_device, local_rank)
+        place = Place(0, 0, 1, 1, "127.0.0.1", free_port(), "alone")
+    os.environ.update(place.process_group_env())
+    device = choose_device(requested_device, place.local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+        timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+        deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
+                                   **({"timeout": timeout} if timeout else {}))
+    return DistEnv(rank=place.rank, local_rank=place.local_rank, world_size=place.world_size, device=device)
 
 
 def shutdown() -> None:

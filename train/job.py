@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from flowmill.arguments import LOG_LEVEL_ENV
 from flowmill.data.loader import StreamingLoader
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
@@ -76,13 +77,17 @@ class Job:
 
 
 def setup_logging(env: DistEnv, run_dir: RunDir | None = None) -> None:
-    """INFO on rank 0 (also into logs/train.log), warnings only elsewhere."""
-    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    """$FLOWMILL_LOG_LEVEL (default info) on rank 0, also into logs/train.log; other ranks add
+    only warnings and errors, unless the level is debug."""
+    level = logging.getLevelName(os.environ.get(LOG_LEVEL_ENV, "info").upper())
+    log.setLevel(level if env.is_main or level == logging.DEBUG else max(level, logging.WARNING))
     log.propagate = False
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[flowmill rank {env.rank}] %(message)s"))
-        log.addHandler(handler)
+    for handler in list(log.handlers):  # the CLI's own, or an earlier run's in this process
+        log.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[flowmill rank {env.rank}] %(message)s"))
+    log.addHandler(handler)
     if env.is_main and run_dir is not None:
         file_handler = logging.FileHandler(run_dir.train_log)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

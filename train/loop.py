@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
@@ -23,6 +22,7 @@ from flowmill.train.config import Config, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
 from flowmill.train.job import Job, make_plan, open_run_dir, setup_logging, start
 from flowmill.train.preemption import StopRequest
+from flowmill.train.progress import Progress
 from flowmill.train.tasks import get_task_class
 
 log = logging.getLogger("flowmill")
@@ -39,7 +39,7 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     outcome: ``finished``, or ``preempted`` when ``stop`` was requested (a checkpoint of the last
     step was saved first).
     """
-    env = init_distributed(cfg.trainer.device)
+    env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
     try:
         validate(cfg, env.world_size)
         run_dir = open_run_dir(cfg, env, run_dir, resume)
@@ -123,7 +123,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     """Train from ``step`` to ``trainer.max_steps``; returns the last step and the outcome."""
     cfg, env, run_dir = job.cfg, job.env, job.run_dir
     max_steps = cfg.trainer.max_steps
-    progress = tqdm(total=max_steps, initial=step, disable=not env.is_main, desc="train", unit="step", dynamic_ncols=True)
+    progress = Progress(step, max_steps, cfg.trainer.log_every_steps, enabled=env.is_main)
     batches = iter(job.loader)
     while step < max_steps:
         started = time.perf_counter()
@@ -153,8 +153,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
             append_jsonl(run_dir.metrics_file, {"step": step, **metrics})
         if cfg.data.log_keys:
             append_jsonl(run_dir.keys_file(env.rank), {"step": step, "keys": keys})
-        progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        progress.update(1)
+        progress.update(step, metrics)
         if save or stopping:
             save_checkpoint(job, step)
         if stopping:

@@ -19,15 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from flowmill.cli import main
-from flowmill.launchers.slurm_job import MASTER_PORT_BASE, MASTER_PORT_SPAN, master_port, process_group_env, record_requeue
+from flowmill.launchers.slurm_job import record_requeue
 from flowmill.launchers.slurm_submit import new_run_configs
 from flowmill.run_dir import RunDir
 from flowmill.train.config import to_dict
+from flowmill.train.distributed import MASTER_PORT_SPAN, rendezvous_port
 from tests.helpers import TINY_CONFIG, tiny_overrides
 from tests.launchers.cluster import JOB_TIMEOUT_S, launch, on_cluster, run_json, sacct_states, submit, tiny, wait_for_end
 
@@ -54,19 +54,6 @@ except SystemExit as leaving:
 """
 
 
-def test_master_port_is_the_same_on_every_attempt():
-    assert master_port("17") == master_port("17") == MASTER_PORT_BASE + 17
-    assert MASTER_PORT_BASE <= master_port("123456789") < MASTER_PORT_BASE + MASTER_PORT_SPAN
-
-
-def test_process_group_env_of_the_second_task_of_the_second_node():
-    job_env = SimpleNamespace(global_rank=3, local_rank=1, num_tasks=4, num_nodes=2, hostnames=["n1", "n2"], raw_job_id="42")
-    assert process_group_env(job_env) == {
-        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "n1", "MASTER_PORT": str(MASTER_PORT_BASE + 42),
-    }
-
-
 def test_record_requeue_keeps_the_rest_of_run_json(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc", "status": "running", "slurm_folder": "/f"}))
     record_requeue(RunDir(tmp_path), "12_1")
@@ -80,7 +67,7 @@ def free_job_id() -> str:
         job_id = random.randrange(1, MASTER_PORT_SPAN)
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", master_port(str(job_id))))
+                sock.bind(("127.0.0.1", rendezvous_port(str(job_id))))
             except OSError:
                 continue
         return str(job_id)

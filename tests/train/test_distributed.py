@@ -1,0 +1,53 @@
+"""Where a process sits in the job, read from whichever launcher started it."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowmill.errors import UsageError
+from flowmill.train.distributed import MASTER_PORT_BASE, MASTER_PORT_SPAN, Place, place_of, rendezvous_port
+
+SRUN_TASK = {  # the second task of `srun -N 2 -n 4` (job 42, step 3), on the second node
+    "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+    "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu-[07-08]",
+    "SLURM_JOB_NODELIST": "gpu-[05-09]", "SLURM_NTASKS": "4",
+}
+
+
+def test_torchrun_variables_come_first():
+    environ = {**SRUN_TASK, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    assert place_of(environ) == Place(1, 1, 2, 2, "h", 1234, "torchrun")
+
+
+def test_a_plain_srun_step_leads_from_its_first_node_on_a_port_of_its_job_and_step():
+    place = place_of(SRUN_TASK)
+    assert place == Place(3, 1, 4, 2, "gpu-07", MASTER_PORT_BASE + 45, "srun")
+    assert place.process_group_env() == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                                         "MASTER_ADDR": "gpu-07", "MASTER_PORT": str(MASTER_PORT_BASE + 45)}
+
+
+def test_a_batch_script_without_srun_is_one_process():
+    batch = {key: value for key, value in SRUN_TASK.items() if not key.startswith("SLURM_STEP")}
+    assert place_of(batch).world_size == 1
+
+
+def test_srun_tasks_that_do_not_fill_the_nodes_evenly_are_refused():
+    with pytest.raises(UsageError, match="SLURM_STEP_NUM_TASKS: 3 tasks do not spread evenly over SLURM_STEP_NUM_NODES=2"):
+        place_of({**SRUN_TASK, "SLURM_STEP_NUM_TASKS": "3"})
+
+
+def test_open_mpi_ranks_with_the_leader_given():
+    environ = {"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4",
+               "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "node-a"}
+    assert place_of(environ) == Place(2, 0, 4, 2, "node-a", 29500, "mpirun")
+    with pytest.raises(UsageError, match="MASTER_ADDR: Open MPI does not say which host leads"):
+        place_of({key: value for key, value in environ.items() if key != "MASTER_ADDR"})
+
+
+def test_alone_without_any_launcher():
+    assert place_of({}).launcher == "alone" and place_of({}).world_size == 1
+
+
+def test_rendezvous_port_is_the_same_on_every_attempt_of_a_job():
+    assert rendezvous_port("17") == rendezvous_port("17", "0") == MASTER_PORT_BASE + 17
+    assert MASTER_PORT_BASE <= rendezvous_port("123456789", "5") < MASTER_PORT_BASE + MASTER_PORT_SPAN
