@@ -19,6 +19,7 @@ buckets). Each storage counts once, in the first category that reaches it:
 - master: the fp32 weights the optimizer updates when they are not the module's own (bf16's
   fp32 copy; in fp32, ZeRO 1-3 keep one too, a duplicate of the fp32 parameters);
 - moments: AdamW's state;
+- ema: the rank's shard of the EMA weights (flowmill's ``EMA``, kept beside the engine);
 - buffers: the rest the engine holds, mostly ZeRO's gradient reduce buckets.
 
 Every other live tensor of the process is added up as a check ("not found": the inputs);
@@ -61,8 +62,8 @@ WORLD_SIZE = 2
 STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "bf16")
 GPUS = (8, 64, 512)
-CATEGORIES = ("params", "grads", "master", "moments", "buffers")
-MODEL_STATE = ("params", "grads", "master", "moments")  # the categories that grow with the parameter count
+CATEGORIES = ("params", "grads", "master", "moments", "ema", "buffers")
+MODEL_STATE = ("params", "grads", "master", "moments", "ema")  # the categories that grow with the parameter count
 # SD3's text widths and latent channels, 12 heads of 64 (D = 768), 5 blocks: about 100M parameters.
 BENCH_CONFIG = mmdit_config("sd3-medium", depth=5, num_heads=12, head_dim=64, sample_size=16, pos_embed_max_size=16)
 LATENT_SIDE, TEXT_TOKENS = 4, 2  # a tiny sample (4 + 2 tokens): the steps only have to create the state
@@ -103,7 +104,7 @@ def digest(storage: torch.UntypedStorage) -> str:
     return hashlib.blake2b(torch.empty(0, dtype=torch.uint8).set_(storage).numpy(), digest_size=16).hexdigest()
 
 
-def measure(engine) -> list[dict]:
+def measure(engine, ema) -> list[dict]:
     """Every storage this rank's engine holds: category, source, bytes, and whether it is
     replicated (byte-identical on every rank)."""
     import torch.distributed as dist
@@ -117,6 +118,7 @@ def measure(engine) -> list[dict]:
                 found[storage.data_ptr()] = {"category": category, "source": source, "bytes": storage.nbytes(),
                                              "storage": storage}
 
+    add("ema", "EMA shards", [*ema.shards.values(), *ema.buffers.values()])
     params = list(engine.module.parameters())
     # ZeRO-3 leaves an empty placeholder in param.data; the rank's share is ds_tensor.
     add("params", "module parameters", [getattr(param, "ds_tensor", param) for param in params])
@@ -173,18 +175,21 @@ def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> No
     from flowmill.run_dir import RunDir
     from flowmill.train.config import Config, ParallelConfig, TrainerConfig
     from flowmill.train.distributed import init_distributed, shutdown
+    from flowmill.train.ema import EMA
     from flowmill.train.engine import autocast_dtype, build_engine
     from flowmill.train.plan import Plan
 
     env = init_distributed("cpu")
     torch.manual_seed(0)
     cfg = Config(trainer=TrainerConfig(micro_batch_size=1, precision=precision), parallel=ParallelConfig(zero_stage=stage))
-    engine = build_engine(MMDiT(BENCH_CONFIG), cfg, Plan.of(cfg, RunDir("unused"), env.world_size, resume=False))
+    model = MMDiT(BENCH_CONFIG)
+    engine = build_engine(model, cfg, Plan.of(cfg, RunDir("unused"), env.world_size, resume=False))
+    ema = EMA(model, env, decay=0.999)
     measured: list[dict] = []
 
     def in_step(*_) -> None:
         if len(measured) == 1:  # the second step, after its backward was measured
-            measured.append(summarize(measure(engine), "optimizer step"))
+            measured.append(summarize(measure(engine, ema), "optimizer step"))
 
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     inner.register_step_pre_hook(in_step)
@@ -202,8 +207,9 @@ def worker(rank: int, stage: int, precision: str, port: int, out_dir: str) -> No
             velocity = engine(*(tensor.to(dtype) for tensor in inputs))
         engine.backward(F.mse_loss(velocity.float(), target))
         if step == 1:
-            measured.append(summarize(measure(engine), "after backward"))
+            measured.append(summarize(measure(engine, ema), "after backward"))
         engine.step()
+        ema.update(model)
     if len(measured) != 2:
         raise RuntimeError(f"{type(inner).__name__}.step ran without its pre-hook: only {len(measured)} measurement(s)")
     result = max(measured, key=lambda summary: summary["total"])
@@ -226,15 +232,16 @@ def count_params(cfg) -> int:
         return sum(p.numel() for p in MMDiT(cfg).parameters())
 
 
-def extrapolate(results: dict[int, list[dict]], target_params: int) -> dict[int, dict[int, float]]:
-    """Per-GPU bytes of the model state of a ``target_params`` model at each stage and GPU count,
+def extrapolate(results: dict[int, list[dict]], target_params: int,
+                categories: tuple[str, ...] = MODEL_STATE) -> dict[int, dict[int, float]]:
+    """Per-GPU bytes of ``categories`` of a ``target_params`` model at each stage and GPU count,
     from rank 0's replicated and partitioned bytes."""
     table = {}
     for stage, ranks in results.items():
         measured = ranks[0]
         scale = target_params / measured["num_params"]
-        replicated = sum(measured["replicated"][category] for category in MODEL_STATE)
-        partitioned = sum(measured["bytes"][category] for category in MODEL_STATE) - replicated
+        replicated = sum(measured["replicated"][category] for category in categories)
+        partitioned = sum(measured["bytes"][category] for category in categories) - replicated
         table[stage] = {gpus: scale * (replicated + partitioned * WORLD_SIZE / gpus) for gpus in GPUS}
     return table
 
@@ -268,13 +275,15 @@ def largest_rank(ranks: list[dict], categories: tuple[str, ...]) -> int:
 
 def report_extrapolation(results: dict[int, list[dict]]) -> None:
     target = count_params(MMDIT_SIZES["sd3-medium"])
-    table = extrapolate(results, target)
+    table, ema = extrapolate(results, target), extrapolate(results, target, ("ema",))
     print(f"\nSD3-medium ({target / 1e9:.2f} B parameters), bf16 AdamW: GB per GPU for parameters + gradients + fp32 "
-          "master + moments (no activations, no buffers), extrapolated from the bf16 measurement above")
+          "master + moments + EMA (no activations, no buffers), extrapolated from the bf16 measurement above")
     columns = "".join(f"{f'{gpus} GPUs':>11}" for gpus in GPUS)
-    print(f"{'stage':>5}{columns}   buffers measured here (MB, not extrapolated)")
+    ema_columns = "".join(f"{f'EMA {gpus}':>10}" for gpus in GPUS)
+    print(f"{'stage':>5}{columns}{ema_columns}   buffers measured here (MB, not extrapolated)")
     for stage, row in table.items():
         print(f"{stage:>5}" + "".join(f"{row[gpus] / 1e9:>11.1f}" for gpus in GPUS)
+              + "".join(f"{ema[stage][gpus] / 1e9:>10.2f}" for gpus in GPUS)
               + f"{results[stage][0]['bytes']['buffers'] / 2**20:>11.1f}")
 
 

@@ -38,7 +38,7 @@ CONFIG_FILE = "config.yaml"
 RUN_JSON = "run.json"
 LATEST = "latest"
 COMPLETE_MARKER = "flowmill.json"  # in a checkpoint folder, written last
-EMA_FILE = "ema.safetensors"  # in a checkpoint folder (and a copied teacher): the EMA weights
+EMA_FILE = "ema.safetensors"  # in a copied teacher/corrector folder: its whole EMA weights
 STEP_PREFIX = "step-"
 UNIVERSAL_SUFFIX = "_universal"  # step-N_universal/: step-N in DeepSpeed's universal format (world-size change)
 SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
@@ -66,11 +66,6 @@ class Checkpoint:
     @property
     def world_size(self) -> int:
         return self.meta["world_size"]
-
-    @property
-    def ema_file(self) -> Path:
-        """The EMA weights (safetensors, one file): what sampling, export and ``load_model`` read."""
-        return self.path / EMA_FILE
 
     def rank_file(self, rank: int) -> Path:
         """The per-rank state of process ``rank`` (data position, noise, RNG)."""

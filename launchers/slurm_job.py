@@ -42,6 +42,7 @@ from flowmill.train.config import load_config
 from flowmill.train.loop import train
 from flowmill.train.preemption import StopRequest
 
+
 def block_sigterm() -> None:
     """Keep SIGTERM from this process and the DataLoader workers it forks later.
 

@@ -12,13 +12,13 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from flowmill.errors import UsageError
 from flowmill.models.mmdit import MMDiT
 from flowmill.models.sd3_convert import CONFIG_CLASSES, DIFFUSERS_CONFIG, FLOWMILL_CONFIG, load_model_folder
 from flowmill.run_dir import Checkpoint, RunDir
+from flowmill.weights import read_ema
 
 # Model families that load_model can build, by the name model folders and checkpoints record.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"mmdit": MMDiT}
@@ -63,7 +63,7 @@ def load_weights(path: str | Path) -> tuple[str, object, dict[str, torch.Tensor]
             raise UsageError(str(error)) from None
     run_dir, checkpoint = open_run(path)
     family, cfg = run_model_config(run_dir, checkpoint)
-    return family, cfg, load_file(checkpoint.ema_file)
+    return family, cfg, read_ema(checkpoint)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:

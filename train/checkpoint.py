@@ -5,13 +5,14 @@ Every piece that must survive a restart follows one protocol, ``state_dict()`` /
 The manager drives them; the training loop never sees their keys.
 
 - *Per-rank* pieces (data position, noise stream, global RNGs) are saved by every rank into
-  ``rank-RRRRR.pt`` as ``{name: state}``. On another world size, a piece that can re-split
-  its state implements ``load_resharded(states, step)`` (the states of every saving rank).
-- *Shared* pieces (the EMA weights) are saved once, by rank 0, as ``<name>.safetensors``: their
-  state dict is flat, tensors in the file's body and plain numbers in its metadata, so the
-  file is readable without flowmill (``ema.safetensors`` is what sampling and export load).
+  ``rank-RRRRR.pt`` as ``{name: state}``.
+- *Sharded* pieces (the EMA weights) are saved by every rank as ``<name>-rank-RRRRR.safetensors``:
+  their state dict is flat, tensors in the file's body and plain values in its metadata, so
+  the shards can be put together without flowmill's training stack (``flowmill.weights``).
 - The model and optimizer are the engine's: DeepSpeed writes its own files (every rank its
   ZeRO shard).
+On another world size, every piece is restored from the states of all the saving ranks
+(``load_resharded(states, step)``).
 
 ``flowmill.json`` is written last, after every rank has finished: the checkpoint is complete.
 ``RUN_DIR/latest`` names the newest complete checkpoint and is replaced atomically only then,
@@ -26,17 +27,17 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from flowmill.errors import UsageError
 from flowmill.files import write_atomic
 from flowmill.run_dir import COMPLETE_MARKER, Checkpoint, RunDir, step_tag
 from flowmill.train.distributed import DistEnv, barrier
+from flowmill.weights import load_flat, save_flat
 
 # DeepSpeed's client state: lets ds_to_universal re-shard the optimizer for another world size.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.4}}
@@ -114,13 +115,13 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: RunDir, keep_last: int, env: DistEnv, engine: Any,
-                 per_rank: Mapping[str, Stateful], shared: Mapping[str, Stateful]):
+                 per_rank: Mapping[str, Reshardable], sharded: Mapping[str, Reshardable]):
         self.run_dir = run_dir
         self.keep_last = keep_last
         self.env = env
         self.engine = engine
         self.per_rank = dict(per_rank)
-        self.shared = dict(shared)
+        self.sharded = dict(sharded)
 
     def save(self, step: int, meta: dict[str, Any]) -> Checkpoint:
         """Write checkpoint ``step`` on every rank, then mark it complete and move ``latest``."""
@@ -132,9 +133,8 @@ class CheckpointManager:
         self.engine.save_checkpoint(str(self.run_dir.checkpoints), tag=tag,
                                     client_state={"flowmill_step": step, **UNIVERSAL_INFO}, save_latest=False)
         torch.save({name: piece.state_dict() for name, piece in self.per_rank.items()}, checkpoint.rank_file(self.env.rank))
-        if self.env.is_main:
-            for name, piece in self.shared.items():
-                save_flat(piece.state_dict(), checkpoint.path / f"{name}.safetensors")
+        for name, piece in self.sharded.items():
+            save_flat(piece.state_dict(), shard_path(checkpoint, name, self.env.rank))
         barrier()
         if self.env.is_main:
             write_atomic(checkpoint.path / COMPLETE_MARKER, json.dumps({**meta, "step": step, "world_size": self.env.world_size}))
@@ -168,14 +168,19 @@ class CheckpointManager:
         load_path, _ = self.engine.load_checkpoint(str(self.run_dir.checkpoints), tag=tag)
         if load_path is None:
             raise UsageError(f"DeepSpeed could not load {checkpoint.path}; the checkpoint is incomplete or corrupt")
-        for name, piece in self.shared.items():
-            piece.load_state_dict(load_flat(checkpoint.path / f"{name}.safetensors"))
+        same_world = checkpoint.world_size == self.env.world_size
         saved = [torch.load(checkpoint.rank_file(rank), weights_only=False) for rank in range(checkpoint.world_size)]
         for name, piece in self.per_rank.items():
-            if checkpoint.world_size == self.env.world_size:
+            if same_world:
                 piece.load_state_dict(saved[self.env.rank][name])
             else:
                 piece.load_resharded([state[name] for state in saved], checkpoint.step)
+        for name, piece in self.sharded.items():
+            if same_world:
+                piece.load_state_dict(load_flat(shard_path(checkpoint, name, self.env.rank)))
+            else:
+                piece.load_resharded([load_flat(shard_path(checkpoint, name, rank))
+                                      for rank in range(checkpoint.world_size)], checkpoint.step)
         return checkpoint.step
 
     def _convert_to_universal(self, checkpoint: Checkpoint) -> None:
@@ -198,22 +203,13 @@ class CheckpointManager:
             raise UsageError(error or f"{target} was not written; see rank 0's error")
 
 
+def shard_path(checkpoint: Checkpoint, name: str, rank: int) -> Path:
+    """Where rank ``rank`` saves its shard of the sharded piece ``name``."""
+    return checkpoint.path / f"{name}-rank-{rank:05d}.safetensors"
+
+
 def needs_universal(checkpoint: Checkpoint, world_size: int) -> bool:
     """Whether resuming ``checkpoint`` on ``world_size`` processes re-shards ZeRO partitions: saved
     on another world size with partitioned optimizer files. Without ZeRO (stage 0) every rank
     saved the whole optimizer state, which loads on any world size as it is."""
     return checkpoint.world_size != world_size and any(checkpoint.path.glob("*optim_states.pt"))
-
-
-def save_flat(state: Mapping[str, Any], path) -> None:
-    """A flat state dict as safetensors: tensors in the body, other values (JSON) in the metadata."""
-    tensors = {key: value.detach().contiguous() for key, value in state.items() if isinstance(value, torch.Tensor)}
-    metadata = {key: json.dumps(value) for key, value in state.items() if not isinstance(value, torch.Tensor)}
-    save_file(tensors, path, metadata=metadata)
-
-
-def load_flat(path) -> dict[str, Any]:
-    """What ``save_flat`` wrote."""
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return {**load_file(path), **{key: json.loads(value) for key, value in metadata.items()}}

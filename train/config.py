@@ -66,8 +66,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EMAConfig:
+    enabled: bool = True  # keep an EMA of the weights (samples, evaluation and exports use it); false: the live weights
     decay: float = 0.9999  # final EMA decay per optimizer step
     warmup: bool = True  # decay = min(decay, (1 + step) / (10 + step)), so early weights fade fast
+    device: str = "auto"  # where each rank keeps its EMA shard: auto (beside the weights) | cpu (host memory, for GPU runs) | cuda
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
         "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
         "sample.sampler": (cfg.sample.sampler, ("euler", "heun")),
+        "ema.device": (cfg.ema.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
 # submitit's parser of SLURM node lists (n[1-3,5],gpu-a1): what its own job environment uses.
 from submitit.slurm.slurm import _parse_node_list as parse_node_list
 
@@ -54,6 +55,16 @@ def choose_device(requested: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def placement(requested: str, weights: torch.device, key: str) -> torch.device:
+    """Where state kept beside the weights goes: ``auto`` beside them, or ``cpu``/``cuda``;
+    ``cuda`` without a GPU is an error naming ``key``."""
+    if requested == "auto":
+        return weights
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{key}: cuda, but no CUDA device is visible; use {key}=cpu or auto")
+    return weights if requested == weights.type else torch.device(requested)
 
 
 def backend_for(device: torch.device) -> str:

@@ -1,30 +1,79 @@
-"""Exponential moving average of a model's weights, kept as a plain fp32 module copy.
+"""Exponential moving average of the weights, sharded like the training state.
 
-The copy is a complete model on every rank (also under ZeRO-3, where the live weights are
-gathered for the update), so samples and exports read it directly.
+Each rank keeps the average of the parameters it owns, in fp32, and updates it from values it
+already holds, so the update gathers nothing:
+- without pipeline stages, rank r owns chunk r of every parameter (its flattened elements
+  ``r·c : (r+1)·c``, ``c`` = the parameter's partition size). Under ZeRO-3 that chunk is exactly
+  the partition the rank holds (``ds_tensor``); under ZeRO 0-2, where every rank holds whole
+  parameters, it is read from them;
+- in a pipeline, a rank owns the parameters of its stage.
+The shards are checkpointed per rank (``flowmill.weights``) and put together into a whole model
+only where one is needed: evaluation and samples during training (``averaged``), and sampling,
+export and ``load_model`` after it, on one process.
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
-NUM_UPDATES = "num_updates"  # beside the weights in the state dict; no model has a tensor of that name
+from flowmill.train.distributed import DistEnv
+from flowmill.train.engine import unwrapped_name
+from flowmill.weights import BUFFERS, PARAMS, Layout, consolidate
+
+NUM_UPDATES, LAYOUT = "num_updates", "layout"
+
+
+def owned_range(param: nn.Parameter, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(start, end, numel) of the flattened elements of ``param`` that ``rank`` owns."""
+    numel = param.ds_numel if hasattr(param, "ds_tensor") else param.numel()
+    size = param.ds_tensor.numel() if hasattr(param, "ds_tensor") else math.ceil(numel / world_size)
+    start = min(rank * size, numel)
+    return start, min(start + size, numel), numel
 
 
 class EMA:
-    """EMA weights with a warm-up: decay_t = min(decay, (1 + t) / (10 + t))."""
+    """EMA weights with a warm-up: decay_t = min(decay, (1 + t) / (10 + t)).
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+    ``model`` is the plain model whose parameters the engine trains (ZeRO-3: partitioned);
+    ``local``, in a pipeline, the ids of the parameters of this rank's stage.
+    """
+
+    def __init__(self, model: nn.Module, env: DistEnv, decay: float, warmup: bool = True,
+                 local: set[int] | None = None, device: torch.device | None = None):
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.env = env
+        self.pipeline = local is not None
+        self.layout: Layout = {}
+        self.shards: dict[str, torch.Tensor] = {}
+        self.sources: dict[str, Callable[[], torch.Tensor]] = {}
+        for wrapped_name, param in model.named_parameters():
+            name = unwrapped_name(wrapped_name)
+            if self.pipeline and id(param) not in local:
+                continue
+            start, end, numel = (0, param.numel(), param.numel()) if self.pipeline else owned_range(param, env.rank, env.world_size)
+            if end <= start:
+                continue
+            self.layout[name] = (start, end, numel, tuple(getattr(param, "ds_shape", param.shape)))
+            self.sources[name] = self._source(param, start, end)
+            self.shards[name] = self.sources[name]().detach().float().clone().to(device or param.device)
+        self.buffers = {unwrapped_name(name): buffer.detach().clone() for name, buffer in model.named_buffers()}
+
+    @staticmethod
+    def _source(param: nn.Parameter, start: int, end: int) -> Callable[[], torch.Tensor]:
+        """The live values of the owned elements, without communication."""
+        if hasattr(param, "ds_tensor"):
+            return lambda: param.ds_tensor.data.view(-1)[: end - start]
+        return lambda: param.data.view(-1)[start:end]
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -32,44 +81,90 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, live: nn.Module, zero_stage: int = 0, local: set[int] | None = None) -> None:
-        """Move the average toward ``live``'s current weights (call on every rank).
-
-        ``local``: ids of the parameters this rank trains (its pipeline stage); the others
-        are left alone here and filled in by ``sync_stages``.
-        """
-        decay = self.current_decay()
-        pairs = [(avg, p) for avg, p in zip(self.module.parameters(), live.parameters()) if local is None or id(p) in local]
-        gather = nullcontext()
-        if zero_stage == 3:
-            gather = deepspeed.zero.GatheredParameters([p for _, p in pairs], modifier_rank=None)
-        with gather:
-            for avg, param in pairs:
-                avg.lerp_(param.detach().float(), 1 - decay)
+    def update(self, live: nn.Module) -> None:
+        """Move the average toward the live weights this rank owns (every rank, no collective)."""
+        weight = 1 - self.current_decay()
+        for name, shard in self.shards.items():
+            shard.lerp_(self.sources[name]().float().to(shard.device), weight)
         # Buffers (e.g. BatchNorm running statistics) are averages already: copied as they are.
-        buffers = dict(self.module.named_buffers())
-        for name, buffer in live.named_buffers():
-            if name in buffers and buffers[name].shape == buffer.shape:
-                buffers[name].copy_(buffer)
+        for wrapped_name, buffer in live.named_buffers():
+            name = unwrapped_name(wrapped_name)
+            if name in self.buffers and self.buffers[name].shape == buffer.shape:
+                self.buffers[name].copy_(buffer)
         self.num_updates += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard: ``params/<name>`` and ``buffers/<name>`` tensors, the layout, num_updates."""
+        return {
+            NUM_UPDATES: self.num_updates,
+            LAYOUT: {name: [start, end, numel, list(shape)] for name, (start, end, numel, shape) in self.layout.items()},
+            **{PARAMS + name: shard for name, shard in self.shards.items()},
+            **{BUFFERS + name: buffer for name, buffer in self.buffers.items()},
+        }
+
     @torch.no_grad()
-    def sync_stages(self, live: nn.Module, local: set[int]) -> None:
-        """Pipeline runs: gather every stage's share of the average onto every rank (collective)."""
-        names = [name for name, p in live.named_parameters() if id(p) in local]
-        mine = {name: tensor for name, tensor in self.module.named_parameters() if name in names}
-        shares = [None] * dist.get_world_size()
-        dist.all_gather_object(shares, {name: tensor.cpu() for name, tensor in mine.items()})
-        params = dict(self.module.named_parameters())
-        for share in shares:
-            for name, tensor in share.items():
-                params[name].copy_(tensor)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's own shard, saved by this rank on the same world size."""
+        saved = {name: tuple(entry[:3]) for name, entry in state[LAYOUT].items()}
+        mine = {name: (start, end, numel) for name, (start, end, numel, _) in self.layout.items()}
+        if saved != mine:
+            raise ValueError("the saved EMA shard covers other elements than this rank owns")
+        self.num_updates = int(state[NUM_UPDATES])
+        for name, shard in self.shards.items():
+            shard.copy_(state[PARAMS + name])
+        self._load_buffers({key.removeprefix(BUFFERS): value for key, value in state.items() if key.startswith(BUFFERS)})
 
-    def state_dict(self) -> dict:
-        """The averaged weights (the model's own names) and ``num_updates``, one flat mapping."""
-        return {**self.module.state_dict(), NUM_UPDATES: self.num_updates}
+    @torch.no_grad()
+    def load_resharded(self, states: list[dict[str, Any]], step: int) -> None:
+        """The shards of every rank of a job of another world size, cut anew for this rank: exact."""
+        whole = consolidate(states)
+        self.num_updates = int(states[0][NUM_UPDATES])
+        for name, (start, end, _, _) in self.layout.items():
+            self.shards[name].copy_(whole[name].view(-1)[start:end])
+        self._load_buffers(whole)
 
-    def load_state_dict(self, state: dict) -> None:
-        weights = dict(state)
-        self.num_updates = int(weights.pop(NUM_UPDATES))
-        self.module.load_state_dict(weights)
+    def _load_buffers(self, saved: dict[str, torch.Tensor]) -> None:
+        for name, buffer in self.buffers.items():
+            if name in saved:
+                buffer.copy_(saved[name])
+
+    def whole(self) -> dict[str, torch.Tensor]:
+        """The whole averaged state dict, on every rank (collective: every rank calls it)."""
+        states = [None] * self.env.world_size
+        mine = {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in self.state_dict().items()}
+        if self.env.world_size == 1:
+            return consolidate([mine])
+        dist.all_gather_object(states, mine)
+        return consolidate(states)
+
+    @contextmanager
+    def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
+        """A model holding the averaged weights, in eval mode, on every rank (collective).
+
+        Under ZeRO-3 the averages are swapped into the live partitions, so evaluation runs through
+        the partitioned model (every rank must run the same forward passes); otherwise a whole
+        copy is built for the duration of the block.
+        """
+        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+            with self._swapped_in(model):
+                yield model
+            return
+        copied = copy.deepcopy(model).float().eval().requires_grad_(False)
+        copied.load_state_dict(self.whole(), strict=True)
+        yield copied
+
+    @contextmanager
+    def _swapped_in(self, model: nn.Module) -> Iterator[None]:
+        live = {name: self.sources[name]().clone() for name in self.shards}
+        training = model.training
+        with torch.no_grad():
+            for name, shard in self.shards.items():
+                self.sources[name]().copy_(shard)
+        model.eval()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, values in live.items():
+                    self.sources[name]().copy_(values)
+            model.train(training)

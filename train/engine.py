@@ -61,6 +61,15 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return factor
 
 
+# What activation checkpointing (checkpoint_wrapper) inserts into the names of a block's parameters.
+WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the plain model (without activation checkpointing) has it."""
+    return name.replace(WRAPPER_PREFIX, "")
+
+
 def checkpoint_blocks(model: nn.Module) -> None:
     """Activation checkpointing from outside the model: each of ``model.blocks`` recomputes
     its activations in backward instead of storing them (same values, less memory)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream, needs_universal
 from flowmill.train.config import Config, to_dict
-from flowmill.train.distributed import DistEnv
+from flowmill.train.distributed import DistEnv, placement
 from flowmill.train.ema import EMA
 from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.plan import Plan
@@ -60,7 +62,7 @@ class Job:
     model: nn.Module  # the plain model (its parameters are the engine's, or a pipeline stage's share)
     engine: Any  # DeepSpeed's engine (or pipeline engine) owning model, optimizer and schedule
     forward: CastInputs
-    ema: EMA
+    ema: EMA | None  # None with ema.enabled=false
     loader: StreamingLoader
     noise: NoiseStream
     checkpoints: CheckpointManager
@@ -74,6 +76,30 @@ class Job:
     @property
     def run_dir(self) -> RunDir:
         return self.plan.run_dir
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether the live weights are partitioned over the ranks (ZeRO-3)."""
+        return self.cfg.parallel.zero_stage == 3
+
+    @contextmanager
+    def eval_model(self) -> Iterator[nn.Module]:
+        """The weights evaluations and samples use, as a whole model in eval mode on every rank
+        (collective): the EMA, or the live weights with ``ema.enabled=false``."""
+        if self.ema is not None:
+            with self.ema.averaged(self.model) as model:
+                yield model
+        elif self.pipeline:
+            # Each rank holds its stage's weights: a zero-decay average is a copy of them to gather.
+            with EMA(self.model, self.env, decay=0.0, warmup=False, local=self.local).averaged(self.model) as model:
+                yield model
+        else:
+            training = self.model.training
+            self.model.eval()
+            try:
+                yield self.model
+            finally:
+                self.model.train(training)
 
 
 def setup_logging(env: DistEnv, run_dir: RunDir | None = None) -> None:
@@ -200,13 +226,14 @@ def start(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -> tu
     if env.is_main and not plan.resume:
         task.prepare_run_dir()
     model = task.build_model().to(env.device)
-    ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)  # before DeepSpeed: ZeRO-3 partitions the live weights
     reshard = plan.resume and needs_universal(plan.run_dir.latest(), env.world_size)
     pipeline = cfg.parallel.pipeline_stages > 1
     engine = build_engine(model, cfg, plan, load_universal=reshard, loss_fn=task.criterion if pipeline else None)
     # The parameters this rank trains: a pipeline stage holds only its share of the model.
     local = {id(p) for p in engine.module.parameters()} if pipeline else None
     forward = CastInputs(engine, next(engine.module.parameters()).dtype, env.device)
+    ema = EMA(model, env, cfg.ema.decay, cfg.ema.warmup, local, placement(cfg.ema.device, env.device, "ema.device")) \
+        if cfg.ema.enabled else None
     replica = plan.data_rank(env.rank)
     loader = StreamingLoader(
         cfg.data.path,
@@ -225,7 +252,7 @@ def start(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -> tu
     checkpoints = CheckpointManager(
         plan.run_dir, cfg.checkpoint.keep_last, env, engine,
         per_rank={"data": loader, "noise": noise, "rng": GlobalRNG(cfg.trainer.seed, env.rank)},
-        shared={"ema": ema},
+        sharded={"ema": ema} if ema is not None else {},
     )
     step = 0
     if plan.resume:

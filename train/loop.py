@@ -131,7 +131,8 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         keys: list[str] = []
         loss, grad_norm = train_step(job, batches, keys)
         step += 1
-        job.ema.update(job.model, cfg.parallel.zero_stage, job.local)
+        if job.ema is not None:
+            job.ema.update(job.model)
         loss_value = all_reduce_mean(loss).item()
         metrics = {
             "train/loss": loss_value,
@@ -144,10 +145,9 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         sample = due(cfg.trainer.sample_every_steps, step, max_steps)
         save = due(cfg.checkpoint.every_steps, step, max_steps)
         stopping = step < max_steps and stop.agreed()
-        if job.pipeline and (evaluate or sample or save or stopping):
-            job.ema.sync_stages(job.model, job.local)
-        if env.is_main and evaluate:
-            metrics.update(job.task.evaluate(job.ema.module, step))
+        if evaluate:
+            with job.eval_model() as model:
+                metrics.update(job.task.evaluate(model, step))
         job.tracker.log_metrics(metrics, step=step)
         if env.is_main:
             append_jsonl(run_dir.metrics_file, {"step": step, **metrics})
@@ -160,8 +160,12 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
             log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
             progress.close()
             return step, "preempted"
-        if env.is_main and sample:
-            for path in job.task.log_samples(job.ema.module, step, run_dir.samples):
+        if sample:
+            with job.eval_model() as model:
+                # A partitioned model needs every rank in its forward passes; a whole one only rank 0.
+                files = job.task.log_samples(model, step, run_dir.samples if env.is_main else None) \
+                    if env.is_main or job.partitioned else []
+            for path in files:
                 job.tracker.log_artifact(path, "samples")
     progress.close()
     return step, "finished"

@@ -20,13 +20,11 @@ from flowmill.errors import UsageError
 from flowmill.models import loading
 from flowmill.models.loading import MODEL_CLASSES, SOURCES, is_model_folder, open_run, run_model_config
 from flowmill.models.sd3_convert import load_diffusers_folder, save_diffusers_folder, save_model_folder
-
-# What activation checkpointing (train/engine.py's checkpoint_wrapper) inserts into parameter names.
-WRAPPER_PREFIX = "_checkpoint_wrapped_module."
+from flowmill.train.engine import unwrapped_name
 
 
 def _unwrapped(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name.replace(WRAPPER_PREFIX, ""): tensor.float() for name, tensor in state_dict.items()}
+    return {unwrapped_name(name): tensor.float() for name, tensor in state_dict.items()}
 
 
 def live_weights(checkpoint: Path, family: str, cfg) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from safetensors.torch import load_file
 from torch import nn
 
 from flowmill.errors import UsageError
@@ -16,6 +15,7 @@ from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
+from flowmill.weights import read_ema
 
 
 def run_task(run_dir: RunDir) -> Task:
@@ -30,7 +30,7 @@ def load_task_and_model(source: str | Path) -> tuple[Task, nn.Module, Checkpoint
     run_dir, checkpoint = RunDir.open(source)
     task = run_task(run_dir)
     model = task.build_model()
-    model.load_state_dict(load_file(checkpoint.ema_file))
+    model.load_state_dict(read_ema(checkpoint))
     return task, model.to(task.env.device).eval(), checkpoint
 
 

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from flowmill.run_dir import RunDir
-from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream, load_flat, save_flat
+from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream
 from flowmill.train.distributed import DistEnv
 from flowmill.train.ema import EMA
+from flowmill.weights import load_flat, read_ema, save_flat
 
 
 class StandInEngine:
@@ -50,9 +50,9 @@ class Position:
 
 def manager(run: RunDir, rank: int, world_size: int, keep_last: int = 0, position: int = 0, ema: EMA | None = None):
     env = DistEnv(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
-    ema = ema or EMA(nn.Linear(2, 2), decay=0.5)
+    ema = ema or EMA(nn.Linear(2, 2), env, decay=0.5)
     return CheckpointManager(run, keep_last, env, StandInEngine(rank), per_rank={"position": Position(position)},
-                             shared={"ema": ema})
+                             sharded={"ema": ema})
 
 
 def make_run(tmp_path) -> RunDir:
@@ -63,29 +63,29 @@ def make_run(tmp_path) -> RunDir:
 
 def test_save_writes_every_piece_by_name_then_marks_the_checkpoint_complete(tmp_path):
     run = make_run(tmp_path)
-    ema = EMA(nn.Linear(2, 2), decay=0.5)
+    ema = EMA(nn.Linear(2, 2), DistEnv(0, 0, 1, torch.device("cpu")), decay=0.5)
     ema.update(nn.Linear(2, 2))
     checkpoint = manager(run, 0, 1, position=5, ema=ema).save(3, meta={"task": "mmdit", "global_batch": 8})
     assert run.latest().path == checkpoint.path
     assert checkpoint.meta == {"task": "mmdit", "global_batch": 8, "step": 3, "world_size": 1}
     assert torch.load(checkpoint.rank_file(0), weights_only=False) == {"position": {"value": 5}}
-    # The EMA file holds the model's weights under their own names: loadable into the model as it is.
-    nn.Linear(2, 2).load_state_dict(load_file(checkpoint.ema_file))
-    assert load_flat(checkpoint.ema_file)["num_updates"] == 1
+    assert load_flat(checkpoint.path / "ema-rank-00000.safetensors")["num_updates"] == 1
+    # Put together, the EMA shards are the model's state dict: loadable into the model as it is.
+    nn.Linear(2, 2).load_state_dict(read_ema(checkpoint))
 
 
 def test_load_restores_every_piece_on_the_same_world_size(tmp_path):
     run = make_run(tmp_path)
     saving = manager(run, 0, 1, position=5)
     saving.engine.weight = torch.ones(3)
-    saving.shared["ema"].update(nn.Linear(2, 2))
+    saving.sharded["ema"].update(nn.Linear(2, 2))
     saving.save(3, meta={})
     restoring = manager(run, 0, 1)
     assert restoring.load() == 3
     assert restoring.per_rank["position"].value == 5 and restoring.per_rank["position"].resharded_from is None
     assert torch.equal(restoring.engine.weight, torch.ones(3))
-    assert restoring.shared["ema"].num_updates == 1
-    torch.testing.assert_close(restoring.shared["ema"].module.weight, saving.shared["ema"].module.weight, rtol=0, atol=0)
+    assert restoring.sharded["ema"].num_updates == 1
+    assert all(torch.equal(restoring.sharded["ema"].shards[n], t) for n, t in saving.sharded["ema"].shards.items())
 
 
 def test_another_world_size_reshards_from_every_saving_rank(tmp_path):

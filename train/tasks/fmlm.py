@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowmill.data.shards import sha256_file
 from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.errors import UsageError
 from flowmill.files import copy_atomic
@@ -49,6 +48,7 @@ from flowmill.train.tasks.flm import (
     clock_ce_metrics,
     flow_lm_architecture,
 )
+from flowmill.weights import read_ema, weights_sha256
 
 STAGES = ("corrector", "student")
 
@@ -113,7 +113,8 @@ class FMLMTask(TextFlowTask):
         else:
             self.teacher_files, self.text_tokenizer_path = teacher_source(cfg.distill.teacher)
         teacher_config = flow_lm_architecture(read_yaml(self.teacher_files.config)["model"])
-        self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False), self.teacher_files.weights, env.device)
+        self.teacher = load_flow_lm(dataclasses.replace(teacher_config, learned_loss_weight=False),
+                                    self.teacher_files.weights(), env.device)
         self.text_tokenizer = TextTokenizer.load(self.text_tokenizer_path)
         self.model_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=self.stage == "corrector")
         self.corrector_files = self.corrector = None
@@ -121,9 +122,9 @@ class FMLMTask(TextFlowTask):
             if (own_corrector / SOURCE_FILE).is_file():
                 self.corrector_files = ModelFiles.copied(own_corrector)
             else:
-                self.corrector_files = corrector_source(cfg.distill.corrector, self.teacher_files.weights)
+                self.corrector_files = corrector_source(cfg.distill.corrector, self.teacher_files.weights())
             corrector_config = dataclasses.replace(teacher_config, flow_map=True, learned_loss_weight=True)
-            self.corrector = load_flow_lm(corrector_config, self.corrector_files.weights, env.device)
+            self.corrector = load_flow_lm(corrector_config, self.corrector_files.weights(), env.device)
 
     def prepare_run_dir(self) -> None:
         own_teacher = self.run_dir.teacher
@@ -173,10 +174,10 @@ def read_yaml(path: Path) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def load_flow_lm(config: FlowLMConfig, weights: Path, device: torch.device) -> FlowLM:
-    """A frozen FlowLM in eval mode with the weights of ``weights`` (a learned loss weight there is dropped if
+def load_flow_lm(config: FlowLMConfig, weights: dict[str, torch.Tensor], device: torch.device) -> FlowLM:
+    """A frozen FlowLM in eval mode holding ``weights`` (a learned loss weight there is dropped if
     ``config`` has none: distillation never reads a teacher's)."""
-    state = load_file(weights)
+    state = dict(weights)
     if not config.learned_loss_weight:
         state = {k: v for k, v in state.items() if not k.startswith("loss_weight.")}
     model = FlowLM(config)
@@ -186,28 +187,33 @@ def load_flow_lm(config: FlowLMConfig, weights: Path, device: torch.device) -> F
 
 @dataclass
 class ModelFiles:
-    """A trained model another run depends on: its run's config and its EMA weights."""
+    """A trained model another run depends on: its run's config and its EMA weights, in a
+    checkpoint of that run or in the copy a distillation run keeps of them."""
 
     config: Path  # config.yaml of the run that trained it (its model section builds it)
-    weights: Path  # ema.safetensors of one of its checkpoints
+    folder: Path  # the run dir it came from, or the folder of the copy
     origin: str  # where it came from, recorded in the copy's source.json
-
-    @property
-    def folder(self) -> Path:
-        return self.weights.parent
+    checkpoint: Checkpoint | None = None  # the checkpoint whose EMA shards hold the weights (None: a copy)
 
     @classmethod
     def copied(cls, folder: Path) -> ModelFiles:
         """The copy ``copy_to`` made in ``folder``."""
         origin = json.loads((folder / SOURCE_FILE).read_text())["origin"]
-        return cls(folder / CONFIG_FILE, folder / EMA_FILE, origin)
+        return cls(folder / CONFIG_FILE, folder, origin)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The whole EMA weights."""
+        return read_ema(self.checkpoint) if self.checkpoint is not None else load_file(self.folder / EMA_FILE)
 
     def copy_to(self, folder: Path) -> None:
         """Copy config and weights into ``folder``; source.json, written last, marks the copy complete."""
         folder.mkdir(parents=True, exist_ok=True)
         copy_atomic(self.config, folder / CONFIG_FILE)
-        copy_atomic(self.weights, folder / EMA_FILE)
-        record = {"origin": self.origin, "weights_sha256": sha256_file(folder / EMA_FILE)}
+        weights = self.weights()
+        partial = folder / f".{EMA_FILE}.partial"
+        save_file(weights, partial)
+        os.replace(partial, folder / EMA_FILE)
+        record = {"origin": self.origin, "weights_sha256": weights_sha256(weights)}
         (folder / f".{SOURCE_FILE}.partial").write_text(json.dumps(record, indent=1) + "\n")
         os.replace(folder / f".{SOURCE_FILE}.partial", folder / SOURCE_FILE)
 
@@ -247,10 +253,10 @@ def teacher_source(source: str) -> tuple[ModelFiles, Path]:
     if task != "flm":
         raise UsageError(f"distill.teacher: {source} is a {task} run (a flow map); the teacher must be the flm run it was distilled from")
     origin = f"{run_dir.path.resolve()} {checkpoint.path.name}"
-    return ModelFiles(run_dir.config_file, checkpoint.ema_file, origin), run_dir.text_tokenizer
+    return ModelFiles(run_dir.config_file, run_dir.path, origin, checkpoint), run_dir.text_tokenizer
 
 
-def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
+def corrector_source(source: str, teacher_weights: dict[str, torch.Tensor]) -> ModelFiles:
     """The files of the stage-1 run ``source``; UsageError unless it is a corrector run distilled from
     the teacher whose weights are ``teacher_weights``."""
     run_dir, checkpoint, config = open_source(source, "distill.corrector")
@@ -260,6 +266,6 @@ def corrector_source(source: str, teacher_weights: Path) -> ModelFiles:
             f"distill.corrector: {source} is a {config.get('task')} run{f' of stage {stage}' if stage else ''}; "
             "it must be an fmlm run with distill.stage=corrector"
         )
-    if sha256_file(run_dir.teacher / EMA_FILE) != sha256_file(teacher_weights):
+    if weights_sha256(load_file(run_dir.teacher / EMA_FILE)) != weights_sha256(teacher_weights):
         raise UsageError(f"distill.corrector: {source} was distilled from another teacher than distill.teacher")
-    return ModelFiles(run_dir.config_file, checkpoint.ema_file, f"{run_dir.path.resolve()} {checkpoint.path.name}")
+    return ModelFiles(run_dir.config_file, run_dir.path, f"{run_dir.path.resolve()} {checkpoint.path.name}", checkpoint)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -39,6 +38,7 @@ from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.base import Task
 from flowmill.train.video_metrics import psnr, ssim
 from flowmill.train.videos import clip_uint8, quality_plot, side_by_side_gif
+from flowmill.weights import read_ema, weights_sha256
 
 FAMILY = "video_tokenizer"
 CLIP_FIELDS = ("npy", "mp4")
@@ -204,11 +204,12 @@ class VideoTokenizerTask(Task):
             metrics[f"recon/ssim_k{k}"] = ssim_k
         return metrics
 
-    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path | None) -> list[Path]:
         """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
         ``psnr-{step}.png``, ``ssim-{step}.png`` (quality against k)."""
         recon = self.recon_quality(model, step)
-        out_dir = Path(out_dir)
+        if out_dir is None:
+            return []
         out_dir.mkdir(parents=True, exist_ok=True)
         shown = self.cfg.sample.num_per_prompt
         columns = [recon.held_out[:shown], *(clips[:shown] for clips in recon.decoded.values())]
@@ -320,8 +321,8 @@ class TokenEncoder:
 
 
 def video_tokenizer_sha256(checkpoint: Checkpoint) -> str:
-    """sha256 of the EMA weights file a tokenizer run decodes and encodes with."""
-    return hashlib.sha256(checkpoint.ema_file.read_bytes()).hexdigest()
+    """sha256 of the EMA weights a tokenizer run decodes and encodes with."""
+    return weights_sha256(read_ema(checkpoint))
 
 
 def token_encoder(run_dir: str) -> TokenEncoder:
