@@ -18,7 +18,7 @@ from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, load_config, to_dict, validate
-from flowmill.train.distributed import free_port
+from flowmill.train.distributed import choose_device, free_port, placement
 
 
 def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) -> None:
@@ -26,6 +26,11 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
+    try:
+        device = choose_device(cfg.trainer.device)
+    except RuntimeError as error:  # the workers would run here, on this machine's devices
+        raise UsageError(str(error)) from None
+    placement(cfg.ema.device, device, "ema.device")
     try:
         resolve_shards(cfg.data.path)
     except (FileNotFoundError, ValueError) as error:

@@ -51,6 +51,7 @@ def choose_device(requested: str, local_rank: int = 0) -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
+            # Not a UsageError: on a cluster it is the node's state (a lost GPU), which a retry may not meet.
             raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -151,10 +152,14 @@ def init_distributed(requested_device: str, timeout_min: float | None = None) ->
     return DistEnv(rank=place.rank, local_rank=place.local_rank, world_size=place.world_size, device=device)
 
 
-def shutdown() -> None:
-    """Tear the process group down explicitly: leaving it to interpreter exit can abort."""
+def shutdown(clean: bool = True) -> None:
+    """Tear the process group down explicitly: leaving it to interpreter exit can abort.
+
+    After a failure the other ranks may never arrive, so only a clean ending waits for them.
+    """
     if dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -8,13 +8,12 @@ already holds, so the update gathers nothing:
   parameters, it is read from them;
 - in a pipeline, a rank owns the parameters of its stage.
 The shards are checkpointed per rank (``flowmill.weights``) and put together into a whole model
-only where one is needed: evaluation and samples during training (``averaged``), and sampling,
-export and ``load_model`` after it, on one process.
+only where one is needed: evaluation and samples during training (``averaged``, for the duration
+of the evaluation), and sampling, export and ``load_model`` after it, on one process.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,7 +65,9 @@ class EMA:
             self.layout[name] = (start, end, numel, tuple(getattr(param, "ds_shape", param.shape)))
             self.sources[name] = self._source(param, start, end)
             self.shards[name] = self.sources[name]().detach().float().clone().to(device or param.device)
-        self.buffers = {unwrapped_name(name): buffer.detach().clone() for name, buffer in model.named_buffers()}
+        persistent = set(model.state_dict())  # non-persistent buffers are rebuilt by the model itself
+        self.buffers = {unwrapped_name(name): buffer.detach().clone() for name, buffer in model.named_buffers()
+                        if unwrapped_name(name) in persistent}
 
     @staticmethod
     def _source(param: nn.Parameter, start: int, end: int) -> Callable[[], torch.Tensor]:
@@ -139,32 +140,11 @@ class EMA:
 
     @contextmanager
     def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
-        """A model holding the averaged weights, in eval mode, on every rank (collective).
+        """A whole model holding the averaged weights, in eval mode, on every rank (collective).
 
-        Under ZeRO-3 the averages are swapped into the live partitions, so evaluation runs through
-        the partitioned model (every rank must run the same forward passes); otherwise a whole
-        copy is built for the duration of the block.
+        It is a new instance of ``model``'s class built from ``model.config`` (flowmill's models
+        are), so it carries none of the engine's wrappers or hooks, and lives for the block only.
         """
-        if any(hasattr(p, "ds_tensor") for p in model.parameters()):
-            with self._swapped_in(model):
-                yield model
-            return
-        copied = copy.deepcopy(model).float().eval().requires_grad_(False)
-        copied.load_state_dict(self.whole(), strict=True)
-        yield copied
-
-    @contextmanager
-    def _swapped_in(self, model: nn.Module) -> Iterator[None]:
-        live = {name: self.sources[name]().clone() for name in self.shards}
-        training = model.training
-        with torch.no_grad():
-            for name, shard in self.shards.items():
-                self.sources[name]().copy_(shard)
-        model.eval()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, values in live.items():
-                    self.sources[name]().copy_(values)
-            model.train(training)
+        averaged = type(model)(model.config).float().eval().requires_grad_(False)
+        averaged.load_state_dict(self.whole(), strict=True)
+        yield averaged.to(next(model.parameters()).device)

@@ -77,11 +77,6 @@ class Job:
     def run_dir(self) -> RunDir:
         return self.plan.run_dir
 
-    @property
-    def partitioned(self) -> bool:
-        """Whether the live weights are partitioned over the ranks (ZeRO-3)."""
-        return self.cfg.parallel.zero_stage == 3
-
     @contextmanager
     def eval_model(self) -> Iterator[nn.Module]:
         """The weights evaluations and samples use, as a whole model in eval mode on every rank
@@ -89,8 +84,8 @@ class Job:
         if self.ema is not None:
             with self.ema.averaged(self.model) as model:
                 yield model
-        elif self.pipeline:
-            # Each rank holds its stage's weights: a zero-decay average is a copy of them to gather.
+        elif self.pipeline or self.cfg.parallel.zero_stage == 3:
+            # Each rank holds a share of the live weights: a zero-decay average is a copy of it to gather.
             with EMA(self.model, self.env, decay=0.0, warmup=False, local=self.local).averaged(self.model) as model:
                 yield model
         else:

@@ -21,6 +21,7 @@ from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
 from flowmill.train.job import Job, make_plan, open_run_dir, setup_logging, start
+from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
 from flowmill.train.tasks import get_task_class
@@ -40,19 +41,28 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     step was saved first).
     """
     env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
+    heartbeat = Heartbeat(env, interval_s=min(10.0, max(0.5, cfg.parallel.timeout_min * 60 / 6)))
+    clean = False
     try:
         validate(cfg, env.world_size)
         run_dir = open_run_dir(cfg, env, run_dir, resume)
         setup_logging(env, run_dir)
         plan = make_plan(cfg, env, run_dir, resume)
         job, step = start(cfg, plan, env, run_info or {})
-        return run_dir, run_job(job, step, stop or StopRequest())
+        outcome = run_job(job, step, stop or StopRequest())
+        clean = True
+        return run_dir, outcome
     except BaseException as error:
+        if is_timeout(error):
+            message = timeout_message(env, cfg.parallel.timeout_min, heartbeat.silent_ranks())
+            print(f"[flowmill rank {env.rank}] fatal: {message}", file=sys.stderr, flush=True)
+            raise RuntimeError(message) from error
         if not isinstance(error, (UsageError, KeyboardInterrupt, SystemExit)):
             print(f"[flowmill rank {env.rank}] fatal: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         raise
     finally:
-        shutdown()
+        heartbeat.stop()
+        shutdown(clean)
 
 
 def run_job(job: Job, step: int, stop: StopRequest) -> str:
@@ -72,6 +82,17 @@ def run_job(job: Job, step: int, stop: StopRequest) -> str:
             # A preempted run is continued later under the same MLflow run id.
             job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
     return status
+
+
+def on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """Batches with their tensors on ``device``; to a GPU they are copied from pinned host memory,
+    without blocking the host."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    for batch in batches:
+        yield {key: value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+               for key, value in batch.items()}
 
 
 def micro_batches(job: Job, batches: Iterator[dict], keys: list[str]) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
@@ -124,7 +145,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     cfg, env, run_dir = job.cfg, job.env, job.run_dir
     max_steps = cfg.trainer.max_steps
     progress = Progress(step, max_steps, cfg.trainer.log_every_steps, enabled=env.is_main)
-    batches = iter(job.loader)
+    batches = on_device(iter(job.loader), env.device)
     while step < max_steps:
         started = time.perf_counter()
         lr = job.engine.get_lr()[0]
@@ -161,10 +182,8 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
             progress.close()
             return step, "preempted"
         if sample:
-            with job.eval_model() as model:
-                # A partitioned model needs every rank in its forward passes; a whole one only rank 0.
-                files = job.task.log_samples(model, step, run_dir.samples if env.is_main else None) \
-                    if env.is_main or job.partitioned else []
+            with job.eval_model() as model:  # every rank: the weights may be spread over them
+                files = job.task.log_samples(model, step, run_dir.samples) if env.is_main else []
             for path in files:
                 job.tracker.log_artifact(path, "samples")
     progress.close()

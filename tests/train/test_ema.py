@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -99,8 +101,25 @@ def test_a_saved_shard_loads_back_exactly(tmp_path):
     assert all(torch.equal(restored.shards[name], ema.shards[name]) for name in ema.shards)
 
 
+@dataclass
+class TinyConfig:
+    width: int = 5
+
+
+class Tiny(nn.Module):
+    """A model built from its config, as flowmill's models are."""
+
+    def __init__(self, config: TinyConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.Sequential(nn.Linear(3, config.width), nn.BatchNorm1d(config.width), nn.Linear(config.width, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
 def test_averaged_gives_a_whole_model_in_eval_mode_and_leaves_the_live_one_alone():
-    live = model()
+    live = Tiny(TinyConfig())
     ema = EMA(live, env(0, 1), decay=0.0, warmup=False)
     step(live, 0)
     ema.update(live)  # decay 0: the average is the live weights

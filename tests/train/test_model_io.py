@@ -19,11 +19,12 @@ from flowmill.cli import main
 from flowmill.errors import UsageError
 from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
-from flowmill.run_dir import RunDir
+from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
 from flowmill.train.tasks.mmdit import MMDiTTask
+from flowmill.weights import read_ema
 from tests.helpers import TINY_CONFIG, tiny_overrides
 
 torch.set_num_threads(1)
@@ -115,7 +116,7 @@ def test_import_export_and_sample_a_diffusers_model(sd3_folder, finished_run, tm
 
 def test_a_run_exports_its_ema_weights_or_with_live_its_trained_weights(finished_run, tmp_path):
     checkpoint = finished_run / "checkpoints" / "step-00000004"
-    ema = load_file(checkpoint / "ema.safetensors")
+    ema = read_ema(Checkpoint(checkpoint))
     model = load_model(finished_run)
     assert not model.training and all(torch.equal(model.state_dict()[name], ema[name]) for name in ema)
     earlier = load_model(finished_run / "checkpoints" / "step-00000002")

@@ -10,6 +10,9 @@ import sys
 import pytest
 import torch
 
+from flowmill.run_dir import Checkpoint
+from flowmill.train.distributed import free_port
+from flowmill.weights import read_ema
 from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -30,10 +33,45 @@ flat = optimizer.single_partition_of_fp32_groups[0]
 state = optimizer.optimizer.state[flat]
 torch.save({"step": step, "fp32": flat.detach().clone(), "exp_avg": state["exp_avg"].clone(),
             "exp_avg_sq": state["exp_avg_sq"].clone(), "numel": sum(p.numel() for p in restored.model.parameters()),
-            "micro": restored.plan.micro_batch_size, "accum": restored.plan.grad_accum_steps}, sys.argv[2])
+            "micro": restored.plan.micro_batch_size, "accum": restored.plan.grad_accum_steps,
+            "ema": restored.ema.whole()}, sys.argv[2])
 restored.tracker.finish("KILLED")
 shutdown()
 """
+
+
+# Restores RUN_DIR's latest checkpoint on this process's world size and dumps the EMA it holds, put together.
+EMA_DUMP = """
+import sys, torch
+from flowmill.run_dir import RunDir
+from flowmill.train import job
+from flowmill.train.config import load_config
+from flowmill.train.distributed import init_distributed, shutdown
+run_dir = RunDir(sys.argv[1])
+cfg = load_config(None, [], base=run_dir.saved_config())
+env = init_distributed(cfg.trainer.device)
+restored, step = job.start(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
+whole = restored.ema.whole()
+if env.is_main:
+    torch.save({"step": step, "ema": whole}, sys.argv[2])
+restored.tracker.finish("KILLED")
+shutdown()
+"""
+
+
+def restore_on_two_processes(run_dir, dump):
+    port = str(free_port())
+    workers = [subprocess.Popen([sys.executable, "-c", EMA_DUMP, str(run_dir), str(dump)], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in (0, 1)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    return torch.load(dump)
+
+
+def equal_weights(ours, theirs):
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
 def saved_partitions(step_dir):
@@ -84,6 +122,8 @@ def test_two_to_one_and_back(digits_dir, tmp_path):
         assert torch.equal(restored[name][:numel], saved[name][:numel]), name
     # The global batch (8 per rank x 2 ranks) is kept by accumulating 2 micro-batches of 8.
     assert (restored["micro"], restored["accum"]) == (8, 2)
+    # The two EMA shards, re-cut for one rank, are the saved EMA bit for bit.
+    assert equal_weights(restored["ema"], read_ema(Checkpoint(run_dir / "checkpoints" / "step-00000004")))
 
     result = flowmill("resume", str(run_dir), "--nproc", "1", "trainer.max_steps=6", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -96,7 +136,10 @@ def test_two_to_one_and_back(digits_dir, tmp_path):
     earlier = {key for step in range(1, 5) for key in seen[step]}
     assert not earlier & {key for step in (5, 6) for key in after[step]}, "samples of this epoch repeated"
 
-    # 1 → 2 again.
+    # 1 → 2 again: the one shard, re-cut for two ranks, is the saved EMA bit for bit.
+    on_two = restore_on_two_processes(run_dir, tmp_path / "on-two.pt")
+    assert on_two["step"] == 6
+    assert equal_weights(on_two["ema"], read_ema(Checkpoint(run_dir / "checkpoints" / "step-00000006")))
     result = flowmill("resume", str(run_dir), "--nproc", "2", "trainer.max_steps=8", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = steps(run_dir)

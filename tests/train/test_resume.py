@@ -7,7 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from flowmill.run_dir import Checkpoint
+from flowmill.weights import read_ema
 from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -55,6 +58,12 @@ def test_resume_continues_exactly(digits_dir, tmp_path):
     assert sorted(got) == list(range(1, 21))
     for step in range(11, 21):
         assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    # The sharded EMA continues exactly too.
+    final = "checkpoints/step-00000020"
+    ema_full, ema_part = read_ema(Checkpoint(full / final)), read_ema(Checkpoint(part / final))
+    assert ema_full.keys() == ema_part.keys()
+    for name, tensor in ema_full.items():
+        torch.testing.assert_close(ema_part[name], tensor, rtol=0, atol=1e-6, msg=name)
     # The data stream continues at the exact next sample on every rank.
     for rank in (0, 1):
         assert keys(part, rank) == keys(full, rank)

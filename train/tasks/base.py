@@ -64,12 +64,8 @@ class Task:
         inputs, target = self.inputs_and_target(batch, generator)
         return self.criterion(model(*inputs), target), {}
 
-    def log_samples(self, model: nn.Module, step: int, out_dir: Path | None) -> list[Path]:
-        """Samples from ``model`` (the EMA weights), written into ``out_dir``; returns the files.
-
-        Called on rank 0, and on every rank when the model is partitioned (ZeRO-3: every rank
-        must run the same forward passes); ``out_dir`` is None where nothing is to be written.
-        """
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
+        """Rank 0: samples from ``model`` (the EMA weights), written into ``out_dir``; returns the files."""
         return []
 
     def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:

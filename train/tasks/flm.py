@@ -241,11 +241,9 @@ class TextFlowTask(Task):
     def texts(self, tokens: torch.Tensor) -> list[str]:
         return [self.text_tokenizer.decode(row.tolist()) for row in tokens]
 
-    def log_samples(self, model: nn.Module, step: int, out_dir: Path | None) -> list[Path]:
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``text-{step}.txt``: the evaluation samples of this step, detokenized, one block each."""
         texts = self.texts(self.samples_at(model, step))
-        if out_dir is None:
-            return []
         path = out_dir / f"text-{step:08d}.txt"
         header = f"{len(texts)} samples of {self.cfg.sample.steps} steps at training step {step}\n"
         path.write_text(header + "".join(f"\n=== sample {i} ===\n{text}\n" for i, text in enumerate(texts)))

@@ -357,12 +357,10 @@ class MMDiTTask(Task):
               f"(grid: {out / 'grid.gif'})")
         return 0
 
-    def log_samples(self, model: nn.Module, step: int, out_dir: Path | None) -> list[Path]:
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         s = self.cfg.sample
         prompts = s.prompts or [""]
         images = self.generate(model, prompts, s.num_per_prompt, s.steps, s.cfg_scale, s.sampler, seed=self.cfg.trainer.seed)
-        if out_dir is None:
-            return []
         if self.token_decoder is not None:
             clips = self.token_decoder(images, seed=self.cfg.trainer.seed)
             return [prompt_grid_gif(clips, len(prompts), out_dir / f"clips-{step:08d}.gif")]

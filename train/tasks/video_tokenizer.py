@@ -204,12 +204,10 @@ class VideoTokenizerTask(Task):
             metrics[f"recon/ssim_k{k}"] = ssim_k
         return metrics
 
-    def log_samples(self, model: nn.Module, step: int, out_dir: Path | None) -> list[Path]:
+    def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
         ``psnr-{step}.png``, ``ssim-{step}.png`` (quality against k)."""
         recon = self.recon_quality(model, step)
-        if out_dir is None:
-            return []
         out_dir.mkdir(parents=True, exist_ok=True)
         shown = self.cfg.sample.num_per_prompt
         columns = [recon.held_out[:shown], *(clips[:shown] for clips in recon.decoded.values())]
