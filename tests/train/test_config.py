@@ -31,6 +31,9 @@ def test_yaml_and_overrides_load_into_typed_sections():
         ("parallel.zero_stage=5", "parallel.zero_stage"),
         ("flow.timesteps=cosine", "flow.timesteps"),
         ("task=nope", "task"),
+        ("parallel.timeout_min=0", "parallel.timeout_min"),
+        ("ema.device=tpu", "ema.device"),
+        ("trainer.log_every_steps=0", "trainer.log_every_steps"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
