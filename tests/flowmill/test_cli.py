@@ -57,7 +57,8 @@ def succeed(args):
 '''
 
 
-def leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+def leaf_parsers(parser: argparse.ArgumentParser,
+                 path: tuple[str, ...] = ()) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     """(``"launch local"``, its parser) for every command that runs something."""
     groups = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
     if not groups:
@@ -93,7 +94,7 @@ print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({HE
 
 
 @pytest.fixture
-def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def fake_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``flowmill`` with three commands whose handlers live in a module imported only when one runs."""
     (tmp_path / "flowmill_fake_handlers.py").write_text(FAKE_HANDLERS)
     monkeypatch.syspath_prepend(str(tmp_path))

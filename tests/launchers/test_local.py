@@ -69,7 +69,8 @@ def test_resume_runs_on_the_runs_own_world_size_unless_told(digits_dir, tmp_path
     ],
 )
 def test_a_new_run_is_refused_before_any_worker_starts(digits_dir, tmp_path, overrides, nproc, message):
-    cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, tmp_path / "run") + [o.format(tmp=tmp_path) for o in overrides])
+    overrides = [override.format(tmp=tmp_path) for override in overrides]
+    cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, tmp_path / "run") + overrides)
     with pytest.raises(UsageError, match=message):
         check_before_launch(cfg, RunDir(tmp_path / "run"), nproc, resume=False)
     assert not (tmp_path / "run").exists()
