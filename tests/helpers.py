@@ -1,12 +1,15 @@
-"""Helpers for tests: run the CLI, point the tiny config at test data."""
+"""Helpers for tests: run the CLI, point the tiny config at test data, read what a run wrote."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "mmdit_tiny.yaml"
@@ -22,6 +25,16 @@ def flowmill(*args: str, cwd: Path | None = None, timeout: float = 600, env: dic
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def flowmill_ok(*args: str, cwd: Path) -> str:
+    """Run the CLI like ``flowmill``, assert it succeeded; returns its stdout.
+
+    A tiny run takes a minute, mostly imports and DeepSpeed setup; a loaded machine stretches that.
+    """
+    result = flowmill(*args, cwd=cwd, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def tiny_overrides(digits_dir: Path, run_dir: Path, **extra) -> list[str]:
@@ -42,3 +55,20 @@ def shard_members(folder: Path) -> dict[str, bytes]:
         with tarfile.open(shard) as tar:
             out.update({member.name: tar.extractfile(member).read() for member in tar})
     return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (metrics.jsonl, samples.jsonl), blank lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def fake_run(root: Path, task: str, family: str) -> Path:
+    """A run dir of ``task`` with one complete checkpoint of ``family`` and no weights: as much as a
+    lookup that refuses the run (a teacher, an export) reads."""
+    step = root / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    (step / "flowmill.json").write_text(json.dumps({"task": task, "family": family, "step": 1, "world_size": 1}))
+    (root / "latest").write_text("checkpoints/step-00000001\n")
+    (root / "run.json").write_text("{}")
+    (root / "config.yaml").write_text(yaml.safe_dump({"task": task, "model": {}}))
+    return root

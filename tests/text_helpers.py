@@ -10,6 +10,11 @@ from tests.helpers import REPO
 FLM_TINY = REPO / "configs" / "flm_tiny.yaml"
 FMLM_TINY = REPO / "configs" / "fmlm_tiny.yaml"
 SEQ_LEN = 16
+# 6 steps on one LR curve, evaluated and sampled at 3 and 6: a stopped run resumes at step 3.
+SIX_STEPS = {
+    "trainer.max_steps": 6, "optim.decay_steps": 6, "checkpoint.every_steps": 3,
+    "trainer.eval_every_steps": 3, "trainer.sample_every_steps": 3,
+}
 
 
 @dataclass

@@ -1,11 +1,27 @@
-"""Where a process sits in the job, read from whichever launcher started it."""
+"""flowmill.train.distributed: where a process sits in the job (read from whichever launcher started
+it), the device choice, the backend, and the collectives that are no-ops when alone."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+import torch
 
 from flowmill.errors import UsageError
-from flowmill.train.distributed import MASTER_PORT_BASE, MASTER_PORT_SPAN, Place, place_of, rendezvous_port
+from flowmill.train.distributed import (
+    MASTER_PORT_BASE,
+    MASTER_PORT_SPAN,
+    Place,
+    all_reduce_mean,
+    backend_for,
+    barrier,
+    choose_device,
+    free_port,
+    place_of,
+    placement,
+    rendezvous_port,
+)
 
 SRUN_TASK = {  # the second task of `srun -N 2 -n 4` (job 42, step 3), on the second node
     "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
@@ -51,3 +67,40 @@ def test_alone_without_any_launcher():
 def test_rendezvous_port_is_the_same_on_every_attempt_of_a_job():
     assert rendezvous_port("17") == rendezvous_port("17", "0") == MASTER_PORT_BASE + 17
     assert MASTER_PORT_BASE <= rendezvous_port("123456789", "5") < MASTER_PORT_BASE + MASTER_PORT_SPAN
+
+
+def test_cpu_and_auto_without_a_gpu(monkeypatch):
+    assert choose_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+
+
+def test_cuda_without_a_gpu_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto"):
+        choose_device("cuda")
+
+
+def test_backend_per_device():
+    assert backend_for(torch.device("cpu")) == "gloo"
+    assert backend_for(torch.device("cuda", 1)) == "nccl"
+
+
+def test_collectives_alone_are_no_ops():
+    value = torch.tensor([1.5, 2.5])
+    assert all_reduce_mean(value) is value
+    barrier()
+
+
+def test_free_port_can_be_bound():
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_state_beside_the_weights_goes_where_asked(monkeypatch):
+    cpu = torch.device("cpu")
+    assert placement("auto", cpu, "ema.device") == cpu and placement("cpu", cpu, "ema.device") == cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="ema.device: cuda, but no CUDA device is visible; use ema.device=cpu or auto"):
+        placement("cuda", cpu, "ema.device")

@@ -1,8 +1,11 @@
-"""Bad input and dying processes: one clear line, non-zero exit, nothing overwritten, nothing left hanging."""
+"""Bad input and dying processes: one clear line, non-zero exit, nothing overwritten, nothing left hanging.
+
+Bad input is refused before any worker starts, so those cases run the CLI in this process."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,41 +14,48 @@ import time
 import psutil
 import pytest
 
+from flowmill.cli import main
 from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
-def test_no_shards_is_a_config_error(tmp_path, digits_dir):
-    result = flowmill("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, tmp_path / "r", **{"data.path": str(tmp_path / "empty")}), cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert str(tmp_path / "empty") in result.stderr
+def refused(capsys, *argv: str) -> tuple[int, str]:
+    """Run the CLI in this process (bad input is refused before any worker starts): (exit code, stderr)."""
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_no_shards_is_a_config_error(tmp_path, digits_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = refused(capsys, "launch", "local", "--nproc", "2", str(TINY_CONFIG),
+                           *tiny_overrides(digits_dir, tmp_path / "r", **{"data.path": str(tmp_path / "empty")}))
+    assert code == 2
+    assert str(tmp_path / "empty") in stderr
     assert not (tmp_path / "r").exists()
 
 
-def test_run_dir_holding_a_run_is_refused(finished_run, digits_dir):
+def test_run_dir_holding_a_run_is_refused(finished_run, digits_dir, capsys):
     before = (finished_run / "config.yaml").read_text()
-    result = flowmill("launch", "local", "--nproc", "1", str(TINY_CONFIG), *tiny_overrides(digits_dir, finished_run), timeout=120)
-    assert result.returncode == 2
-    assert "already holds a run" in result.stderr and "flowmill resume" in result.stderr
+    code, stderr = refused(capsys, "launch", "local", "--nproc", "1", str(TINY_CONFIG), *tiny_overrides(digits_dir, finished_run))
+    assert code == 2
+    assert "already holds a run" in stderr and "flowmill resume" in stderr
     assert (finished_run / "config.yaml").read_text() == before
 
 
-def test_resume_with_another_model_is_refused(finished_run):
-    result = flowmill("resume", str(finished_run), "model.depth=3", "trainer.max_steps=6", timeout=120)
-    assert result.returncode == 2
-    assert "model.depth" in result.stderr
+def test_resume_with_another_model_is_refused(finished_run, capsys):
+    code, stderr = refused(capsys, "resume", str(finished_run), "model.depth=3", "trainer.max_steps=6")
+    assert code == 2
+    assert "model.depth" in stderr
 
 
-def test_corrupt_latest_is_refused(finished_run, tmp_path):
-    import shutil
-
+def test_corrupt_latest_is_refused(finished_run, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy)
     (copy / "latest").write_text("checkpoints/step-9999\n")
-    result = flowmill("resume", str(copy), "trainer.max_steps=6", timeout=120)
-    assert result.returncode == 2
-    assert "corrupt" in result.stderr and "step-00000004" in result.stderr
+    code, stderr = refused(capsys, "resume", str(copy), "trainer.max_steps=6")
+    assert code == 2
+    assert "corrupt" in stderr and "step-00000004" in stderr
 
 
 def test_finished_run_records_status_and_latest(finished_run):

@@ -1,49 +1,28 @@
-"""Models in and out: `flowmill import/export sd3`, load_model, model.init_from, sampling a
-model folder, cached text embeddings, and the refusals of what does not fit."""
+"""Models in and out: `flowmill import/export sd3`, load_model, sampling a model folder, and the
+refusals of what does not fit (a run fine-tuning from a model folder: tests/train/tasks/test_mmdit.py;
+load_model's own refusals: tests/models/test_loading.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from diffusers import SD3Transformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
 from flowmill.cli import main
-from flowmill.errors import UsageError
 from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
-from flowmill.run_dir import Checkpoint, RunDir
-from flowmill.train.config import load_config
-from flowmill.train.distributed import DistEnv
+from flowmill.run_dir import Checkpoint
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
-from flowmill.train.tasks.mmdit import MMDiTTask
 from flowmill.weights import read_ema
-from tests.helpers import TINY_CONFIG, tiny_overrides
+from tests.helpers import fake_run
+from tests.sd3_helpers import random_sd3
 
 torch.set_num_threads(1)
-
-# The architecture of configs/mmdit_tiny.yaml, in diffusers' terms.
-TINY_SD3 = dict(sample_size=32, patch_size=8, in_channels=1, out_channels=1, num_layers=2, attention_head_dim=16,
-                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
-                pos_embed_max_size=4, qk_norm="rms_norm")
-
-
-def random_sd3(seed: int = 0, **overrides) -> SD3Transformer2DModel:
-    """A diffusers SD3 transformer with every weight random (zero-initialised layers included)."""
-    torch.manual_seed(seed)
-    model = SD3Transformer2DModel(**{**TINY_SD3, **overrides}).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model
 
 
 def inputs(channels: int = 1, size: int = 32, seed: int = 1):
@@ -137,44 +116,6 @@ def test_a_run_exports_its_ema_weights_or_with_live_its_trained_weights(finished
     assert torch.equal(exported["proj_out.weight"], trained["final.linear.weight"])
 
 
-def tiny_task(digits_dir, run_dir, **overrides) -> MMDiTTask:
-    run_dir.mkdir(exist_ok=True)
-    cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, run_dir, **overrides))
-    return MMDiTTask(cfg, DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu")), RunDir(run_dir))
-
-
-def test_fine_tuning_starts_from_a_model_folder_of_the_same_architecture(sd3_folder, digits_dir, tmp_path):
-    _, folder = sd3_folder
-    import_sd3(folder, tmp_path / "model")
-    _, _, weights = load_weights(tmp_path / "model")
-    task = tiny_task(digits_dir, tmp_path / "run", **{"model.init_from": tmp_path / "model"})
-    model = task.build_model()
-    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in weights.items())
-
-    # A run that already has checkpoints (resume, sample) does not read the base folder again.
-    (tmp_path / "run" / "latest").write_text("checkpoints/step-00000001\n")
-    assert not torch.equal(task.build_model().final.linear.weight, weights["final.linear.weight"])
-
-    mismatched = tiny_task(digits_dir, tmp_path / "run2", **{"model.init_from": tmp_path / "model", "model.depth": 3,
-                                                            "model.head_dim": 8})
-    with pytest.raises(UsageError, match=r"model.init_from: .*differs.*depth: 3 vs 2; head_dim: 8 vs 16"):
-        mismatched.build_model()
-    meta = json.loads((tmp_path / "model" / "flowmill_model.json").read_text())
-    (tmp_path / "model" / "flowmill_model.json").write_text(json.dumps({**meta, "family": "flow_lm"}))
-    with pytest.raises(UsageError, match="unknown model family 'flow_lm'; choose one of: mmdit"):
-        task.__class__(task.cfg, task.env, RunDir(tmp_path / "run3")).build_model()
-
-
-def fake_run(folder, task: str, family: str) -> None:
-    """A run dir of ``task`` with one complete checkpoint (no weights needed to be refused)."""
-    (folder / "checkpoints" / "step-00000001").mkdir(parents=True)
-    meta = {"task": task, "family": family, "step": 1, "world_size": 1}
-    (folder / "checkpoints" / "step-00000001" / "flowmill.json").write_text(json.dumps(meta))
-    (folder / "latest").write_text("checkpoints/step-00000001\n")
-    (folder / "run.json").write_text("{}")
-    (folder / "config.yaml").write_text(yaml.safe_dump({"task": task, "model": {}}))
-
-
 def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path, capsys):
     _, folder = sd3_folder
     config = json.loads((folder / "config.json").read_text())
@@ -217,37 +158,3 @@ def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path,
     code, _, err = cli(capsys, "sample", tmp_path / "latent_model", "--text-from", finished_run, *sample)
     assert code == 2 and "16-channel latents" in err
 
-
-def test_load_model_imports_no_training_stack(sd3_folder, tmp_path):
-    _, folder = sd3_folder
-    import_sd3(folder, tmp_path / "model")
-    script = ("import sys; from flowmill.models import load_model; model = load_model(sys.argv[1]); "
-              "print(type(model).__name__, [m for m in ('deepspeed', 'mlflow', 'submitit') if m in sys.modules])")
-    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split() == ["MMDiT", "[]"]
-
-
-def test_cached_text_embeddings_are_the_encoders_output(finished_run, digits_dir, tmp_path):
-    from flowmill.data.encode import encode_dataset, load_encoder
-    from flowmill.data.loader import StreamingLoader
-    from flowmill.data.pack import PackOptions
-
-    args = {"run_dir": str(finished_run)}
-    encode_dataset(digits_dir, tmp_path / "cached", load_encoder("flowmill.train.encoders:text_encoder", args),
-                   encoder_spec="flowmill.train.encoders:text_encoder", encoder_args=args, keep=("png", "txt"),
-                   batch_size=256, options=PackOptions(progress=False))
-    cached = tiny_task(digits_dir, tmp_path / "run", **{"text.cached": "true", "data.path": tmp_path / "cached"})
-    loader = StreamingLoader(tmp_path / "cached", rank=0, world_size=1, batch_size=8, num_workers=0, seed=0,
-                             decode=cached.decoder(), shuffle_buffer=0, resampled=False)
-    batch = next(iter(loader))
-    txt, vec = cached.text_inputs(batch, torch.device("cpu"))
-    expected_txt, expected_vec = cached.prompts(batch["txt"])
-    assert txt.shape == (8, 32, 32) and torch.allclose(txt, expected_txt, atol=1e-6) and torch.allclose(vec, expected_vec, atol=1e-6)
-    (inputs_, target) = cached.inputs_and_target(batch, torch.Generator().manual_seed(0))
-    assert inputs_[0].shape == target.shape == (8, 1, 32, 32)
-
-    with pytest.raises(UsageError, match="text.cached: .* other text encoder weights"):
-        tiny_task(digits_dir, tmp_path / "run2", **{"text.cached": "true", "data.path": tmp_path / "cached", "text.seed": 1})
-    with pytest.raises(UsageError, match="text.cached: .* has no txt_emb.npy, vec_emb.npy fields"):
-        tiny_task(digits_dir, tmp_path / "run3", **{"text.cached": "true"})

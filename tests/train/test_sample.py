@@ -1,46 +1,82 @@
-"""`flowmill sample`: PNG per sample, grid.png, samples.jsonl, from the EMA weights."""
+"""flowmill.train.sample: a run's task and EMA model opened in this process, and the counts and
+sources `flowmill sample` refuses (what each task writes is in tests/train/tasks/)."""
 
 from __future__ import annotations
 
-import json
+import argparse
+import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
+import torch
+import yaml
+from safetensors.torch import load_file
 
-from tests.helpers import flowmill
-
-pytestmark = pytest.mark.slow
-
-
-def test_sample_writes_pngs_grid_and_index(finished_run, tmp_path):
-    out = tmp_path / "out"
-    prompts = ["a handwritten digit three", "a handwritten digit seven"]
-    result = flowmill(
-        "sample", str(finished_run), "--prompt", prompts[0], "--prompt", prompts[1],
-        "--num-samples", "3", "--steps", "2", "--cfg", "2.0", "--seed", "1", "--out", str(out),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [line["prompt"] for line in lines] == [prompts[0]] * 3 + [prompts[1]] * 3
-    for line in lines:
-        image = Image.open(out / line["file"])
-        assert image.size == (32, 32) and image.mode == "L"
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * (3 * 34 + 2), 2 * (2 * 34 + 2))  # 3 per row, one row per prompt, upscaled 2x
-
-    # Same seed, same images; a checkpoint folder works as the source too.
-    again = tmp_path / "again"
-    checkpoint = finished_run / "checkpoints" / "step-00000004"
-    result = flowmill(
-        "sample", str(checkpoint), "--prompt", prompts[0], "--prompt", prompts[1],
-        "--num-samples", "3", "--steps", "2", "--cfg", "2.0", "--seed", "1", "--out", str(again),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert np.array_equal(np.asarray(Image.open(again / "grid.png")), np.asarray(grid))
+from flowmill.errors import UsageError
+from flowmill.models.mmdit import MMDiT
+from flowmill.run_dir import RunDir
+from flowmill.train.config import load_config
+from flowmill.train.distributed import DistEnv, choose_device
+from flowmill.train.sample import check_counts, load_task_and_model, run_task, sample_model_folder
+from flowmill.train.tasks.mmdit import MMDiTTask
 
 
-def test_unknown_sampler_is_refused(finished_run, tmp_path):
-    result = flowmill("sample", str(finished_run), "--prompt", "x", "--sampler", "eulr", "--out", str(tmp_path))
-    assert result.returncode == 2
-    assert "eulr" in result.stderr and "euler" in result.stderr
+@pytest.mark.parametrize(
+    "num_samples, steps, message",
+    [(1, 1, None), (4, 25, None), (0, 25, "--num-samples: must be at least 1, got 0"),
+     (4, 0, "--steps: must be at least 1, got 0"), (-2, -1, "--num-samples: must be at least 1, got -2")],
+)
+def test_check_counts(num_samples, steps, message):
+    args = argparse.Namespace(num_samples=num_samples, steps=steps)
+    if message is None:
+        check_counts(args)
+    else:
+        with pytest.raises(UsageError, match=f"^{message}$"):
+            check_counts(args)
+
+
+def test_run_task_is_the_runs_task_alone_on_this_device_with_its_own_text_side(finished_run):
+    run = RunDir(finished_run)
+    task = run_task(run)
+    assert isinstance(task, MMDiTTask) and task.run_dir is run
+    assert task.cfg == load_config(None, [], base=run.saved_config())
+    assert task.env == DistEnv(rank=0, local_rank=0, world_size=1, device=choose_device(task.cfg.trainer.device))
+    # The text tokenizer and encoder weights the run saved, not the dataset's files.
+    assert task.text_tokenizer_path == str(run.text_tokenizer)
+    saved = load_file(run.text_encoder)
+    assert all(torch.equal(task.text_encoder.state_dict()[name], tensor) for name, tensor in saved.items())
+
+
+def test_run_task_needs_no_dataset(finished_run, tmp_path):
+    """A run dir copied elsewhere (no checkpoints, the dataset gone) still gives its task."""
+    run = RunDir(tmp_path / "copy")
+    run.path.mkdir()
+    source = RunDir(finished_run)
+    for name in ("run.json", "text_tokenizer.model", "text_encoder.safetensors"):
+        shutil.copyfile(source.path / name, run.path / name)
+    config = source.saved_config()
+    config["text"]["tokenizer"] = config["data"]["path"] = str(tmp_path / "gone")
+    run.config_file.write_text(yaml.safe_dump(config))
+    assert run_task(run).prompts(["a handwritten digit one"])[0].shape[0] == 1
+
+
+def test_load_task_and_model_gives_the_ema_weights_of_the_latest_or_the_named_checkpoint(finished_run):
+    task, model, checkpoint = load_task_and_model(finished_run)
+    assert isinstance(task, MMDiTTask) and isinstance(model, MMDiT) and not model.training
+    assert checkpoint.step == 4 and checkpoint.path == finished_run / "checkpoints" / "step-00000004"
+    ema = load_file(checkpoint.ema_file)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in ema.items())
+    _, earlier, checkpoint = load_task_and_model(finished_run / "checkpoints" / "step-00000002")
+    assert checkpoint.step == 2
+    assert not torch.equal(earlier.final.linear.weight, model.final.linear.weight)
+
+
+def test_a_model_folder_needs_a_run_for_its_text_side(tmp_path):
+    args = argparse.Namespace(source=str(tmp_path), text_from=None, num_samples=1, steps=1)
+    with pytest.raises(UsageError, match="^--text-from: .* is a model folder, which holds no text encoder; pass "
+                                         "--text-from RUN_DIR"):
+        sample_model_folder(args)
+
+
+def test_an_unknown_source_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="does not exist; pass a run dir or one of its checkpoints/step-\\* folders"):
+        load_task_and_model(tmp_path / "nowhere")

@@ -1,5 +1,5 @@
 """The video tokenizer end to end through the CLI: training with reconstruction metrics and GIFs,
-`flowmill reconstruct`, exact resume under ZeRO-3 on 2 processes, tokens as data for an MMDiT
+`flowmill reconstruct` (in this process), exact resume under ZeRO-3 on 2 processes, tokens as data for an MMDiT
 generator whose samples decode back to clips, and the inputs refused before any work."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowmill.cli import main
 from flowmill.data.builtin import MovingDigitsSpec, moving_digits_caption_lines, moving_digits_clip, pack_moving_digits
 from flowmill.data.pack import PackOptions
 from flowmill.data.text_tokenizer import train_text_tokenizer
@@ -22,8 +23,10 @@ from flowmill.data.video import read_video
 from flowmill.errors import UsageError
 from flowmill.models.fsq import FSQ
 from flowmill.run_dir import RunDir
+from flowmill.train.config import load_config
+from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
 from flowmill.weights import load_flat, save_flat
-from tests.helpers import REPO, flowmill, shard_members
+from tests.helpers import REPO, flowmill, flowmill_ok, read_jsonl, shard_members
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +34,6 @@ VIDEO_TOKENIZER_TINY = REPO / "configs" / "video_tokenizer_tiny.yaml"
 GENERATOR = REPO / "configs" / "mmdit_video_tokens.yaml"
 SPEC = MovingDigitsSpec(frames=4, size=16)  # the clips video_tokenizer_tiny.yaml reads
 K, LEVELS = 4, (5, 5, 5)  # its tokens per clip and FSQ levels
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-def run_ok(*args: str, cwd: Path) -> str:
-    result = flowmill(*args, cwd=cwd, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def video_tokenizer_overrides(clips: Path, run_dir: Path, **extra) -> list[str]:
@@ -59,7 +52,7 @@ def clips(tmp_path_factory) -> Path:
 def video_tokenizer_run(clips, tmp_path_factory) -> Path:
     """A finished 8-step tokenizer run, evaluated and sampled at steps 4 and 8 (read-only)."""
     root = tmp_path_factory.mktemp("tokenizer")
-    run_ok("train", str(VIDEO_TOKENIZER_TINY), *video_tokenizer_overrides(
+    flowmill_ok("train", str(VIDEO_TOKENIZER_TINY), *video_tokenizer_overrides(
         clips, root / "run", **{"trainer.eval_every_steps": 4, "trainer.sample_every_steps": 4}), cwd=root)
     return root / "run"
 
@@ -89,61 +82,70 @@ def npy_clip(path: Path, index: int, spec: MovingDigitsSpec = SPEC) -> Path:
     return path
 
 
-def test_reconstruct_writes_npy_and_mp4_of_the_input_shape(video_tokenizer_run, tmp_path):
+def reconstruct(capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
+    """`flowmill reconstruct ARGS` in this process: (exit code, stdout, stderr)."""
+    code = main(["reconstruct", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_reconstruct_writes_npy_and_mp4_of_the_input_shape(video_tokenizer_run, tmp_path, capsys):
     inputs = [npy_clip(tmp_path / "a.npy", 1), npy_clip(tmp_path / "b.npy", 2)]
     out = tmp_path / "recon"
-    stdout = run_ok("reconstruct", str(video_tokenizer_run), *map(str, inputs), "--num-tokens", "2", "--steps", "3",
-                    "--out", str(out), cwd=tmp_path)
+    code, stdout, stderr = reconstruct(capsys, video_tokenizer_run, *inputs, "--num-tokens", "2", "--steps", "3", "--out", out)
+    assert code == 0, stderr[-3000:]
     assert "from 2 of 4 tokens" in stdout
     for name in ("a", "b"):
         clip = np.load(out / f"{name}.npy")
         assert clip.shape == (4, 16, 16, 3) and clip.dtype == np.uint8
         assert read_video(out / f"{name}.mp4").shape == (4, 16, 16, 3)
     # Same seed, same tokens: the same clip again.
-    run_ok("reconstruct", str(video_tokenizer_run), str(inputs[0]), "--num-tokens", "2", "--steps", "3", "--out",
-           str(tmp_path / "again"), cwd=tmp_path)
+    code, _, stderr = reconstruct(capsys, video_tokenizer_run, inputs[0], "--num-tokens", "2", "--steps", "3", "--out",
+                                  tmp_path / "again")
+    assert code == 0, stderr[-3000:]
     assert np.array_equal(np.load(tmp_path / "again" / "a.npy"), np.load(out / "a.npy"))
 
 
-def test_reconstruct_refuses_or_crops_clips_of_another_shape(video_tokenizer_run, tmp_path):
+def test_reconstruct_refuses_or_crops_clips_of_another_shape(video_tokenizer_run, tmp_path, capsys):
     other = npy_clip(tmp_path / "big.npy", 3, MovingDigitsSpec(frames=6, size=24))
-    refused = flowmill("reconstruct", str(video_tokenizer_run), str(other), "--num-tokens", "2", "--out", str(tmp_path / "o"))
-    assert refused.returncode == 2
-    assert "big.npy: clip is (6, 24, 24, 3), expected (4, 16, 16, 3)" in refused.stderr
+    code, _, stderr = reconstruct(capsys, video_tokenizer_run, other, "--num-tokens", "2", "--out", tmp_path / "o")
+    assert code == 2
+    assert "big.npy: clip is (6, 24, 24, 3), expected (4, 16, 16, 3)" in stderr
     assert not (tmp_path / "o").exists()
-    run_ok("reconstruct", str(video_tokenizer_run), str(other), "--num-tokens", "4", "--steps", "2", "--fit", "crop",
-           "--out", str(tmp_path / "o"), cwd=tmp_path)
+    code, _, stderr = reconstruct(capsys, video_tokenizer_run, other, "--num-tokens", "4", "--steps", "2", "--fit", "crop",
+                                  "--out", tmp_path / "o")
+    assert code == 0, stderr[-3000:]
     assert np.load(tmp_path / "o" / "big.npy").shape == (4, 16, 16, 3)
 
     short = npy_clip(tmp_path / "short.npy", 3, MovingDigitsSpec(frames=2, size=16))
     for args, message in [
-        ((str(short), "--fit", "crop"), "short.npy: clip has 2 frames, fewer than the 4"),
-        ((str(npy_clip(tmp_path / "ok.npy", 4)), "--num-tokens", "5"), "--num-tokens: this tokenizer has K=4 tokens"),
-        ((str(tmp_path / "missing.npy"),), "missing.npy: no such file"),
+        ((short, "--fit", "crop"), "short.npy: clip has 2 frames, fewer than the 4"),
+        ((npy_clip(tmp_path / "ok.npy", 4), "--num-tokens", "5"), "--num-tokens: this tokenizer has K=4 tokens"),
+        ((tmp_path / "missing.npy",), "missing.npy: no such file"),
     ]:
-        result = flowmill("reconstruct", str(video_tokenizer_run), *args, *(() if "--num-tokens" in args else ("--num-tokens", "2")),
-                          "--out", str(tmp_path / "x"))
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        code, _, stderr = reconstruct(capsys, video_tokenizer_run, *args,
+                                      *(() if "--num-tokens" in args else ("--num-tokens", "2")), "--out", tmp_path / "x")
+        assert code == 2 and message in stderr, stderr
 
 
 def test_resume_under_zero3_on_two_processes_is_exact(clips, tmp_path):
     """6 steps straight vs 4 steps, then resumed to 6, both ZeRO-3 on 2 gloo processes."""
     common = {"parallel.zero_stage": 3, "trainer.max_steps": 6, "optim.decay_steps": 6, "checkpoint.every_steps": 2,
               "data.num_workers": 1}
-    run_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
+    flowmill_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
            *video_tokenizer_overrides(clips, tmp_path / "straight", **common), cwd=tmp_path)
-    run_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
+    flowmill_ok("launch", "local", "--nproc", "2", str(VIDEO_TOKENIZER_TINY),
            *video_tokenizer_overrides(clips, tmp_path / "stopped", **{**common, "trainer.max_steps": 4}), cwd=tmp_path)
-    run_ok("resume", str(tmp_path / "stopped"), "trainer.max_steps=6", cwd=tmp_path)
+    flowmill_ok("resume", str(tmp_path / "stopped"), "trainer.max_steps=6", cwd=tmp_path)
     straight = [r["train/loss"] for r in read_jsonl(tmp_path / "straight" / "logs" / "metrics.jsonl")]
     resumed = [r["train/loss"] for r in read_jsonl(tmp_path / "stopped" / "logs" / "metrics.jsonl")]
     assert len(straight) == 6 and resumed == straight
 
 
-def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, video_tokenizer_run, tmp_path):
+def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, video_tokenizer_run, tmp_path, capsys):
     """video → tokens (data encode) → caption-conditioned MMDiT over the codes → generated tokens → clips."""
     tokens = tmp_path / "tokens"
-    run_ok("data", "encode", str(clips), str(tokens), "--encoder", "flowmill.train.tasks.video_tokenizer:token_encoder",
+    flowmill_ok("data", "encode", str(clips), str(tokens), "--encoder", "flowmill.train.tasks.video_tokenizer:token_encoder",
            "--arg", f"run_dir={video_tokenizer_run}", "--keep", "txt", "cls", cwd=tmp_path)
     manifest = json.loads((tokens / "manifest.json").read_text())
     assert manifest["total_samples"] == 48 and {"tokens.npy", "codes.npy", "txt"} <= set(manifest["fields"])
@@ -164,11 +166,11 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, v
         "trainer.max_steps": 3, "trainer.micro_batch_size": 8, "eval.num_samples": 8, "parallel.zero_stage": 0,
         "sample.steps": 2, "sample.num_per_prompt": 2, "tracking.system_metrics": False, "run.dir": tmp_path / "gen",
     }
-    run_ok("train", str(GENERATOR), *[f"{key}={value}" for key, value in generator.items()], cwd=tmp_path)
+    flowmill_ok("train", str(GENERATOR), *[f"{key}={value}" for key, value in generator.items()], cwd=tmp_path)
     assert (tmp_path / "gen" / "samples" / "clips-00000003.gif").is_file()
 
     out = tmp_path / "generated"
-    run_ok("sample", str(tmp_path / "gen"), "--prompt", "digit 3 moves right, digit 7 moves up", "--prompt",
+    flowmill_ok("sample", str(tmp_path / "gen"), "--prompt", "digit 3 moves right, digit 7 moves up", "--prompt",
            "digit 1 moves left, digit 2 moves down", "--num-samples", "2", "--steps", "2", "--out", str(out), cwd=tmp_path)
     for name in ("000-000", "000-001", "001-000", "001-001"):
         clip = np.load(out / f"{name}.npy")
@@ -189,17 +191,14 @@ def test_tokens_as_data_train_a_generator_whose_samples_decode_to_clips(clips, v
     assert refused.returncode == 2 and "was encoded by the tokenizer" in refused.stderr, refused.stderr[-2000:]
 
     # The generator is no tokenizer: reconstruct refuses it.
-    result = flowmill("reconstruct", str(tmp_path / "gen"), str(npy_clip(tmp_path / "a.npy", 0)), "--num-tokens", "1",
-                      "--out", str(tmp_path / "o"))
-    assert result.returncode == 2 and "reconstruct needs a video tokenizer run" in result.stderr
+    code, _, stderr = reconstruct(capsys, tmp_path / "gen", npy_clip(tmp_path / "a.npy", 0), "--num-tokens", "1",
+                                  "--out", tmp_path / "o")
+    assert code == 2 and "reconstruct needs a video tokenizer run" in stderr
 
 
 def test_reconstruction_metrics_decode_with_recon_steps(tmp_path):
     """recon.steps (1: the decoder's estimate of the clip, its best in PSNR) sets the decoder steps
     of the reconstruction metrics, apart from sample.steps; without it they use sample.steps."""
-    from flowmill.train.config import load_config
-    from flowmill.train.tasks.video_tokenizer import VideoTokenizerTask
-
     clips = torch.rand(2, SPEC.frames, 3, SPEC.size, SPEC.size) * 2 - 1
     for overrides, steps in ((["recon.steps=1", "sample.steps=3"], 1), (["sample.steps=3"], 3)):
         task = VideoTokenizerTask(load_config(VIDEO_TOKENIZER_TINY, overrides), None, RunDir(tmp_path))

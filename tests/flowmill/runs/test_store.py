@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from flowmill.runs import store as runs
 from flowmill.runs.store import MetricSummary
 from flowmill.runs.tables import differing_params
-from tests.runs.store_fixture import START_MS
+from tests.flowmill.runs.store_fixture import START_MS
 
 
 def test_best_direction_and_metric_summary() -> None:

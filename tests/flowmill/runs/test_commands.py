@@ -9,7 +9,7 @@ import pytest
 from flowmill.errors import UsageError
 from flowmill.runs.defaults import SERVER_LOG
 from flowmill.runs.server import MlflowServer
-from tests.runs.store_fixture import run_cli
+from tests.flowmill.runs.store_fixture import run_cli
 
 
 def test_compare_command_prints_differing_params_metrics_status_duration_job(

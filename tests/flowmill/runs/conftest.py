@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runs.store_fixture import make_store
+from tests.flowmill.runs.store_fixture import make_store
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """flowmill.runs.logs: `flowmill runs logs` on a run dir whose run.json names a SLURM job, without a cluster
-(the logs of real jobs are read in tests/launchers/test_slurm_launch.py)."""
+(the logs of real jobs are read in tests/launchers/test_slurm_job.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from flowmill.errors import UsageError
 from flowmill.runs.logs import log_paths
-from tests.runs.store_fixture import run_cli
+from tests.flowmill.runs.store_fixture import run_cli
 
 
 @pytest.fixture
