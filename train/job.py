@@ -1,6 +1,6 @@
 """Building a training job: run dir, plan, task, model, engine, EMA, data, tracking, restore.
 
-``start`` turns a config and this process's place in the job into a ``Job``, restored from
+``build_job`` turns a config and this process's place in the job into a ``Job``, restored from
 the run's latest checkpoint when resuming; ``flowmill.train.loop`` steps it.
 """
 
@@ -53,7 +53,7 @@ class CastInputs:
 
 @dataclass
 class Job:
-    """What one training job is made of, built once by ``start`` and stepped by the loop."""
+    """What one training job is made of, built once by ``build_job`` and stepped by the loop."""
 
     cfg: Config
     plan: Plan
@@ -209,7 +209,7 @@ def threads_per_process(cfg: Config) -> int:
     return cfg.trainer.num_threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
-def start(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -> tuple[Job, int]:
+def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -> tuple[Job, int]:
     """Build the job and restore it from the latest checkpoint when resuming.
 
     Rank 0 records the run in run.json (with ``run_info``, e.g. the SLURM job). Returns the job

@@ -20,7 +20,7 @@ from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
-from flowmill.train.job import Job, make_plan, open_run_dir, setup_logging, start
+from flowmill.train.job import Job, build_job, make_plan, open_run_dir, setup_logging
 from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
@@ -48,7 +48,7 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
         run_dir = open_run_dir(cfg, env, run_dir, resume)
         setup_logging(env, run_dir)
         plan = make_plan(cfg, env, run_dir, resume)
-        job, step = start(cfg, plan, env, run_info or {})
+        job, step = build_job(cfg, plan, env, run_info or {})
         outcome = run_job(job, step, stop or StopRequest())
         clean = True
         return run_dir, outcome

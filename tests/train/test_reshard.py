@@ -27,7 +27,7 @@ from flowmill.train.distributed import init_distributed, shutdown
 run_dir = RunDir(sys.argv[1])
 cfg = load_config(None, [], base=run_dir.saved_config())
 env = init_distributed(cfg.trainer.device)
-restored, step = job.start(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
+restored, step = job.build_job(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
 optimizer = restored.engine.optimizer
 flat = optimizer.single_partition_of_fp32_groups[0]
 state = optimizer.optimizer.state[flat]
@@ -50,7 +50,7 @@ from flowmill.train.distributed import init_distributed, shutdown
 run_dir = RunDir(sys.argv[1])
 cfg = load_config(None, [], base=run_dir.saved_config())
 env = init_distributed(cfg.trainer.device)
-restored, step = job.start(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
+restored, step = job.build_job(cfg, job.make_plan(cfg, env, run_dir, resume=True), env, {})
 whole = restored.ema.whole()
 if env.is_main:
     torch.save({"step": step, "ema": whole}, sys.argv[2])
