@@ -64,6 +64,11 @@ def consolidate(states: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
     return whole
 
 
+def has_ema(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint holds EMA weights (not with ``ema.enabled=false``)."""
+    return any(checkpoint.path.glob(EMA_SHARDS))
+
+
 def read_ema(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     """The whole EMA weights of a checkpoint (its model's state dict), from every rank's shard."""
     files = sorted(checkpoint.path.glob(EMA_SHARDS))

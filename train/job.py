@@ -79,22 +79,12 @@ class Job:
 
     @contextmanager
     def eval_model(self) -> Iterator[nn.Module]:
-        """The weights evaluations and samples use, as a whole model in eval mode on every rank
-        (collective): the EMA, or the live weights with ``ema.enabled=false``."""
-        if self.ema is not None:
-            with self.ema.averaged(self.model) as model:
-                yield model
-        elif self.pipeline or self.cfg.parallel.zero_stage == 3:
-            # Each rank holds a share of the live weights: a zero-decay average is a copy of it to gather.
-            with EMA(self.model, self.env, decay=0.0, warmup=False, local=self.local).averaged(self.model) as model:
-                yield model
-        else:
-            training = self.model.training
-            self.model.eval()
-            try:
-                yield self.model
-            finally:
-                self.model.train(training)
+        """The weights evaluations and samples use, as a whole fp32 model in eval mode on every rank
+        (collective): the EMA, or with ``ema.enabled=false`` the live weights (a zero-decay average
+        is a copy of them, gathered like the EMA from wherever the ranks hold them)."""
+        weights = self.ema or EMA(self.model, self.env, decay=0.0, warmup=False, local=self.local)
+        with weights.averaged(self.model) as model:
+            yield model
 
 
 def setup_logging(env: DistEnv, run_dir: RunDir | None = None) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from torch import nn
 
 from flowmill.errors import UsageError
 from flowmill.models import loading
@@ -27,22 +27,24 @@ def _unwrapped(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {unwrapped_name(name): tensor.float() for name, tensor in state_dict.items()}
 
 
-def live_weights(checkpoint: Path, family: str, cfg) -> dict[str, torch.Tensor]:
-    """The trained (non-EMA) weights in a DeepSpeed checkpoint folder, in fp32.
+def live_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained (non-EMA) weights in a DeepSpeed checkpoint folder, in fp32, as ``model``'s state dict.
 
-    Pipeline runs store one file per layer; ZeRO runs hold fp32 master weights in their
-    optimizer partitions (merged by DeepSpeed's zero_to_fp32); otherwise the model states
-    file holds the whole model.
+    Pipeline runs store one file per layer (loaded into ``model``, a fresh instance); ZeRO runs
+    hold fp32 master weights in their optimizer partitions (merged by DeepSpeed's zero_to_fp32);
+    otherwise the model states file holds the whole model.
     """
     layer_files = sorted(checkpoint.glob("layer_*-model_states.pt"))
     if layer_files:
-        model = MODEL_CLASSES[family](cfg)
         layers = model.pipeline_layers()  # they share the model's tensors: loading a layer fills the model
         for path in layer_files:
             index = int(path.name.split("-")[0].removeprefix("layer_"))
             layers[index].load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         return {name: tensor.float() for name, tensor in model.state_dict().items()}
     if any(checkpoint.glob("*zero_pp_rank_*optim_states.pt")):
+        # Deliberately lazy (start-up time): only the trained weights of a ZeRO run need DeepSpeed.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
         return _unwrapped(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     states = checkpoint / "mp_rank_00_model_states.pt"
     if not states.is_file():
@@ -62,7 +64,7 @@ def load_weights(path: str | Path, live: bool = False) -> tuple[str, object, dic
         raise UsageError(f"{path} is a model folder, which holds one set of weights; --live reads a run's checkpoint")
     run_dir, checkpoint = open_run(path)
     family, cfg = run_model_config(run_dir, checkpoint)
-    return family, cfg, live_weights(checkpoint.path, family, cfg)
+    return family, cfg, live_weights(checkpoint.path, MODEL_CLASSES[family](cfg))
 
 
 def _fresh_folder(path: Path) -> None:

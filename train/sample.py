@@ -13,9 +13,10 @@ from flowmill.models.loading import load_model, load_weights
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
+from flowmill.train.model_io import live_weights
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
-from flowmill.weights import read_ema
+from flowmill.weights import has_ema, read_ema
 
 
 def run_task(run_dir: RunDir) -> Task:
@@ -26,11 +27,12 @@ def run_task(run_dir: RunDir) -> Task:
 
 
 def load_task_and_model(source: str | Path) -> tuple[Task, nn.Module, Checkpoint]:
-    """The task of a run dir (or checkpoint folder) and its model holding the EMA weights, in eval mode."""
+    """The task of a run dir (or checkpoint folder) and its model holding the EMA weights (the
+    trained ones for a run without EMA), in eval mode."""
     run_dir, checkpoint = RunDir.open(source)
     task = run_task(run_dir)
     model = task.build_model()
-    model.load_state_dict(read_ema(checkpoint))
+    model.load_state_dict(read_ema(checkpoint) if has_ema(checkpoint) else live_weights(checkpoint.path, task.build_model()))
     return task, model.to(task.env.device).eval(), checkpoint
 
 

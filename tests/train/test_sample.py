@@ -12,12 +12,15 @@ import yaml
 from safetensors.torch import load_file
 
 from flowmill.errors import UsageError
+from flowmill.models import load_model
 from flowmill.models.mmdit import MMDiT
 from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
 from flowmill.train.sample import check_counts, load_task_and_model, run_task, sample_model_folder
 from flowmill.train.tasks.mmdit import MMDiTTask
+from flowmill.weights import read_ema
+from tests.helpers import TINY_CONFIG, flowmill_ok, tiny_overrides
 
 
 @pytest.mark.parametrize(
@@ -63,7 +66,7 @@ def test_load_task_and_model_gives_the_ema_weights_of_the_latest_or_the_named_ch
     task, model, checkpoint = load_task_and_model(finished_run)
     assert isinstance(task, MMDiTTask) and isinstance(model, MMDiT) and not model.training
     assert checkpoint.step == 4 and checkpoint.path == finished_run / "checkpoints" / "step-00000004"
-    ema = load_file(checkpoint.ema_file)
+    ema = read_ema(checkpoint)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in ema.items())
     _, earlier, checkpoint = load_task_and_model(finished_run / "checkpoints" / "step-00000002")
     assert checkpoint.step == 2
@@ -80,3 +83,18 @@ def test_a_model_folder_needs_a_run_for_its_text_side(tmp_path):
 def test_an_unknown_source_is_refused(tmp_path):
     with pytest.raises(UsageError, match="does not exist; pass a run dir or one of its checkpoints/step-\\* folders"):
         load_task_and_model(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_a_run_without_ema_samples_with_its_trained_weights(digits_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    flowmill_ok("train", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{
+        "ema.enabled": "false", "trainer.max_steps": 2, "checkpoint.every_steps": 2, "trainer.sample_every_steps": 2}),
+        cwd=tmp_path)
+    checkpoint = RunDir(run_dir).latest()
+    assert not list(checkpoint.path.glob("ema-rank-*")) and list((run_dir / "samples").glob("grid-*.png"))
+    task, model, _ = load_task_and_model(run_dir)
+    trained = torch.load(checkpoint.path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(model.state_dict()[name], tensor.float()) for name, tensor in trained.items())
+    with pytest.raises(UsageError, match=r"holds no EMA weights \(the run trained with ema.enabled=false\)"):
+        load_model(run_dir)
