@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from contextlib import contextmanager
 import json
 import math
 from pathlib import Path
@@ -123,13 +124,22 @@ class Recorder:
         return [(args, kwargs) for called, args, kwargs in self.calls if called == name]
 
 
+class StandInEMA(Recorder):
+    """The EMA as the loop uses it: updated every step, a whole model for evaluations and samples."""
+
+    @contextmanager
+    def averaged(self, model: nn.Module):
+        self.calls.append(("averaged", (model,), {}))
+        yield self.module
+
+
 def stand_in_job(tmp_path: Path, *overrides: str) -> Job:
     cfg = load_config(TINY_CONFIG, ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=2", *overrides])
     run_dir = RunDir(tmp_path / "run")
     run_dir.create({})
     engine = StandInEngine(cfg.trainer.grad_accum_steps)
     return Job(cfg, Plan.of(cfg, run_dir, 1, resume=False), ALONE, StandInTask(), engine.module, engine,
-               CastInputs(engine, torch.float32, ALONE.device), Recorder(), Batches(), SimpleNamespace(generator=None),
+               CastInputs(engine, torch.float32, ALONE.device), StandInEMA(), Batches(), SimpleNamespace(generator=None),
                Recorder(), Recorder(), local=None)
 
 
