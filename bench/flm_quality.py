@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the two runs have different data or judge settings, so no common judge; align them first")
     judge = flm_task.judge()
     reference = flm_task.validation_tokens()[: args.num_samples]
-    flm_ce = flm_task.validation_metrics(flm, flm_task.validation_tokens(), torch.Generator().manual_seed(args.seed))["val/ce"]
-    student_ce = fmlm_task.validation_metrics(student, fmlm_task.validation_tokens(), torch.Generator().manual_seed(args.seed))["val/ce"]
+    flm_ce = flm_task.validation_metrics(flm, flm_task.validation_tokens(), args.seed, flm_task.env)["val/ce"]
+    student_ce = fmlm_task.validation_metrics(student, fmlm_task.validation_tokens(), args.seed, fmlm_task.env)["val/ce"]
     rows = [{"model": "held-out text", "steps": None, "calls": None, "val_ce": None, "seconds": 0.0, **score(judge, reference)}]
     samples = [None]  # per row, its tokens (N, L)
 

@@ -410,12 +410,14 @@ class VideoTokenizer(nn.Module):
         cfg_scale: float = 1.0,
         generator: torch.Generator | None = None,
         sampler: str = "euler",
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate (B, T, C, H, W) clips (unclamped, ~[-1, 1]) from token prefixes (B, k), 1 <= k <= K.
 
         Integrates the velocity from t = 1 (noise) to t = 0 in ``steps`` steps with the
         ``sampler`` of ``flowmill.models.samplers`` (euler, heun); ``cfg_scale`` != 1 guides
-        with the tokenless velocity, ``v = v_null + cfg_scale·(v_cond - v_null)``.
+        with the tokenless velocity, ``v = v_null + cfg_scale·(v_cond - v_null)``. The starting
+        noise (B, N, P) is ``noise`` when given, else drawn from ``generator``.
         """
         if indices.dim() != 2:
             raise ValueError(f"expected token indices of shape (B, k), got {tuple(indices.shape)}")
@@ -438,6 +440,10 @@ class VideoTokenizer(nn.Module):
             v_cond, v_null = self.velocity(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
             return guided(v_cond, v_null, cfg_scale)
 
-        noise = _draw(torch.randn, (batch, cfg.num_patches, cfg.patch_values), generator, device).to(dtype)
-        x0 = solver.sample(velocity, noise, steps)
+        shape = (batch, cfg.num_patches, cfg.patch_values)
+        if noise is None:
+            noise = _draw(torch.randn, shape, generator, device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for {batch} clips; expected {shape}")
+        x0 = solver.sample(velocity, noise.to(device, dtype), steps)
         return unpatchify(x0, cfg.tubelet, cfg.frames, cfg.channels, cfg.image_size)

@@ -19,11 +19,18 @@ The three models:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowmill.models.flow_lm import continuous_time
+from flowmill.train.evaluation import item_normal
+
+# Where a function takes ``Noise``: one generator for the whole batch, or one per row (an evaluation's
+# item streams, so a row's noise does not depend on the rows beside it).
+Noise = torch.Generator | Sequence[torch.Generator]
 
 VELOCITY_EPS = 1e-5  # added to t in v = (x_t - p) / t so the velocity stays finite at t = 0 (paper: 1 - gamma + 1e-5)
 CORRECTOR_BOUNDARY_PROB = 1 / 64  # stage 1: share of jumps that are the whole noise→data path (paper boundary_prob=64)
@@ -37,9 +44,14 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator, device: torch.d
     return torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float64).to(device)
 
 
-def _normal(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """N(0, 1) float32 draws from ``generator`` (on its own device), moved to ``device``."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+def _normal(shape: tuple[int, ...], generator: Noise, device: torch.device) -> torch.Tensor:
+    """N(0, 1) float32 draws from ``generator`` (on its own device; row by row from a sequence of
+    one generator per row), moved to ``device``."""
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+    return item_normal(generator, shape[1:]).to(device)
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +69,7 @@ def stratified_clock(batch: int, generator: torch.Generator, device: torch.devic
     return strata[order]
 
 
-def corrupt(tokens: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def corrupt(tokens: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: Noise) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t (B, L, V) float32 and the one-hot x0 (B, L, V) of tokens (B, L) at times t (B,)."""
     x0 = F.one_hot(tokens, vocab_size).float()
     noise = _normal(tuple(x0.shape), generator, tokens.device)
@@ -113,7 +125,7 @@ def flm_loss(model: nn.Module, tokens: torch.Tensor, generator: torch.Generator)
 
 
 @torch.no_grad()
-def validation_ce(model: nn.Module, tokens: torch.Tensor, time_grid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def validation_ce(model: nn.Module, tokens: torch.Tensor, time_grid: torch.Tensor, generator: Noise) -> torch.Tensor:
     """(G,) mean cross-entropy of tokens (B, L) at each time of ``time_grid`` (G,), fresh noise per time.
 
     ``clock_grid(n, V)[1:-1]`` is a grid whose average estimates the training loss.
@@ -133,7 +145,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def sample_flm(model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample_flm(model: nn.Module, num_samples: int, steps: int, generator: Noise) -> torch.Tensor:
     """Tokens (N, L) by Euler steps of the FLM's implied velocity from noise (paper ``FLM.generate_samples``).
 
     The last step jumps to the predicted clean distribution, whose argmax is returned.
@@ -184,9 +196,21 @@ def fmlm_corrector_loss(
     V, averaged, under the corrector's learned weight w(t) if it has one. Both are the clean-data
     estimates the mean velocities imply, so a zero error makes the map a semigroup.
     """
-    batch, _ = tokens.shape
+    clock_t, clock_s = sample_jumps(tokens.shape[0], generator, tokens.device, boundary_prob, CORRECTOR_MIN_JUMP)
+    return corrector_jump_loss(corrector, teacher, tokens, clock_t, clock_s, generator)
+
+
+def corrector_jump_loss(
+    corrector: nn.Module,
+    teacher: nn.Module,
+    tokens: torch.Tensor,
+    clock_t: torch.Tensor,
+    clock_s: torch.Tensor,
+    generator: Noise,
+) -> tuple[torch.Tensor, dict]:
+    """``fmlm_corrector_loss`` of given jumps, clock values ``clock_t`` → ``clock_s`` (B,) float64;
+    ``generator`` draws only the noise of x_t."""
     vocab_size = corrector.vocab_size
-    clock_t, clock_s = sample_jumps(batch, generator, tokens.device, boundary_prob, CORRECTOR_MIN_JUMP)
     times = continuous_time(torch.stack([clock_t, 0.5 * (clock_t + clock_s), clock_s]), vocab_size)  # (3, B) float64
     first_share = (times[1] - times[0]) / (times[2] - times[0])  # (u - t) / (s - t), in float64
     t, u, s = times.float()
@@ -223,9 +247,22 @@ def fmlm_distill_loss(
     ||X_student(x_t; t→s) - X_corrected(x_t; t→s)||² summed over V, averaged over tokens; the
     teacher and corrector run without gradient. The paper applies no learned weight here.
     """
-    batch, _ = tokens.shape
+    clock_t, clock_s = sample_jumps(tokens.shape[0], generator, tokens.device, boundary_prob, STUDENT_MIN_JUMP)
+    return student_jump_loss(student, teacher, corrector, tokens, clock_t, clock_s, generator)
+
+
+def student_jump_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    corrector: nn.Module,
+    tokens: torch.Tensor,
+    clock_t: torch.Tensor,
+    clock_s: torch.Tensor,
+    generator: Noise,
+) -> tuple[torch.Tensor, dict]:
+    """``fmlm_distill_loss`` of given jumps, clock values ``clock_t`` → ``clock_s`` (B,) float64;
+    ``generator`` draws only the noise of x_t."""
     vocab_size = student.vocab_size
-    clock_t, clock_s = sample_jumps(batch, generator, tokens.device, boundary_prob, STUDENT_MIN_JUMP)
     t, s = continuous_time(torch.stack([clock_t, clock_s]), vocab_size).float()
     x_t, _ = corrupt(tokens, t, vocab_size, generator)
     with torch.no_grad():
@@ -236,7 +273,7 @@ def fmlm_distill_loss(
 
 
 @torch.no_grad()
-def sample_fmlm(student: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample_fmlm(student: nn.Module, num_samples: int, steps: int, generator: Noise) -> torch.Tensor:
     """Tokens (N, L) from the stage-2 student in ``steps`` jumps (1, 2, 4, ...), one network call each.
 
     As the paper, the last jump (to t = 0) takes the predicted clean distribution, whose argmax is returned.
@@ -252,7 +289,7 @@ def sample_fmlm(student: nn.Module, num_samples: int, steps: int, generator: tor
 
 
 @torch.no_grad()
-def sample_corrected(teacher: nn.Module, corrector: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+def sample_corrected(teacher: nn.Module, corrector: nn.Module, num_samples: int, steps: int, generator: Noise) -> torch.Tensor:
     """Tokens (N, L) from the stage-1 map (teacher + corrector, two calls per jump); argmax of the last x."""
     device = _model_device(teacher)
     times = clock_grid(steps, teacher.vocab_size, device).float()

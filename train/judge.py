@@ -6,7 +6,8 @@ Generative perplexity needs a reference autoregressive model. Instead of a downl
 process, and keeps it in ``cache_dir/judge-<key>/``. The key hashes the dataset's shards
 (their sha256 in the manifest, which pins the tokenizer too) and the judge's settings, so
 every run on the same data with the same settings (FLM, FMLM, the benchmark) is scored by
-the same judge, trained once.
+the same judge, trained once. In a job, rank 0 trains it and the other ranks load its cached
+copy (``judge_of_job``).
 
 A cached judge is a folder with ``model.safetensors`` and ``judge.json`` (key, settings,
 data, held-out perplexity); it is written to a temporary folder and renamed into place, so
@@ -26,13 +27,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from flowmill.data.decode import TokenDecoder
 from flowmill.data.loader import StreamingLoader
 from flowmill.data.shards import read_manifest
+from flowmill.errors import UsageError
 from flowmill.models.causal_lm import CausalLM, CausalLMConfig
+from flowmill.train.distributed import DistEnv
 from flowmill.train.text_metrics import mean_nll
 
 log = logging.getLogger("flowmill")
@@ -134,6 +138,22 @@ def load_or_train_judge(data_path: str | Path, config: JudgeConfig, val_path: st
         record.update(val_data=str(val_path), val_ppl=math.exp(mean_nll(model, held_out_tokens(val_path, info))))
     save_judge(model, record, folder)
     return model, record
+
+
+def judge_of_job(data_path: str | Path, config: JudgeConfig, env: DistEnv, val_path: str | Path | None = None) -> tuple[CausalLM, dict]:
+    """``load_or_train_judge`` for every rank of a job (collective): rank 0 loads or trains it while the
+    others wait, then they load its cached copy. judge.cache_dir must be a folder every rank sees."""
+    if env.is_main:
+        judge = load_or_train_judge(data_path, config, val_path)
+    if env.world_size > 1:
+        dist.barrier()
+    if env.is_main:
+        return judge
+    folder = judge_dir(data_path, config)
+    if not (folder / JUDGE_FILE).is_file():
+        raise UsageError(f"judge.cache_dir: rank {env.rank} does not see the judge rank 0 cached in {folder}; "
+                         "put judge.cache_dir on a filesystem every node shares")
+    return load_judge(folder)
 
 
 def held_out_tokens(val_path: str | Path, info: TextDataInfo) -> torch.Tensor:

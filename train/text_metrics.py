@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Mean over samples of the entropy (nats) of each sample's token frequencies; tokens (N, L) integer.
+def unigram_entropies(tokens: torch.Tensor) -> torch.Tensor:
+    """The entropy (nats, float64 (N,)) of each sample's token frequencies; tokens (N, L) integer.
 
     A sample of L distinct tokens scores log L, one token repeated scores 0.
     """
@@ -27,14 +27,20 @@ def unigram_entropy(tokens: torch.Tensor) -> float:
     for sample in tokens:
         _, counts = torch.unique(sample, return_counts=True)
         entropies.append(torch.special.entr(counts.double() / counts.sum()).sum())
-    return torch.stack(entropies).mean().item()
+    return torch.stack(entropies) if entropies else torch.zeros(0, dtype=torch.float64)
+
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """Mean over samples of ``unigram_entropies``."""
+    return unigram_entropies(tokens).mean().item()
 
 
 @torch.no_grad()
-def mean_nll(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean next-token negative log-likelihood (nats) of tokens (N, L), L >= 2, under a causal LM.
+def nll_total(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) of tokens (N, L), L >= 2, under a causal LM,
+    and the number of tokens scored (every token but the first of each sample).
 
-    ``judge(tokens)`` must return next-token logits (N, L, V); every token but the first is scored.
+    ``judge(tokens)`` must return next-token logits (N, L, V).
     """
     if tokens.dim() != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be (N, L) with L >= 2, got shape {tuple(tokens.shape)}")
@@ -45,10 +51,16 @@ def mean_nll(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> fl
     for chunk in tokens.split(batch_size):
         chunk = chunk.to(device)
         logits = judge(chunk[:, :-1]).float()  # (n, L - 1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="sum")
-        total += nll.item()
+        nll = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+        total += nll.double().sum().item()
         count += chunk[:, 1:].numel()
     judge.train(was_training)
+    return total, count
+
+
+def mean_nll(judge: nn.Module, tokens: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean next-token negative log-likelihood (nats) of tokens (N, L), L >= 2 (see ``nll_total``)."""
+    total, count = nll_total(judge, tokens, batch_size)
     return total / count
 
 

@@ -20,21 +20,31 @@ def _pixels(video: torch.Tensor) -> torch.Tensor:
     return ((video.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def psnr(reconstruction: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over clips of each clip's PSNR in dB (peak 1 on [0, 1] pixels); 100 dB for an exact copy."""
+def psnr_per_clip(reconstruction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each clip's PSNR in dB (B,) (peak 1 on [0, 1] pixels); 100 dB for an exact copy."""
     error = (_pixels(reconstruction) - _pixels(reference)).pow(2).flatten(1).mean(dim=1)
-    return float(torch.where(error > 0, -10 * torch.log10(error.clamp_min(1e-10)), torch.tensor(100.0)).mean())
+    return torch.where(error > 0, -10 * torch.log10(error.clamp_min(1e-10)), torch.tensor(100.0))
 
 
-def ssim(reconstruction: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean SSIM (scikit-image defaults: uniform 7×7 window; data range 1) over every frame of every clip."""
+def psnr(reconstruction: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over clips of each clip's PSNR in dB (``psnr_per_clip``)."""
+    return float(psnr_per_clip(reconstruction, reference).mean())
+
+
+def ssim_per_clip(reconstruction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each clip's mean SSIM over its frames (B,) float64 (scikit-image defaults: uniform 7×7 window; data range 1)."""
     ours = _pixels(reconstruction).permute(0, 1, 3, 4, 2).numpy()  # (B, T, H, W, C)
     theirs = _pixels(reference).permute(0, 1, 3, 4, 2).numpy()
     scores = [
-        structural_similarity(ours[b, t], theirs[b, t], data_range=1.0, channel_axis=-1)
-        for b in range(ours.shape[0]) for t in range(ours.shape[1])
+        [structural_similarity(ours[b, t], theirs[b, t], data_range=1.0, channel_axis=-1) for t in range(ours.shape[1])]
+        for b in range(ours.shape[0])
     ]
-    return float(np.mean(scores))
+    return torch.tensor(np.mean(scores, axis=1) if scores else [], dtype=torch.float64)
+
+
+def ssim(reconstruction: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean SSIM over every frame of every clip (clips have equal frame counts: the mean of ``ssim_per_clip``)."""
+    return float(ssim_per_clip(reconstruction, reference).mean())
 
 
 def token_bits(num_tokens: int, codebook_size: int) -> float:

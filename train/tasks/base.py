@@ -65,7 +65,10 @@ class Task:
         return self.criterion(model(*inputs), target), {}
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
-        """Rank 0: samples from ``model`` (the EMA weights), written into ``out_dir``; returns the files."""
+        """Rank 0: samples from ``model`` (the EMA weights), written into ``out_dir``; returns the files.
+
+        Rank 0 calls it alone (no collectives); what ``evaluate`` gathered for the same step may be reused.
+        """
         return []
 
     def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
@@ -74,5 +77,6 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
-        """Evaluation metrics of ``model`` (the EMA weights); called on every rank."""
+        """Evaluation metrics of ``model`` (the EMA weights); called on every rank, each scoring its
+        share of the held-out set (flowmill.train.evaluation); every rank returns the reduced figures."""
         return {}

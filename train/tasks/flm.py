@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +38,21 @@ from flowmill.run_dir import RunDir
 from flowmill.train import flm_objective as objective
 from flowmill.train.config import Config, EvalConfig
 from flowmill.train.distributed import DistEnv
-from flowmill.train.judge import JudgeConfig, TextDataInfo, load_or_train_judge, text_data_info
+from flowmill.train.evaluation import (
+    Chunk,
+    ItemStreams,
+    Totals,
+    alone,
+    eval_chunks,
+    gather_rows,
+    item_generators,
+    partitioned,
+)
+from flowmill.train.judge import JudgeConfig, TextDataInfo, judge_of_job, text_data_info
 from flowmill.train.tasks.base import Task
-from flowmill.train.text_metrics import generative_perplexity, unigram_entropy
+from flowmill.train.text_metrics import nll_total, unigram_entropies
 
-SAMPLE_CHUNK = 64  # samples generated per sampler call; fixed so a seed gives the same samples for any count
+SAMPLE_CHUNK = 64  # samples generated per sampler call (each sample has its own noise stream: any chunking gives the same samples)
 EVAL_CHUNK = 64  # validation sequences per forward pass
 FAMILY = "flow_lm"
 
@@ -194,48 +205,71 @@ class TextFlowTask(Task):
         return continuous_time(clock, self.model_config.vocab_size).float()
 
     def judge(self) -> nn.Module | None:
-        """The cached judge of data.path (trained on first use), or None without judge.cache_dir."""
+        """The cached judge of data.path (trained by rank 0 on first use), or None without judge.cache_dir.
+
+        Collective on first use: every rank calls it in ``evaluate``."""
         if self.cfg.judge.cache_dir is None:
             return None
         if self._judge is None:
             self.checked_data(self.cfg.data.path, "data.path")
-            model, _ = load_or_train_judge(self.cfg.data.path, self.cfg.judge, val_path=self.cfg.eval.path)
+            model, _ = judge_of_job(self.cfg.data.path, self.cfg.judge, self.env, val_path=self.cfg.eval.path)
             self._judge = model.to(self.env.device)
         return self._judge
 
-    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
-        """Tokens (N, L) from ``model`` (EMA weights) in ``steps`` steps."""
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: objective.Noise) -> torch.Tensor:
+        """Tokens (N, L) from ``model`` (EMA weights) in ``steps`` steps; ``generator`` draws the starting noise."""
         raise NotImplementedError
 
-    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
-        """Metrics of ``model`` on held-out tokens (N, L)."""
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, seed: int, env: DistEnv) -> dict:
+        """Metrics of ``model`` on held-out tokens (N, L); each rank of ``env`` scores its share, the noise of
+        sequence i coming from its own stream (``seed``, i)."""
         raise NotImplementedError
+
+    def sample_share(self, model: nn.Module, num_samples: int, steps: int, seed: int, env: DistEnv) -> torch.Tensor:
+        """Tokens (n, L) on the CPU of this rank's share of ``num_samples`` samples (``evaluation.share``).
+
+        Sample i starts from noise of its own stream, seeded from (``seed``, i), so a seed gives the
+        same sample i for any count, any number of ranks and any SAMPLE_CHUNK.
+        """
+        tokens = [torch.zeros((0, self.model_config.seq_len), dtype=torch.long)]
+        for chunk in eval_chunks(num_samples, SAMPLE_CHUNK, env, partitioned(model)):
+            made = self.sample_tokens(model, len(chunk.items), steps, item_generators(seed, chunk.items)).cpu()
+            if not chunk.padding:
+                tokens.append(made)
+        return torch.cat(tokens)
 
     def generate(self, model: nn.Module, num_samples: int, steps: int, seed: int) -> torch.Tensor:
-        """Tokens (num_samples, L) on the CPU, generated SAMPLE_CHUNK at a time from one seeded generator."""
-        generator = torch.Generator().manual_seed(seed)
-        chunks = [
-            self.sample_tokens(model, min(SAMPLE_CHUNK, num_samples - start), steps, generator).cpu()
-            for start in range(0, num_samples, SAMPLE_CHUNK)
-        ]
-        return torch.cat(chunks)
+        """Tokens (num_samples, L) on the CPU, made by this process alone (see ``sample_share``)."""
+        return self.sample_share(model, num_samples, steps, seed, alone(self.env))
 
-    def samples_at(self, model: nn.Module, step: int) -> torch.Tensor:
-        """The evaluation samples of ``step`` (sample.num_per_prompt of sample.steps steps), made once per step."""
+    def samples_at(self, model: nn.Module, step: int, env: DistEnv) -> torch.Tensor:
+        """The evaluation samples of ``step`` (sample.num_per_prompt of sample.steps steps), made once per step
+        by the ranks of ``env`` together, gathered on each."""
         if self._samples is None or self._samples[0] != step:
-            tokens = self.generate(model, self.cfg.sample.num_per_prompt, self.cfg.sample.steps, self.cfg.trainer.seed)
-            self._samples = (step, tokens)
+            s = self.cfg.sample
+            tokens = self.sample_share(model, s.num_per_prompt, s.steps, self.cfg.trainer.seed, env)
+            self._samples = (step, gather_rows(tokens, env))
         return self._samples[1]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict:
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)  # the same noise at every evaluation
-        metrics = self.validation_metrics(model, self.validation_tokens(), generator)
-        samples = self.samples_at(model, step)
-        metrics["sample/entropy"] = unigram_entropy(samples)
+        """Validation metrics (``validation_metrics``), ``sample/entropy`` (mean over samples of their unigram
+        entropy) and, with a judge, ``sample/gen_ppl`` (exp of the judge's mean NLL over every sampled token
+        but the first); every rank generates and scores its share of the samples."""
+        env = self.env
+        metrics = self.validation_metrics(model, self.validation_tokens(), self.cfg.trainer.seed, env)
+        s = self.cfg.sample
+        tokens = self.sample_share(model, s.num_per_prompt, s.steps, self.cfg.trainer.seed, env)
+        totals = Totals(["sample/entropy", "sample/nll"])
+        totals.add("sample/entropy", unigram_entropies(tokens).sum(), len(tokens))
         judge = self.judge()
         if judge is not None:
-            metrics["sample/gen_ppl"] = generative_perplexity(judge, samples)
+            totals.add("sample/nll", *nll_total(judge, tokens))
+        sample_metrics = totals.reduced(env)
+        metrics["sample/entropy"] = sample_metrics["sample/entropy"]
+        if judge is not None:
+            metrics["sample/gen_ppl"] = math.exp(sample_metrics["sample/nll"])
+        self._samples = (step, gather_rows(tokens, env))  # for the text samples of this step
         return metrics
 
     def texts(self, tokens: torch.Tensor) -> list[str]:
@@ -243,7 +277,7 @@ class TextFlowTask(Task):
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``text-{step}.txt``: the evaluation samples of this step, detokenized, one block each."""
-        texts = self.texts(self.samples_at(model, step))
+        texts = self.texts(self.samples_at(model, step, alone(self.env)))  # rank 0 alone
         path = out_dir / f"text-{step:08d}.txt"
         header = f"{len(texts)} samples of {self.cfg.sample.steps} steps at training step {step}\n"
         path.write_text(header + "".join(f"\n=== sample {i} ===\n{text}\n" for i, text in enumerate(texts)))
@@ -318,19 +352,35 @@ class FLMTask(TextFlowTask):
     def criterion(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.float().transpose(1, 2), target)
 
-    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: objective.Noise) -> torch.Tensor:
         return objective.sample_flm(model, num_samples, steps, generator)
 
-    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
-        return clock_ce_metrics(model, tokens, self.val_times(), self.cfg.lm_eval.val_clock, generator)
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, seed: int, env: DistEnv) -> dict:
+        """``val/ce_tau{tau}`` per clock value of lm_eval.val_clock and their mean ``val/ce``."""
+        clock = self.cfg.lm_eval.val_clock
+        totals = Totals(ce_keys(clock))
+        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env, partitioned(model))
+        add_clock_ce(totals, model, tokens, chunks, self.val_times(), clock, ItemStreams(seed))
+        return with_mean_ce(totals.reduced(env), clock)
 
 
-def clock_ce_metrics(model: nn.Module, tokens: torch.Tensor, times: torch.Tensor, clock: list[float], generator: torch.Generator) -> dict:
-    """``val/ce`` (mean over the grid) and ``val/ce_tau{tau}`` of an FLM-like model on tokens (N, L)."""
+def ce_keys(clock: list[float]) -> list[str]:
+    return [f"val/ce_tau{tau:g}" for tau in clock]
+
+
+def add_clock_ce(totals: Totals, model: nn.Module, tokens: torch.Tensor, chunks: list[Chunk], times: torch.Tensor,
+                 clock: list[float], streams: ItemStreams) -> None:
+    """Add to ``totals`` the cross-entropy of an FLM-like model on the ``chunks`` of tokens (N, L) at each time
+    (``ce_keys(clock)``), each sequence noised from its own stream."""
     device = next(model.parameters()).device
-    chunks = tokens.split(EVAL_CHUNK)
-    per_time = sum(objective.validation_ce(model, chunk.to(device), times.to(device), generator) * len(chunk) for chunk in chunks)
-    per_time = (per_time / len(tokens)).tolist()
-    metrics = {f"val/ce_tau{tau:g}": value for tau, value in zip(clock, per_time)}
-    metrics["val/ce"] = sum(per_time) / len(per_time)
-    return metrics
+    for chunk in chunks:
+        part = tokens[chunk.rows].to(device)
+        per_time = objective.validation_ce(model, part, times.to(device), streams.of(chunk))  # (G,) means over the chunk
+        if not chunk.padding:
+            for key, value in zip(ce_keys(clock), per_time.tolist()):
+                totals.add(key, value * len(part), len(part))
+
+
+def with_mean_ce(metrics: dict, clock: list[float]) -> dict:
+    """``metrics`` with ``val/ce``, the mean of its ``val/ce_tau{tau}`` over the clock grid."""
+    return {**metrics, "val/ce": sum(metrics[key] for key in ce_keys(clock)) / len(clock)}

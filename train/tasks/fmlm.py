@@ -39,14 +39,17 @@ from flowmill.models.flow_lm import FlowLM, FlowLMConfig
 from flowmill.run_dir import CONFIG_FILE, EMA_FILE, SOURCE_FILE, Checkpoint, RunDir
 from flowmill.train import flm_objective as objective
 from flowmill.train.distributed import DistEnv
+from flowmill.train.evaluation import ItemStreams, Totals, eval_chunks, partitioned
 from flowmill.train.tasks.flm import (
     EVAL_CHUNK,
     FAMILY,
     TextFlowRunConfig,
     TextFlowTask,
     Trainee,
-    clock_ce_metrics,
+    add_clock_ce,
+    ce_keys,
     flow_lm_architecture,
+    with_mean_ce,
 )
 from flowmill.weights import read_ema, weights_sha256
 
@@ -148,26 +151,33 @@ class FMLMTask(TextFlowTask):
             return objective.fmlm_corrector_loss(trainee, self.teacher, tokens, generator)
         return objective.fmlm_distill_loss(trainee, self.teacher, self.corrector, tokens, generator)
 
-    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: torch.Generator) -> torch.Tensor:
+    def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: objective.Noise) -> torch.Tensor:
         if self.stage == "corrector":
             return objective.sample_corrected(self.teacher, model, num_samples, steps, generator)
         return objective.sample_fmlm(model, num_samples, steps, generator)
 
-    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, generator: torch.Generator) -> dict:
+    def validation_metrics(self, model: nn.Module, tokens: torch.Tensor, seed: int, env: DistEnv) -> dict:
         """``val/distill_error`` on whole noise → data jumps; for the student also ``val/ce`` of its jump to data."""
         device = next(model.parameters()).device
-        errors = []
-        for chunk in tokens.split(EVAL_CHUNK):
-            chunk = chunk.to(device)
-            if self.stage == "corrector":
-                _, extra = objective.fmlm_corrector_loss(model, self.teacher, chunk, generator, boundary_prob=1.0)
+        clock = self.cfg.lm_eval.val_clock
+        student = self.stage == "student"
+        totals = Totals(["val/distill_error", *(ce_keys(clock) if student else [])])
+        streams = ItemStreams(seed)  # a sequence's CE noise continues its stream after its jump's noise
+        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env, partitioned(model))
+        for chunk in chunks:
+            part = tokens[chunk.rows].to(device)
+            start = torch.ones(len(part), dtype=torch.float64, device=device)  # clock 1 (noise) → 0 (data)
+            if student:
+                _, extra = objective.student_jump_loss(model, self.teacher, self.corrector, part, start, start - 1,
+                                                       streams.of(chunk))
             else:
-                _, extra = objective.fmlm_distill_loss(model, self.teacher, self.corrector, chunk, generator, boundary_prob=1.0)
-            errors.append(extra["distill_error"].item() * len(chunk))
-        metrics = {"val/distill_error": sum(errors) / len(tokens)}
-        if self.stage == "student":
-            metrics.update(clock_ce_metrics(JumpToData(model), tokens, self.val_times(), self.cfg.lm_eval.val_clock, generator))
-        return metrics
+                _, extra = objective.corrector_jump_loss(model, self.teacher, part, start, start - 1, streams.of(chunk))
+            if not chunk.padding:
+                totals.add("val/distill_error", extra["distill_error"].item() * len(part), len(part))
+        if student:
+            add_clock_ce(totals, JumpToData(model), tokens, chunks, self.val_times(), clock, streams)
+        metrics = totals.reduced(env)
+        return with_mean_ce(metrics, clock) if student else metrics
 
 
 def read_yaml(path: Path) -> dict:

@@ -35,6 +35,7 @@ from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, Tex
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
+from flowmill.train.evaluation import Totals, eval_chunks, partitioned, take
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
 from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
@@ -280,18 +281,28 @@ class MMDiTTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict:
-        """Validation loss on a fixed time grid with fixed noise: ``val/loss`` and ``val/loss_t{t}``."""
+        """Validation loss on a fixed time grid with fixed noise: ``val/loss_t{t}`` and their mean ``val/loss``.
+
+        The noise of the whole held-out batch is drawn from trainer.seed; each rank scores its rows.
+        """
         batch = self.validation_batch()
+        count = len(batch["img"])
         device = next(model.parameters()).device
-        x0 = batch["img"].to(device)
-        txt, vec = self.text_inputs(batch, device)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).to(device)
-        metrics = {}
-        for value in self.cfg.eval.timesteps:
-            t = torch.full((x0.shape[0],), value, device=device)
-            sample = self.path.sample(x0, noise, t)
-            metrics[f"val/loss_t{value:g}"] = F.mse_loss(model(sample.x_t, t, txt, vec).float(), sample.target.float()).item()
-        metrics["val/loss"] = sum(metrics.values()) / len(metrics)
+        noise = torch.randn(batch["img"].shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed))
+        keys = [f"val/loss_t{value:g}" for value in self.cfg.eval.timesteps]
+        totals = Totals(keys)
+        for chunk in eval_chunks(count, count, self.env, partitioned(model)):
+            rows = take(batch, chunk.rows)
+            x0 = rows["img"].to(device)
+            txt, vec = self.text_inputs(rows, device)
+            for key, value in zip(keys, self.cfg.eval.timesteps):
+                t = torch.full((x0.shape[0],), value, device=device)
+                sample = self.path.sample(x0, noise[chunk.rows].to(device), t)
+                error = (model(sample.x_t, t, txt, vec).float() - sample.target.float()).pow(2).flatten(1).mean(dim=1)
+                if not chunk.padding:
+                    totals.add(key, error.sum(), len(error))
+        metrics = totals.reduced(self.env)
+        metrics["val/loss"] = sum(metrics[key] for key in keys) / len(keys)
         return metrics
 
     @torch.no_grad()

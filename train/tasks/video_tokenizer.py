@@ -22,7 +22,6 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
@@ -34,9 +33,17 @@ from flowmill.models.video_tokenizer import VIDEO_TOKENIZER_SIZES, VideoTokenize
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
+from flowmill.train.evaluation import (
+    Totals,
+    alone,
+    eval_chunks,
+    gather_rows,
+    own_parameters_gathered,
+    partitioned,
+)
 from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.base import Task
-from flowmill.train.video_metrics import psnr, ssim
+from flowmill.train.video_metrics import psnr_per_clip, ssim_per_clip
 from flowmill.train.videos import clip_uint8, quality_plot, side_by_side_gif
 from flowmill.weights import read_ema, weights_sha256
 
@@ -82,9 +89,9 @@ class Reconstructions:
     """Held-out clips decoded from their first k tokens at one training step."""
 
     step: int
-    held_out: torch.Tensor  # (N, T, C, H, W) in [-1, 1]
-    decoded: dict[int, torch.Tensor]  # k -> (N, T, C, H, W)
-    scores: dict[int, tuple[float, float]]  # k -> (PSNR dB, SSIM)
+    held_out: torch.Tensor  # (S, T, C, H, W) in [-1, 1]: the first sample.num_per_prompt clips
+    decoded: dict[int, torch.Tensor]  # k -> (S, T, C, H, W): those clips decoded
+    scores: dict[int, tuple[float, float]]  # k -> (PSNR dB, SSIM) over all recon.num_clips clips
 
 
 class VideoTokenizerTask(Task):
@@ -145,26 +152,35 @@ class VideoTokenizerTask(Task):
             self._val_clips = self.first_batch(self.cfg.eval.path or self.cfg.data.path, self.cfg.eval.num_samples)["video"]
         return self._val_clips
 
+    def noise(self, model: VideoTokenizer, count: int) -> torch.Tensor:
+        """The fixed noise (count, N, P) of ``count`` held-out clips, drawn from trainer.seed for the whole set
+        (each rank takes its rows)."""
+        shape = (count, model.config.num_patches, model.config.patch_values)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed))
+
     @torch.no_grad()
-    def validation_losses(self, model: VideoTokenizer, clips: torch.Tensor) -> dict:
+    def validation_losses(self, model: VideoTokenizer, clips: torch.Tensor, env: DistEnv) -> dict:
         """``val/loss_k{k}``: flow loss from the first k tokens, averaged over eval.timesteps with fixed noise;
-        ``val/loss``: the same with all K tokens."""
+        ``val/loss``: the same with all K tokens. Each rank of ``env`` scores its share of ``clips``."""
         device = next(model.parameters()).device
-        clips = clips.to(device)
-        generator = torch.Generator().manual_seed(self.cfg.trainer.seed)
-        x0 = patchify(clips, model.config.tubelet)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        codes = model.encode(clips).codes
-        metrics = {}
+        noise = self.noise(model, len(clips))
         num_registers = model.config.num_registers
-        for k in sorted({*self.num_tokens, num_registers}):
-            cond = model.token_condition(codes, torch.full((len(clips),), k, device=device))
-            losses = []
-            for value in self.cfg.eval.timesteps:
-                t = torch.full((len(clips),), value, device=device)
-                path = model.flow_path.sample(x0, noise, t)
-                losses.append(F.mse_loss(model.velocity(path.x_t, t, cond).float(), path.target.float()).item())
-            metrics[f"val/loss_k{k}"] = sum(losses) / len(losses)
+        counts = sorted({*self.num_tokens, num_registers})
+        totals = Totals(f"val/loss_k{k}" for k in counts)
+        for chunk in eval_chunks(len(clips), len(clips), env, partitioned(model)):
+            part = clips[chunk.rows].to(device)
+            x0 = patchify(part, model.config.tubelet)
+            codes = model.encode(part).codes
+            for k in counts:
+                cond = model.token_condition(codes, torch.full((len(part),), k, device=device))
+                error = torch.zeros(len(part), dtype=torch.float64)
+                for value in self.cfg.eval.timesteps:
+                    t = torch.full((len(part),), value, device=device)
+                    path = model.flow_path.sample(x0, noise[chunk.rows].to(device), t)
+                    error += (model.velocity(path.x_t, t, cond).float() - path.target.float()).pow(2).flatten(1).mean(dim=1).cpu()
+                if not chunk.padding:
+                    totals.add(f"val/loss_k{k}", error.sum() / len(self.cfg.eval.timesteps), len(part))
+        metrics = totals.reduced(env)
         metrics["val/loss"] = metrics[f"val/loss_k{num_registers}"]
         return metrics
 
@@ -174,43 +190,60 @@ class VideoTokenizerTask(Task):
         return self.cfg.recon.steps or self.cfg.sample.steps
 
     @torch.no_grad()
-    def reconstructions(self, model: VideoTokenizer, clips: torch.Tensor, steps: int | None = None) -> dict[int, torch.Tensor]:
+    def reconstructions(self, model: VideoTokenizer, clips: torch.Tensor, steps: int | None = None,
+                        noise: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """{k: clips (N, T, C, H, W) decoded from their first k tokens}, with the sample section's
-        solver and guidance, ``steps`` (default: ``recon_steps``) and noise seeded by trainer.seed
-        (the same at every evaluation)."""
+        solver and guidance, ``steps`` (default: ``recon_steps``) and ``noise`` (N, N_patches, P)
+        (default: drawn from trainer.seed, the same at every evaluation)."""
         s = self.cfg.sample
         device = next(model.parameters()).device
         indices = model.encode(clips.to(device)).indices
+        noise = self.noise(model, len(clips)) if noise is None else noise
         return {
             k: model.decode(indices[:, :k], steps=steps or self.recon_steps, cfg_scale=s.cfg_scale, sampler=s.sampler,
-                            generator=torch.Generator().manual_seed(self.cfg.trainer.seed)).cpu()
+                            noise=noise).cpu()
             for k in self.num_tokens
         }
 
-    def recon_quality(self, model: nn.Module, step: int) -> Reconstructions:
-        """The recon.num_clips held-out clips, their reconstructions per k and PSNR/SSIM, made once per step
-        (evaluation and samples of the same step share them)."""
+    def recon_quality(self, model: nn.Module, step: int, env: DistEnv) -> Reconstructions:
+        """PSNR/SSIM per k of the recon.num_clips held-out clips decoded from their first k tokens, and the first
+        sample.num_per_prompt of them (for the GIF), made once per step (evaluation and samples of the same
+        step share them). Each rank of ``env`` decodes its share; every rank gets the whole result."""
         if self._last_recon is None or self._last_recon.step != step:
             held_out = self.validation_clips()[: self.cfg.recon.num_clips]
-            decoded = self.reconstructions(model, held_out)
-            scores = {k: (psnr(clips, held_out), ssim(clips, held_out)) for k, clips in decoded.items()}
-            self._last_recon = Reconstructions(step, held_out, decoded, scores)
+            noise = self.noise(model, len(held_out))
+            shown = self.cfg.sample.num_per_prompt
+            totals = Totals(f"recon/{name}_k{k}" for k in self.num_tokens for name in ("psnr", "ssim"))
+            kept = {k: [held_out[:0]] for k in self.num_tokens}  # this rank's decoded clips among the shown ones
+            for chunk in eval_chunks(len(held_out), len(held_out), env, partitioned(model)):
+                reference = held_out[chunk.rows]
+                decoded = self.reconstructions(model, reference, noise=noise[chunk.rows])
+                if chunk.padding:
+                    continue
+                for k, clips in decoded.items():
+                    totals.add(f"recon/psnr_k{k}", psnr_per_clip(clips, reference).double().sum(), len(clips))
+                    totals.add(f"recon/ssim_k{k}", ssim_per_clip(clips, reference).sum(), len(clips))
+                    kept[k].append(clips[: max(0, shown - chunk.items.start)])
+            means = totals.reduced(env)
+            decoded_shown = {k: gather_rows(torch.cat(parts), env) for k, parts in kept.items()}
+            scores = {k: (means[f"recon/psnr_k{k}"], means[f"recon/ssim_k{k}"]) for k in self.num_tokens}
+            self._last_recon = Reconstructions(step, held_out[:shown], decoded_shown, scores)
         return self._last_recon
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
-        metrics = self.validation_losses(model, self.validation_clips())
-        for k, (psnr_k, ssim_k) in self.recon_quality(model, step).scores.items():
-            metrics[f"recon/psnr_k{k}"] = psnr_k
-            metrics[f"recon/ssim_k{k}"] = ssim_k
+        with own_parameters_gathered(model):  # it calls encode, velocity and decode, not forward
+            metrics = self.validation_losses(model, self.validation_clips(), self.env)
+            for k, (psnr_k, ssim_k) in self.recon_quality(model, step, self.env).scores.items():
+                metrics[f"recon/psnr_k{k}"] = psnr_k
+                metrics[f"recon/ssim_k{k}"] = ssim_k
         return metrics
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         """``recon-{step}.gif`` (per clip: input, then decoded from 1, 2, 4, ... K tokens) and
         ``psnr-{step}.png``, ``ssim-{step}.png`` (quality against k)."""
-        recon = self.recon_quality(model, step)
+        recon = self.recon_quality(model, step, alone(self.env))  # rank 0 alone
         out_dir.mkdir(parents=True, exist_ok=True)
-        shown = self.cfg.sample.num_per_prompt
-        columns = [recon.held_out[:shown], *(clips[:shown] for clips in recon.decoded.values())]
+        columns = [recon.held_out, *recon.decoded.values()]
         gif = side_by_side_gif(columns, out_dir / f"recon-{step:08d}.gif")
         ks = list(recon.scores)
         psnr_plot = quality_plot(ks, {"tokenizer": [recon.scores[k][0] for k in ks]}, "PSNR (dB)", out_dir / f"psnr-{step:08d}.png")
