@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 # submitit's parser of SLURM node lists (n[1-3,5],gpu-a1): what its own job environment uses.
 from submitit.slurm.slurm import _parse_node_list as parse_node_list
@@ -147,6 +148,10 @@ def init_distributed(requested_device: str, timeout_min: float | None = None) ->
     device = choose_device(requested_device, place.local_rank)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+        if timeout:
+            # DeepSpeed makes process groups of its own (data parallel, pipeline stages) without a
+            # timeout, and torch gives such groups its module defaults: make those ours too.
+            distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
                                    **({"timeout": timeout} if timeout else {}))
     return DistEnv(rank=place.rank, local_rank=place.local_rank, world_size=place.world_size, device=device)

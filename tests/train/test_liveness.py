@@ -35,16 +35,21 @@ def test_the_message_names_the_silent_rank(silent, says):
 
 
 def worker_pid(run_dir: Path, rank: int) -> int:
-    """The pid of the training process of ``rank`` in the job writing ``run_dir``."""
+    """The pid of the training process of ``rank`` in the job writing ``run_dir`` (not one of the
+    DataLoader workers it forked, which carry the same command line and environment)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
+            parent = int(next(line for line in (proc / "status").read_text().splitlines() if line.startswith("PPid:")).split()[1])
+        except (OSError, ValueError, StopIteration):
             continue
         if f"run.dir={run_dir}" in cmdline and "\0train\0" in cmdline and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    raise AssertionError(f"no worker of rank {rank} for {run_dir}")
+            found[int(proc.name)] = parent
+    mains = [pid for pid, parent in found.items() if parent not in found]
+    assert len(mains) == 1, f"training processes of rank {rank} for {run_dir}: {found}"
+    return mains[0]
 
 
 def wait_for(condition, what: str, timeout_s: float = 300) -> None:
