@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed import distributed_c10d
 
 # submitit's parser of SLURM node lists (n[1-3,5],gpu-a1): what its own job environment uses.
 from submitit.slurm.slurm import _parse_node_list as parse_node_list
+from torch.distributed import distributed_c10d
 
 from flowmill.errors import UsageError
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-from contextlib import contextmanager
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
