@@ -22,15 +22,10 @@ from flowmill.train.distributed import choose_device, free_port, placement
 
 
 def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) -> None:
-    """Everything that can be refused without starting a worker."""
+    """Everything that can be refused without starting a worker, wherever the workers will run."""
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    try:
-        device = choose_device(cfg.trainer.device)
-    except RuntimeError as error:  # the workers would run here, on this machine's devices
-        raise UsageError(str(error)) from None
-    placement(cfg.ema.device, device, "ema.device")
     try:
         resolve_shards(cfg.data.path)
     except (FileNotFoundError, ValueError) as error:
@@ -42,11 +37,21 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
         raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
 
 
+def check_devices(cfg: Config) -> None:
+    """The devices the config asks for exist on this machine, where the workers will run."""
+    try:
+        device = choose_device(cfg.trainer.device)
+    except RuntimeError as error:
+        raise UsageError(str(error)) from None
+    placement(cfg.ema.device, device, "ema.device")
+
+
 def launch_command(args: argparse.Namespace) -> int:
     """``flowmill launch local``: start a new run on ``--nproc`` local processes."""
     cfg = load_config(args.config, args.overrides)
     run_dir = RunDir(cfg.run.dir) if cfg.run.dir else RunDir.default(cfg.run.name)
     check_before_launch(cfg, run_dir, args.nproc, resume=False)
+    check_devices(cfg)
     # Every worker must write into the one run dir chosen here (a default one is timestamped).
     return run_workers(["train", args.config, *args.overrides, f"run.dir={run_dir}"], args.nproc, run_dir)
 
@@ -58,6 +63,7 @@ def resume_command(args: argparse.Namespace) -> int:
     cfg = load_config(None, args.overrides, base=run_dir.saved_config())
     nproc = args.nproc or int(info.get("world_size", 1))
     check_before_launch(cfg, run_dir, nproc, resume=True)
+    check_devices(cfg)
     return run_workers(["train", "--resume", str(run_dir), *args.overrides], nproc, run_dir)
 
 
