@@ -8,24 +8,18 @@ Two rules keep the figures independent of how the set is split:
 - Random draws never depend on the split: a task either draws the noise of the whole held-out
   set from one seeded generator and takes its rows, or gives every item its own stream
   (``item_generators``: seeded from the evaluation seed and the item's index).
-- The training loop evaluates a whole model on every rank (``Job.eval_model``), so a rank with a
-  smaller or empty share just makes fewer forward calls. A model partitioned over the ranks
-  (ZeRO-3) gathers each layer's weights collectively inside its forward instead, so every rank
-  must make the same calls: ``eval_chunks`` with ``lockstep=partitioned(model)`` gives every
-  rank the same number of passes, padding a short share with passes over a stand-in item whose
-  results are dropped.
+- The training loop evaluates a whole model on every rank (``Job.eval_model``, also under
+  ZeRO-3), so a rank with a smaller or empty share just makes fewer forward calls.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from flowmill.train.distributed import DistEnv
 
@@ -49,52 +43,18 @@ class Chunk:
     """The held-out items of one forward pass."""
 
     items: range  # indices into the held-out set
-    padding: bool = False  # a stand-in pass that keeps a partitioned model's ranks in lockstep: drop its results
 
     @property
     def rows(self) -> slice:
         return slice(self.items.start, self.items.stop)
 
 
-def partitioned(model: nn.Module) -> bool:
-    """Whether ``model``'s weights are partitioned over the ranks (ZeRO-3): its forward calls are
-    collective, so an evaluation through it runs in lockstep (``eval_chunks``)."""
-    return any(hasattr(param, "ds_tensor") for param in model.parameters())
-
-
-def eval_chunks(count: int, size: int, env: DistEnv, lockstep: bool) -> list[Chunk]:
-    """This rank's share of ``count`` items in passes of at most ``size`` items.
-
-    With ``lockstep`` every rank gets as many passes as the largest share needs; the passes
-    beyond this rank's own items are padding over item 0 (one item each).
-    """
+def eval_chunks(count: int, size: int, env: DistEnv) -> list[Chunk]:
+    """This rank's share of ``count`` items in passes of at most ``size`` items."""
     if size < 1:
         raise ValueError(f"a pass holds at least one item, got size {size}")
     mine = share(count, env)
-    chunks = [Chunk(range(start, min(start + size, mine.stop))) for start in range(mine.start, mine.stop, size)]
-    if lockstep and count > 0:
-        most = math.ceil(math.ceil(count / env.world_size) / size)
-        chunks += [Chunk(range(0, 1), padding=True)] * (most - len(chunks))
-    return chunks
-
-
-@contextmanager
-def own_parameters_gathered(model: nn.Module) -> Iterator[None]:
-    """Under ZeRO-3, gather the parameters ``model`` holds itself (not through a submodule) for the block.
-
-    ZeRO-3 gathers a module's parameters in hooks around its forward. An evaluation that calls a
-    model's methods (encode, decode) instead of its forward reaches the submodules through their
-    hooks, but the model's own parameters stay partitioned unless gathered here (collective:
-    every rank enters the block). A model that is not partitioned passes through.
-    """
-    own = [param for param in model.parameters(recurse=False) if hasattr(param, "ds_tensor")]
-    if not own:
-        yield
-        return
-    import deepspeed  # deliberately lazy (start-up time): only a partitioned model needs DeepSpeed here
-
-    with deepspeed.zero.GatheredParameters(own):
-        yield
+    return [Chunk(range(start, min(start + size, mine.stop))) for start in range(mine.start, mine.stop, size)]
 
 
 def item_generators(seed: int, items: Iterable[int]) -> list[torch.Generator]:
@@ -118,9 +78,7 @@ class ItemStreams:
         self.streams: dict[int, torch.Generator] = {}
 
     def of(self, chunk: Chunk) -> list[torch.Generator]:
-        """The streams of the chunk's items (fresh throwaway ones for a padding pass)."""
-        if chunk.padding:
-            return item_generators(self.seed, chunk.items)
+        """The streams of the chunk's items."""
         for index in chunk.items:
             if index not in self.streams:
                 self.streams[index] = item_generators(self.seed, [index])[0]

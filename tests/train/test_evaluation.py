@@ -1,4 +1,4 @@
-"""flowmill.train.evaluation in one process: shares, lockstep passes, item streams, totals."""
+"""flowmill.train.evaluation in one process: shares, passes, item streams, totals."""
 
 from __future__ import annotations
 
@@ -38,20 +38,12 @@ def test_shares_cover_the_set_once_in_rank_order(count, world):
 
 
 @pytest.mark.parametrize("count, size, world", [(13, 4, 2), (5, 2, 3), (1, 3, 2), (3, 1, 4), (8, 8, 2), (7, 64, 1)])
-def test_chunks_are_the_share_in_passes_and_lockstep_pads_short_shares(count, size, world):
-    free = [eval_chunks(count, size, env_of(rank, world), lockstep=False) for rank in range(world)]
-    assert [i for chunks in free for chunk in chunks for i in chunk.items] == list(range(count))
-    assert all(1 <= len(chunk.items) <= size and not chunk.padding for chunks in free for chunk in chunks)
-
-    locked = [eval_chunks(count, size, env_of(rank, world), lockstep=True) for rank in range(world)]
-    assert len({len(chunks) for chunks in locked}) == 1  # every rank makes the same passes
-    for own, chunks in zip(free, locked):
-        assert chunks[: len(own)] == own
-        assert all(chunk == Chunk(range(0, 1), padding=True) for chunk in chunks[len(own):])
-    if count < world:  # the last rank has nothing of its own and still takes part
-        assert locked[-1] and all(chunk.padding for chunk in locked[-1])
+def test_chunks_are_each_ranks_share_in_passes(count, size, world):
+    passes = [eval_chunks(count, size, env_of(rank, world)) for rank in range(world)]
+    assert [i for chunks in passes for chunk in chunks for i in chunk.items] == list(range(count))
+    assert all(1 <= len(chunk.items) <= size for chunks in passes for chunk in chunks)
     with pytest.raises(ValueError, match="at least one item"):
-        eval_chunks(count, 0, env_of(0, world), lockstep=False)
+        eval_chunks(count, 0, env_of(0, world))
 
 
 def test_chunk_rows_slice_a_batch():
@@ -73,15 +65,13 @@ def test_an_items_draws_do_not_depend_on_its_neighbours():
         _normal((3, 2), item_generators(7, range(2)), CPU)
 
 
-def test_item_streams_continue_and_padding_draws_apart():
+def test_item_streams_continue_where_they_were_left():
     streams = ItemStreams(3)
     first = item_normal(streams.of(Chunk(range(0, 2))), (4,))
     second = item_normal(streams.of(Chunk(range(1, 3))), (4,))
     plain = [torch.randn(2, 4, generator=generator) for generator in item_generators(3, range(3))]
     assert torch.equal(first, torch.stack([plain[0][0], plain[1][0]]))
     assert torch.equal(second, torch.stack([plain[1][1], plain[2][0]]))  # item 1 continues its stream
-    padding = item_normal(streams.of(Chunk(range(0, 1), padding=True)), (4,))
-    assert torch.equal(padding[0], plain[0][0])  # a fresh stream: item 0's own is left as it was
     assert torch.equal(item_normal(streams.of(Chunk(range(0, 1))), (4,))[0], plain[0][1])
 
 

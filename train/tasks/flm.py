@@ -46,7 +46,6 @@ from flowmill.train.evaluation import (
     eval_chunks,
     gather_rows,
     item_generators,
-    partitioned,
 )
 from flowmill.train.judge import JudgeConfig, TextDataInfo, judge_of_job, text_data_info
 from flowmill.train.tasks.base import Task
@@ -232,10 +231,8 @@ class TextFlowTask(Task):
         same sample i for any count, any number of ranks and any SAMPLE_CHUNK.
         """
         tokens = [torch.zeros((0, self.model_config.seq_len), dtype=torch.long)]
-        for chunk in eval_chunks(num_samples, SAMPLE_CHUNK, env, partitioned(model)):
-            made = self.sample_tokens(model, len(chunk.items), steps, item_generators(seed, chunk.items)).cpu()
-            if not chunk.padding:
-                tokens.append(made)
+        for chunk in eval_chunks(num_samples, SAMPLE_CHUNK, env):
+            tokens.append(self.sample_tokens(model, len(chunk.items), steps, item_generators(seed, chunk.items)).cpu())
         return torch.cat(tokens)
 
     def generate(self, model: nn.Module, num_samples: int, steps: int, seed: int) -> torch.Tensor:
@@ -359,7 +356,7 @@ class FLMTask(TextFlowTask):
         """``val/ce_tau{tau}`` per clock value of lm_eval.val_clock and their mean ``val/ce``."""
         clock = self.cfg.lm_eval.val_clock
         totals = Totals(ce_keys(clock))
-        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env, partitioned(model))
+        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env)
         add_clock_ce(totals, model, tokens, chunks, self.val_times(), clock, ItemStreams(seed))
         return with_mean_ce(totals.reduced(env), clock)
 
@@ -376,9 +373,8 @@ def add_clock_ce(totals: Totals, model: nn.Module, tokens: torch.Tensor, chunks:
     for chunk in chunks:
         part = tokens[chunk.rows].to(device)
         per_time = objective.validation_ce(model, part, times.to(device), streams.of(chunk))  # (G,) means over the chunk
-        if not chunk.padding:
-            for key, value in zip(ce_keys(clock), per_time.tolist()):
-                totals.add(key, value * len(part), len(part))
+        for key, value in zip(ce_keys(clock), per_time.tolist()):
+            totals.add(key, value * len(part), len(part))
 
 
 def with_mean_ce(metrics: dict, clock: list[float]) -> dict:

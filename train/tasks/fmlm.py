@@ -39,7 +39,7 @@ from flowmill.models.flow_lm import FlowLM, FlowLMConfig
 from flowmill.run_dir import CONFIG_FILE, EMA_FILE, SOURCE_FILE, Checkpoint, RunDir
 from flowmill.train import flm_objective as objective
 from flowmill.train.distributed import DistEnv
-from flowmill.train.evaluation import ItemStreams, Totals, eval_chunks, partitioned
+from flowmill.train.evaluation import ItemStreams, Totals, eval_chunks
 from flowmill.train.tasks.flm import (
     EVAL_CHUNK,
     FAMILY,
@@ -163,7 +163,7 @@ class FMLMTask(TextFlowTask):
         student = self.stage == "student"
         totals = Totals(["val/distill_error", *(ce_keys(clock) if student else [])])
         streams = ItemStreams(seed)  # a sequence's CE noise continues its stream after its jump's noise
-        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env, partitioned(model))
+        chunks = eval_chunks(len(tokens), EVAL_CHUNK, env)
         for chunk in chunks:
             part = tokens[chunk.rows].to(device)
             start = torch.ones(len(part), dtype=torch.float64, device=device)  # clock 1 (noise) → 0 (data)
@@ -172,8 +172,7 @@ class FMLMTask(TextFlowTask):
                                                        streams.of(chunk))
             else:
                 _, extra = objective.corrector_jump_loss(model, self.teacher, part, start, start - 1, streams.of(chunk))
-            if not chunk.padding:
-                totals.add("val/distill_error", extra["distill_error"].item() * len(part), len(part))
+            totals.add("val/distill_error", extra["distill_error"].item() * len(part), len(part))
         if student:
             add_clock_ce(totals, JumpToData(model), tokens, chunks, self.val_times(), clock, streams)
         metrics = totals.reduced(env)

@@ -35,7 +35,7 @@ from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, Tex
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config
 from flowmill.train.distributed import DistEnv
-from flowmill.train.evaluation import Totals, eval_chunks, partitioned, take
+from flowmill.train.evaluation import Totals, eval_chunks, take
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
 from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
@@ -291,7 +291,7 @@ class MMDiTTask(Task):
         noise = torch.randn(batch["img"].shape, generator=torch.Generator().manual_seed(self.cfg.trainer.seed))
         keys = [f"val/loss_t{value:g}" for value in self.cfg.eval.timesteps]
         totals = Totals(keys)
-        for chunk in eval_chunks(count, count, self.env, partitioned(model)):
+        for chunk in eval_chunks(count, count, self.env):
             rows = take(batch, chunk.rows)
             x0 = rows["img"].to(device)
             txt, vec = self.text_inputs(rows, device)
@@ -299,8 +299,7 @@ class MMDiTTask(Task):
                 t = torch.full((x0.shape[0],), value, device=device)
                 sample = self.path.sample(x0, noise[chunk.rows].to(device), t)
                 error = (model(sample.x_t, t, txt, vec).float() - sample.target.float()).pow(2).flatten(1).mean(dim=1)
-                if not chunk.padding:
-                    totals.add(key, error.sum(), len(error))
+                totals.add(key, error.sum(), len(error))
         metrics = totals.reduced(self.env)
         metrics["val/loss"] = sum(metrics[key] for key in keys) / len(keys)
         return metrics

@@ -38,8 +38,6 @@ from flowmill.train.evaluation import (
     alone,
     eval_chunks,
     gather_rows,
-    own_parameters_gathered,
-    partitioned,
 )
 from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.base import Task
@@ -167,7 +165,7 @@ class VideoTokenizerTask(Task):
         num_registers = model.config.num_registers
         counts = sorted({*self.num_tokens, num_registers})
         totals = Totals(f"val/loss_k{k}" for k in counts)
-        for chunk in eval_chunks(len(clips), len(clips), env, partitioned(model)):
+        for chunk in eval_chunks(len(clips), len(clips), env):
             part = clips[chunk.rows].to(device)
             x0 = patchify(part, model.config.tubelet)
             codes = model.encode(part).codes
@@ -178,8 +176,7 @@ class VideoTokenizerTask(Task):
                     t = torch.full((len(part),), value, device=device)
                     path = model.flow_path.sample(x0, noise[chunk.rows].to(device), t)
                     error += (model.velocity(path.x_t, t, cond).float() - path.target.float()).pow(2).flatten(1).mean(dim=1).cpu()
-                if not chunk.padding:
-                    totals.add(f"val/loss_k{k}", error.sum() / len(self.cfg.eval.timesteps), len(part))
+                totals.add(f"val/loss_k{k}", error.sum() / len(self.cfg.eval.timesteps), len(part))
         metrics = totals.reduced(env)
         metrics["val/loss"] = metrics[f"val/loss_k{num_registers}"]
         return metrics
@@ -215,11 +212,9 @@ class VideoTokenizerTask(Task):
             shown = self.cfg.sample.num_per_prompt
             totals = Totals(f"recon/{name}_k{k}" for k in self.num_tokens for name in ("psnr", "ssim"))
             kept = {k: [held_out[:0]] for k in self.num_tokens}  # this rank's decoded clips among the shown ones
-            for chunk in eval_chunks(len(held_out), len(held_out), env, partitioned(model)):
+            for chunk in eval_chunks(len(held_out), len(held_out), env):
                 reference = held_out[chunk.rows]
                 decoded = self.reconstructions(model, reference, noise=noise[chunk.rows])
-                if chunk.padding:
-                    continue
                 for k, clips in decoded.items():
                     totals.add(f"recon/psnr_k{k}", psnr_per_clip(clips, reference).double().sum(), len(clips))
                     totals.add(f"recon/ssim_k{k}", ssim_per_clip(clips, reference).sum(), len(clips))
@@ -231,11 +226,10 @@ class VideoTokenizerTask(Task):
         return self._last_recon
 
     def evaluate(self, model: nn.Module, step: int) -> dict:
-        with own_parameters_gathered(model):  # it calls encode, velocity and decode, not forward
-            metrics = self.validation_losses(model, self.validation_clips(), self.env)
-            for k, (psnr_k, ssim_k) in self.recon_quality(model, step, self.env).scores.items():
-                metrics[f"recon/psnr_k{k}"] = psnr_k
-                metrics[f"recon/ssim_k{k}"] = ssim_k
+        metrics = self.validation_losses(model, self.validation_clips(), self.env)
+        for k, (psnr_k, ssim_k) in self.recon_quality(model, step, self.env).scores.items():
+            metrics[f"recon/psnr_k{k}"] = psnr_k
+            metrics[f"recon/ssim_k{k}"] = ssim_k
         return metrics
 
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
