@@ -17,11 +17,12 @@ from torch import nn
 from flowmill.errors import UsageError
 from flowmill.models.mmdit import MMDiT
 from flowmill.models.sd3_convert import CONFIG_CLASSES, DIFFUSERS_CONFIG, FLOWMILL_CONFIG, load_model_folder
+from flowmill.models.vae import Autoencoder, LatentSpace, is_diffusers_vae, load_diffusers_vae, vae_from_weights
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.weights import read_ema
 
 # Model families that load_model can build, by the name model folders and checkpoints record.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"mmdit": MMDiT}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"mmdit": MMDiT, "autoencoder": Autoencoder}
 SOURCES = "a flowmill model folder (flowmill_model.json), a run dir or one of its checkpoints/step-* folders"
 
 
@@ -75,3 +76,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
     model = MODEL_CLASSES[family](cfg)
     model.load_state_dict(state_dict)
     return model.to(device).eval()
+
+
+def load_vae(path: str | Path) -> LatentSpace:
+    """A VAE: a diffusers AutoencoderKL folder, or a flowmill autoencoder run (its EMA weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; a VAE is a diffusers AutoencoderKL folder or a flowmill autoencoder run")
+    if is_diffusers_vae(path):
+        return load_diffusers_vae(path)
+    try:
+        RunDir.open(path)
+    except UsageError:
+        return load_diffusers_vae(path)  # neither: the error names the missing config.json
+    family, cfg, state_dict = load_weights(path)
+    if family != "autoencoder":
+        raise UsageError(f"{path} holds a {family!r} model, not an autoencoder; a VAE is a diffusers AutoencoderKL "
+                         "folder or a flowmill `task: autoencoder` run")
+    return vae_from_weights(cfg, state_dict, str(path))

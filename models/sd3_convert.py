@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flowmill.models.mmdit import MMDiT, MMDiTConfig
+from flowmill.models.vae import AutoencoderConfig
 
 DIFFUSERS_CLASS = "SD3Transformer2DModel"
 # The diffusers release this mapping was checked against (written into exported configs).
@@ -34,7 +35,7 @@ FLOWMILL_CONFIG = "flowmill_model.json"
 FLOWMILL_WEIGHTS = "model.safetensors"
 
 # Model families a flowmill model folder can hold, by the name written in flowmill_model.json.
-CONFIG_CLASSES = {"mmdit": MMDiTConfig}
+CONFIG_CLASSES = {"mmdit": MMDiTConfig, "autoencoder": AutoencoderConfig}
 
 # diffusers config keys → MMDiTConfig fields, for the ones that are a plain rename.
 _CONFIG_RENAMES = {
