@@ -1,78 +1,284 @@
-"""Do generated digits look like the digit asked for? A classifier trained on scikit-learn's
-digits labels samples that ``flowmill sample`` makes for the ten prompts.
+"""How good are generated digits? Recognisable, close to real handwriting, and as varied as it.
 
-    python bench/digits_quality.py RUN_DIR [--num-samples 20] [--steps 25] [--cfg 3.0]
+    python bench/digits_quality.py RUN_DIR [RUN_DIR ...] [--num-samples 20] [--steps 25] [--cfg 3.0] [--json]
 
-The classifier sees the same 32×32 images the model was trained on (the packed digits),
-brought back to 8×8 by block averaging, so real digits and samples go through one path.
-Prints the accuracy per digit and overall, for the run's EMA weights.
+Each run (a pixel run and a latent run alike: the task's ``generate`` returns images in
+[-1, 1]) draws ``--num-samples`` images for each of the ten prompts "a handwritten digit zero"
+… "nine" with its EMA weights. One table, one row per run, reports:
+
+- **accuracy**: the share of samples a digit classifier labels as the digit asked for;
+- **FD**: the Fréchet distance between Gaussians fitted to the classifier's hidden-layer
+  features of the samples and of a reference split of real digits (lower is closer);
+- **spread**: per prompt, the mean pairwise distance between samples divided by the same
+  figure for real digits of that class, averaged over the ten classes (1.0: as varied as
+  real handwriting; a model that draws one image per prompt scores 0, however recognisable);
+- the run's training time: the summed time of its optimizer steps (``train/samples_per_s``
+  in ``logs/metrics.jsonl``) and the wall-clock span of ``logs/train.log`` (steps plus
+  evaluation, sampling and checkpoints), so runs trained for the same wall-clock time can
+  be compared.
+
+Two rows calibrate the scale: real held-out digits, as many per class as the samples (the
+floor FD reaches with this many images: a perfect generator is not expected to beat it),
+and one real digit per class repeated (100 % accuracy, spread 0, a large FD: the collapse
+that accuracy alone cannot see).
+
+The classifier is scikit-learn's MLPClassifier with one hidden layer, trained on half of
+scikit-learn's digits; its hidden-layer activations are the features. ImageNet features (as
+FID uses) mean little for 8×8 grey digits; a network trained on the digits themselves
+encodes the strokes that tell digits apart, the reasoning behind FDs of classifier features
+on MNIST. Every image (real or sampled, at any side divisible by 8) is brought to 8×8 by
+block averaging, the resolution the digits really have (the packed 32×32 digits are
+upsampled 8×8 images), so real digits and samples go through one path. The generators
+trained on all digits, the reference and held-out splits included: "held out" means unseen
+by the classifier, and a generator that memorised its data could come below the floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
+from scipy.spatial.distance import pdist
 from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
 
 from flowmill.data.builtin import DIGIT_WORDS, digit_caption, digit_images
+from flowmill.errors import UsageError
+from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.sample import load_task_and_model
+
+CLASSES = 10
+BLOCKS = 8  # every image is compared at 8×8, the digits' own resolution
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+SEGMENT_START = " INFO run dir: "  # train/job.py logs it when a run starts or resumes
 
 
 def to_features(images: np.ndarray) -> np.ndarray:
-    """(N, 32, 32) uint8 → (N, 64) features: 4×4 block means of 8×8, scaled to [0, 1]."""
-    count = images.shape[0]
-    return images.reshape(count, 8, 4, 8, 4).mean(axis=(2, 4)).reshape(count, 64) / 255.0
+    """(N, S, S) grey levels 0..255, S divisible by 8 → (N, 64): 8×8 block means scaled to [0, 1]."""
+    count, side = images.shape[0], images.shape[-1]
+    if side % BLOCKS or images.shape[-2] != side:
+        raise ValueError(f"images are {images.shape[1:]}; the bench needs square images whose side is a multiple of {BLOCKS}")
+    cell = side // BLOCKS
+    return images.reshape(count, BLOCKS, cell, BLOCKS, cell).mean(axis=(2, 4)).reshape(count, BLOCKS * BLOCKS) / 255.0
 
 
-def train_classifier(seed: int = 0) -> tuple[LogisticRegression, float]:
-    """A digit classifier and its accuracy on held-out real digits."""
-    images, labels = digit_images(32)
-    train_x, test_x, train_y, test_y = train_test_split(to_features(images), labels, test_size=0.25, random_state=seed)
-    classifier = LogisticRegression(max_iter=2000, C=10.0).fit(train_x, train_y)
-    return classifier, float(classifier.score(test_x, test_y))
+@dataclass
+class DigitSplits:
+    """scikit-learn's digits as 64 features each, split by class in proportion (stratified)."""
+
+    train_x: np.ndarray  # (N, 64) the classifier learns from these
+    train_y: np.ndarray  # (N,) labels 0..9
+    reference_x: np.ndarray  # real digits every generator is compared with (FD and spread)
+    reference_y: np.ndarray
+    held_out_x: np.ndarray  # real digits standing in for a perfect generator (the floor row)
+    held_out_y: np.ndarray
+
+    @classmethod
+    def make(cls, seed: int = 0) -> DigitSplits:
+        """Half for training, a quarter each for reference and held out."""
+        images, labels = digit_images(32)
+        features = to_features(images)
+        train_x, rest_x, train_y, rest_y = train_test_split(features, labels, test_size=0.5, stratify=labels, random_state=seed)
+        reference_x, held_out_x, reference_y, held_out_y = train_test_split(rest_x, rest_y, test_size=0.5, stratify=rest_y,
+                                                                            random_state=seed)
+        return cls(train_x, train_y, reference_x, reference_y, held_out_x, held_out_y)
+
+
+class DigitClassifier:
+    """An MLP trained on real digits: ``predict`` labels, ``features`` its hidden-layer activations."""
+
+    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, hidden: int = 64, seed: int = 0):
+        self.mlp = MLPClassifier(hidden_layer_sizes=(hidden,), alpha=1e-3, max_iter=2000, random_state=seed)
+        self.mlp.fit(train_x, train_y)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """(N,) labels of (N, 64) features."""
+        return self.mlp.predict(features)
+
+    def score(self, features: np.ndarray, labels: np.ndarray) -> float:
+        return float(self.mlp.score(features, labels))
+
+    def features(self, features: np.ndarray) -> np.ndarray:
+        """(N, hidden) ReLU activations of the hidden layer, the input of the output layer."""
+        return np.maximum(features @ self.mlp.coefs_[0] + self.mlp.intercepts_[0], 0.0)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to (N, D) and (M, D) feature sets:
+    |μa − μb|² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½.
+
+    By eigen-decompositions of symmetric matrices (``tr (Σa Σb)^½`` equals the last trace), so
+    singular covariances, e.g. of dead ReLU units or a collapsed generator, need no special care.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    middle = root_a @ cov_b @ root_a
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0.0, None)).sum()
+    return float(np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross)
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean Euclidean distance over the pairs of distinct rows of (N, D), N ≥ 2 (0 for identical rows)."""
+    x = np.asarray(x, dtype=np.float64)
+    count = x.shape[0]
+    if count < 2:
+        raise ValueError(f"the spread needs at least 2 images per class, got {count}")
+    return float(pdist(x).mean())
+
+
+def spread_ratios(x: np.ndarray, labels: np.ndarray, real_x: np.ndarray, real_labels: np.ndarray) -> np.ndarray:
+    """(10,) per class: mean pairwise distance of ``x`` of that class over that of ``real_x`` of that class."""
+    return np.array([mean_pairwise_distance(x[labels == label]) / mean_pairwise_distance(real_x[real_labels == label])
+                     for label in range(CLASSES)])
+
+
+def assess(x: np.ndarray, labels: np.ndarray, classifier: DigitClassifier, splits: DigitSplits) -> dict:
+    """Accuracy, FD and spread of (N, 64) images whose prompts asked for ``labels`` (N,)."""
+    correct = classifier.predict(x) == labels
+    spread = spread_ratios(x, labels, splits.reference_x, splits.reference_y)
+    return {
+        "count": int(len(labels)),
+        "accuracy": float(correct.mean()),
+        "fd": frechet_distance(classifier.features(x), classifier.features(splits.reference_x)),
+        "spread": float(spread.mean()),
+        "per_digit": {DIGIT_WORDS[label]: {"accuracy": float(correct[labels == label].mean()), "spread": float(spread[label])}
+                      for label in range(CLASSES)},
+    }
+
+
+def real_rows(splits: DigitSplits, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_class`` held-out real digits of each class (fewer where the split has fewer), and their labels."""
+    rng = np.random.default_rng(seed)
+    chosen = [rng.permutation(np.flatnonzero(splits.held_out_y == label))[:per_class] for label in range(CLASSES)]
+    index = np.concatenate(chosen)
+    return splits.held_out_x[index], splits.held_out_y[index]
+
+
+def collapsed_rows(splits: DigitSplits, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first held-out digit of each class, repeated ``per_class`` times: a generator that draws one image per prompt."""
+    firsts = [np.flatnonzero(splits.held_out_y == label)[0] for label in range(CLASSES)]
+    index = np.repeat(firsts, per_class)
+    return splits.held_out_x[index], splits.held_out_y[index]
+
+
+def training_time(run_dir: RunDir, checkpoint: Checkpoint) -> dict:
+    """How long the run trained to reach ``checkpoint``: ``steps_s``, the summed time of its
+    optimizer steps up to the checkpoint's step (the last record of each step, as a resumed run
+    repeats steps after its checkpoint), and ``wall_s``, the summed span of ``train.log`` from each
+    start or resume to its last line (None where the file is missing)."""
+    out: dict = {"step": checkpoint.step, "steps_s": None, "wall_s": None}
+    global_batch = checkpoint.meta.get("global_batch")
+    if run_dir.metrics_file.is_file() and global_batch:
+        step_rate = {}
+        for line in run_dir.metrics_file.read_text().splitlines():
+            record = json.loads(line)
+            if "train/samples_per_s" in record and record["step"] <= checkpoint.step:
+                step_rate[record["step"]] = record["train/samples_per_s"]
+        out["steps_s"] = float(sum(global_batch / rate for rate in step_rate.values()))
+    if run_dir.train_log.is_file():
+        out["wall_s"] = log_span_s(run_dir.train_log.read_text().splitlines())
+    return out
+
+
+def log_span_s(lines: list[str]) -> float:
+    """Seconds from each ``run dir:`` line (a start or resume) to the last timestamped line before the next one, summed."""
+    total, first, last = 0.0, None, None
+    for line in lines:
+        match = LOG_TIME.match(line)
+        if match is None:
+            continue
+        stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if SEGMENT_START in line or first is None:
+            total += (last - first) if first is not None else 0.0
+            first = stamp
+        last = stamp
+    return total + ((last - first) if first is not None else 0.0)
+
+
+def sample_run(source: str, num_samples: int, steps: int, cfg: float, seed: int) -> tuple[np.ndarray, dict]:
+    """(10·num_samples, 64) features of a run's samples, prompt-major, and where they came from
+    (``name``: the run dir's folder name, ``checkpoint``, its training time)."""
+    task, model, checkpoint = load_task_and_model(source)
+    prompts = [digit_caption(label) for label in range(CLASSES)]
+    with torch.no_grad():
+        images = task.generate(model, prompts, num_samples, steps, cfg, "euler", seed)
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise SystemExit(f"{source}: generate returned {tuple(images.shape)}, not grey images (N, 1, H, W)")
+    pixels = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().cpu().numpy()  # (N, H, W)
+    run_dir, _ = RunDir.open(source)
+    origin = {"name": run_dir.path.name, "source": source, "checkpoint": str(checkpoint.path)}
+    return to_features(pixels), {**origin, **training_time(run_dir, checkpoint)}
+
+
+def table(rows: list[dict]) -> str:
+    """One line per generator: training time, then accuracy, FD and spread."""
+    def seconds(value):
+        return "–" if value is None else f"{value:.0f}"
+
+    lines = [f"{'generator':<44}{'step':>6}{'steps s':>9}{'wall s':>8}{'accuracy':>10}{'FD':>8}{'spread':>8}"]
+    for row in rows:
+        lines.append(f"{row['name'][-44:]:<44}{row.get('step') or '–':>6}{seconds(row.get('steps_s')):>9}"
+                     f"{seconds(row.get('wall_s')):>8}{row['accuracy']:>10.1%}{row['fd']:>8.3f}{row['spread']:>8.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="run dir or checkpoint folder")
+    parser.add_argument("sources", nargs="+", metavar="RUN_DIR", help="run dirs or checkpoint folders, one row each")
     parser.add_argument("--num-samples", type=int, default=20, help="samples per digit (default 20)")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps (default 25)")
     parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    if args.num_samples < 2:
+        parser.error(f"--num-samples: the spread needs at least 2 samples per digit, got {args.num_samples}")
 
-    classifier, real_accuracy = train_classifier()
-    task, model, checkpoint = load_task_and_model(args.source)
-    prompts = [digit_caption(label) for label in range(10)]
-    with torch.no_grad():
-        images = task.generate(model, prompts, args.num_samples, args.steps, args.cfg, "euler", args.seed)
-    pixels = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().numpy()  # (N, 32, 32)
-    predicted = classifier.predict(to_features(pixels)).reshape(10, args.num_samples)
-    per_digit = (predicted == np.arange(10)[:, None]).mean(axis=1)
+    splits = DigitSplits.make(args.seed)
+    classifier = DigitClassifier(splits.train_x, splits.train_y, seed=args.seed)
+    labels = np.repeat(np.arange(CLASSES), args.num_samples)
+    runs = []
+    for source in args.sources:
+        try:
+            features, origin = sample_run(source, args.num_samples, args.steps, args.cfg, args.seed)
+        except UsageError as error:
+            parser.error(str(error))
+        runs.append({**origin, **assess(features, labels, classifier, splits)})
+    floor = {"name": "real held-out digits (floor)", **assess(*real_rows(splits, args.num_samples, args.seed), classifier, splits)}
+    ceiling = {"name": "one real digit per class, repeated", **assess(*collapsed_rows(splits, args.num_samples), classifier, splits)}
     result = {
-        "checkpoint": str(checkpoint.path),
         "samples_per_digit": args.num_samples,
         "steps": args.steps,
         "cfg": args.cfg,
-        "classifier_accuracy_on_real_digits": real_accuracy,
-        "per_digit": {DIGIT_WORDS[label]: float(per_digit[label]) for label in range(10)},
-        "accuracy": float(per_digit.mean()),
+        "classifier_accuracy_on_real_digits": classifier.score(splits.held_out_x, splits.held_out_y),
+        "reference_digits": int(len(splits.reference_y)),
+        "runs": runs,
+        "floor": floor,
+        "ceiling": ceiling,
     }
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"checkpoint: {checkpoint.path}")
-    print(f"classifier accuracy on held-out real digits: {real_accuracy:.3f}")
-    for label in range(10):
-        print(f"  {DIGIT_WORDS[label]:>5}: {per_digit[label]:.2f}")
-    print(f"samples recognised as the digit asked for: {result['accuracy']:.1%} "
-          f"({args.num_samples} per digit, {args.steps} Euler steps, CFG {args.cfg})")
+    print(f"{args.num_samples} samples per digit, {args.steps} Euler steps, CFG {args.cfg}; FD and spread against "
+          f"{result['reference_digits']} real reference digits; the classifier recognises "
+          f"{result['classifier_accuracy_on_real_digits']:.1%} of held-out real digits")
+    print(table([*runs, floor, ceiling]))
+    if floor["count"] < CLASSES * args.num_samples:
+        print(f"(the floor row has {floor['count']} real digits: the held-out split has fewer than {args.num_samples} of some classes)")
+    print("\nper digit (accuracy / spread):")
+    print(f"{'':<8}" + "".join(f"{row['name'][-16:]:>18}" for row in runs))
+    for word in DIGIT_WORDS[:CLASSES]:
+        print(f"{word:<8}" + "".join(f"{row['per_digit'][word]['accuracy']:>11.0%} / {row['per_digit'][word]['spread']:.2f}"
+                                    for row in runs))
     return 0
 
 
