@@ -69,20 +69,31 @@ def _add_encode(commands: argparse._SubParsersAction) -> None:
             "Cache a frozen encoder's outputs (text embeddings, latents) so training does not recompute them every "
             "step. The encoder is MODULE:CALLABLE, called with the --arg keywords; it returns an object with "
             "decode(sample), __call__(batch) and description (see flowmill.data.encode). Each output becomes a "
-            "NAME.npy field of a sample with the source key; --keep copies source fields (e.g. txt) along."
+            "NAME.npy field of a sample with the source key; --keep copies source fields (e.g. txt) along. "
+            "--vae VAE (a diffusers AutoencoderKL folder or a flowmill autoencoder run) writes latent shards instead: "
+            "the posterior's unscaled latent_mean.npy and latent_std.npy plus txt and cls; the manifest names the VAE "
+            "(sha256) and its scaling_factor/shift_factor, measured on the data when the VAE has none."
         ),
         epilog=(
-            "example: flowmill data encode datasets/digits datasets/digits-txt-emb "
-            "--encoder flowmill.train.encoders:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls"
+            "examples:\n"
+            "  flowmill data encode datasets/digits datasets/digits-txt-emb "
+            "--encoder flowmill.train.encoders:text_encoder --arg run_dir=runs/mmdit-digits-1 --keep png txt cls\n"
+            "  flowmill data encode datasets/digits datasets/digits-latent --vae runs/vae-digits --nproc 2"
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     encode.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern or glob")
     encode.add_argument("out_dir", metavar="OUT_DIR", help="folder for the encoded shards and manifest.json")
-    encode.add_argument("--encoder", required=True, metavar="MODULE:CALLABLE", help="factory of the frozen encoder")
+    which = encode.add_mutually_exclusive_group(required=True)
+    which.add_argument("--encoder", metavar="MODULE:CALLABLE", help="factory of the frozen encoder")
+    which.add_argument("--vae", metavar="VAE", help="encode the images to latents with this VAE (diffusers folder or autoencoder run)")
     encode.add_argument("--arg", type=parse_assignment, action="append", default=[], metavar="KEY=VALUE",
                         help="keyword for the factory (JSON values: numbers, true, lists; else a string); repeat")
     encode.add_argument("--batch-size", type=int, default=64, help="samples per encoder call (default 64)")
-    encode.add_argument("--keep", nargs="+", default=[], metavar="FIELD", help="source fields copied to each output sample")
+    encode.add_argument("--keep", nargs="+", default=[], metavar="FIELD",
+                        help="source fields copied to each output sample (--vae: default txt and cls, when present)")
+    encode.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="encoding processes, each its share of the shards (one GPU each when present) (default 1)")
     encode.add_argument("--dtype", choices=("float32", "float16"), help="store floating outputs in this type")
     encode.add_argument("--threads", type=int, help="torch CPU threads for the encoder (default: torch's choice)")
     _add_writing(encode, f"{ENCODE_SHARD_SAMPLES} samples per shard")

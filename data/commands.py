@@ -36,6 +36,7 @@ from flowmill.data.constants import (
 )
 from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.images import pack_images
+from flowmill.data.latents import DEFAULT_KEEP, LATENTS_SECTION, VAE_ENCODER, first_image
 from flowmill.data.pack import PackOptions
 from flowmill.data.text import pack_text
 from flowmill.data.text_tokenizer import train_text_tokenizer
@@ -190,21 +191,41 @@ def inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vae_encoder_args(args: argparse.Namespace) -> tuple[str, dict, tuple[str, ...]]:
+    """(encoder spec, factory keywords, kept fields) of ``--vae``: the dataset's first image decides the
+    image field and size; the caption and class are kept when the samples have them."""
+    if args.arg:
+        raise UsageError("--arg: keywords go to an --encoder factory; --vae takes none")
+    image_field, size, fields = first_image(args.dataset)
+    keep = tuple(args.keep) if args.keep else tuple(name for name in DEFAULT_KEEP if name in fields)
+    return VAE_ENCODER, {"vae": args.vae, "image_field": image_field, "size": size}, keep
+
+
 def encode_command(args: argparse.Namespace) -> int:
     """``flowmill data encode``: cache the encoder's outputs as shards, print what was written."""
-    encoder_args = dict(args.arg)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.nproc < 1:
+        raise UsageError(f"--nproc: must be at least 1, got {args.nproc}")
     options = PackOptions(
         shard_samples=args.shard_samples, shard_bytes=args.shard_bytes, progress=not args.quiet, overwrite=args.overwrite,
     )
     try:
-        encoder = load_encoder(args.encoder, encoder_args)
+        if args.vae is not None:
+            spec, encoder_args, keep = _vae_encoder_args(args)
+        else:
+            spec, encoder_args, keep = args.encoder, dict(args.arg), tuple(args.keep)
+        encoder = load_encoder(spec, encoder_args)
         manifest = encode_dataset(
-            args.dataset, args.out_dir, encoder, encoder_spec=args.encoder, encoder_args=encoder_args,
-            batch_size=args.batch_size, keep=tuple(args.keep), dtype=args.dtype, options=options,
+            args.dataset, args.out_dir, encoder, encoder_spec=spec, encoder_args=encoder_args,
+            batch_size=args.batch_size, keep=keep, dtype=args.dtype, processes=args.nproc, options=options,
         )
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exn:
         raise UsageError(str(exn)) from None
     print(_summary(args.out_dir, manifest, "samples"))
+    latents = manifest.get(LATENTS_SECTION)
+    if latents is not None:
+        measured = f" (measured on the data: {', '.join(latents['measured'])})" if latents["measured"] else ""
+        print(f"latents {'x'.join(map(str, latents['shape']))}: scaling_factor {latents['scaling_factor']:.6g}, "
+              f"shift_factor {latents['shift_factor'] or 0.0:.6g}{measured}")
     return 0

@@ -171,6 +171,7 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
     notes: dict | None = None,
+    sections: dict | None = None,
 ) -> dict:
     """Pack ``samples`` into ``out_dir/shard-NNNNNN.tar`` and write ``out_dir/manifest.json``.
 
@@ -181,7 +182,8 @@ def write_shards(
     the samples were made and decide idempotency: if ``out_dir`` already holds a complete
     dataset made with the same parameters, nothing is written. ``total`` sizes the progress bar.
     ``notes`` (e.g. rejected inputs) may be filled while ``samples`` runs; it is stored as
-    ``manifest["made"]["notes"]``. Returns the manifest dict.
+    ``manifest["made"]["notes"]``. ``sections`` (e.g. the measured ``latents`` of an encoded
+    dataset), filled the same way, become top-level manifest entries. Returns the manifest dict.
     """
     if shard_samples is None and shard_bytes is None:
         raise ValueError("give shard_samples (samples per shard) or shard_bytes (bytes per shard)")
@@ -220,6 +222,10 @@ def write_shards(
                 "notes": notes or {},
             },
         }
+        clashes = sorted(set(sections or {}) & set(manifest))
+        if clashes:
+            raise ValueError(f"manifest sections {clashes} would replace the manifest's own entries")
+        manifest.update(sections or {})
         (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         return _move_into_place(partial, out_dir, params, manifest, overwrite)
     finally:

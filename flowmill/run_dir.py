@@ -141,6 +141,11 @@ class RunDir:
         return self.path / "text_encoder.safetensors"
 
     @property
+    def latents(self) -> Path:
+        """A latent run's copy of its dataset's ``latents`` manifest section (VAE, scale): sampling needs no dataset."""
+        return self.path / "latents.json"
+
+    @property
     def teacher(self) -> Path:
         return self.path / "teacher"
 

@@ -79,12 +79,14 @@ def _add_import(commands: argparse._SubParsersAction) -> None:
     )
     formats = importer.add_subparsers(dest="format", required=True, metavar="FORMAT")
     sd3 = formats.add_parser(
-        "sd3", help="a diffusers SD3Transformer2DModel folder",
+        "sd3", help="a diffusers SD3Transformer2DModel folder, or a whole SD3 pipeline folder",
         description="Import a diffusers SD3Transformer2DModel folder (config.json + diffusion_pytorch_model"
-        "[.safetensors|-*.safetensors]), e.g. the transformer/ folder of a Stable Diffusion 3 pipeline. "
-        "Example: flowmill import sd3 sd3-medium/transformer --out models/sd3-medium",
+        "[.safetensors|-*.safetensors]), e.g. the transformer/ folder of a Stable Diffusion 3 pipeline, or the "
+        "whole pipeline folder (model_index.json, transformer/, vae/): its VAE is copied to MODEL_DIR/vae, and "
+        "`flowmill sample MODEL_DIR --text-from RUN` decodes the model's latents through it. "
+        "Example: flowmill import sd3 stable-diffusion-3-medium-diffusers --out models/sd3-medium",
     )
-    sd3.add_argument("source", metavar="DIR", help="the diffusers transformer folder")
+    sd3.add_argument("source", metavar="DIR", help="the diffusers transformer folder, or the SD3 pipeline folder")
     sd3.add_argument("--out", required=True, metavar="MODEL_DIR", help="the flowmill model folder to write (new or empty)")
     set_handler(sd3, f"{COMMANDS}:import_sd3")
 

@@ -1,7 +1,9 @@
 """Weights in and out of flowmill: diffusers folders and the trained weights of a run.
 
 - ``flowmill import sd3 DIR --out MODEL_DIR``: a diffusers ``SD3Transformer2DModel`` folder →
-  a flowmill model folder (``flowmill_model.json`` + ``model.safetensors``).
+  a flowmill model folder (``flowmill_model.json`` + ``model.safetensors``); a whole SD3 pipeline
+  folder (``model_index.json``, ``transformer/``, ``vae/``) also brings its VAE, copied as the
+  diffusers folder ``MODEL_DIR/vae``, through which ``flowmill sample`` decodes.
 - ``flowmill export sd3 RUN_DIR|CKPT|MODEL_DIR OUT_DIR [--live]``: → a diffusers folder (a
   run's EMA weights, or with ``--live`` the trained weights of its DeepSpeed checkpoint, whose
   ZeRO partitions DeepSpeed merges).
@@ -13,14 +15,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
 import torch
 from torch import nn
 
 from flowmill.errors import UsageError
 from flowmill.models import loading
 from flowmill.models.loading import MODEL_CLASSES, SOURCES, is_model_folder, open_run, run_model_config
+from flowmill.models.loading import load_vae
 from flowmill.models.sd3_convert import load_diffusers_folder, save_diffusers_folder, save_model_folder
+from flowmill.models.vae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
 from flowmill.train.engine import unwrapped_name
+
+VAE_FOLDER = "vae"  # an SD3 pipeline's VAE folder, kept under this name in an imported model folder
 
 
 def _unwrapped(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -72,11 +80,23 @@ def _fresh_folder(path: Path) -> None:
         raise UsageError(f"{path} exists and is not an empty folder; choose a new output folder")
 
 
+def model_vae(folder: str | Path) -> Path | None:
+    """The VAE a model folder keeps (an imported SD3 pipeline's), or None."""
+    vae = Path(folder) / VAE_FOLDER
+    return vae if vae.is_dir() else None
+
+
 def import_sd3(diffusers_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a diffusers SD3 transformer folder as a flowmill model folder; returns it."""
+    """Write a diffusers SD3 transformer folder, or a whole SD3 pipeline folder (its transformer and
+    VAE), as a flowmill model folder; returns it."""
     source, out = Path(diffusers_dir), Path(out_dir)
+    vae = None
     if (source / "model_index.json").is_file():
-        raise UsageError(f"{source} is a whole diffusers pipeline; pass its transformer folder, {source / 'transformer'}")
+        for part in ("transformer", VAE_FOLDER):
+            if not (source / part).is_dir():
+                raise UsageError(f"{source / part} does not exist; an SD3 pipeline folder holds transformer/ and vae/")
+        vae, source = source / VAE_FOLDER, source / "transformer"
+        load_vae(vae)  # refuses a VAE folder without config.json or weights before anything is written
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder; pass a diffusers SD3Transformer2DModel folder")
     try:
@@ -85,6 +105,10 @@ def import_sd3(diffusers_dir: str | Path, out_dir: str | Path) -> Path:
         raise UsageError(str(error)) from None
     _fresh_folder(out)
     save_model_folder(out, "mmdit", cfg, state_dict)
+    if vae is not None:
+        (out / VAE_FOLDER).mkdir()
+        for name in (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS):
+            shutil.copyfile(vae / name, out / VAE_FOLDER / name)
     return out
 
 

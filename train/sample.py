@@ -9,13 +9,14 @@ from pathlib import Path
 from torch import nn
 
 from flowmill.errors import UsageError
-from flowmill.models.loading import load_model, load_weights
+from flowmill.models.loading import load_model, load_vae, load_weights
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
-from flowmill.train.model_io import live_weights
+from flowmill.train.model_io import live_weights, model_vae
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
+from flowmill.train.tasks.latents import Latents
 from flowmill.weights import has_ema, read_ema
 
 
@@ -50,7 +51,8 @@ def sample_run(args: argparse.Namespace) -> int:
 
 
 def sample_model_folder(args: argparse.Namespace) -> int:
-    """``flowmill sample MODEL_DIR --text-from RUN_DIR``: the folder's model, the run's text side."""
+    """``flowmill sample MODEL_DIR --text-from RUN_DIR``: the folder's model, the run's text side; the
+    folder's own VAE (an imported SD3 pipeline's ``vae/``) decodes its latents, else the run's."""
     if not args.text_from:
         raise UsageError(f"--text-from: {args.source} is a model folder, which holds no text encoder; pass "
                          "--text-from RUN_DIR, a run whose text encoder gives the widths the model takes")
@@ -65,4 +67,7 @@ def sample_model_folder(args: argparse.Namespace) -> int:
         raise UsageError(f"--text-from: {args.text_from}'s text encoder gives txt width {encoder.txt_dim} and vec width "
                          f"{encoder.vec_dim}; {args.source} takes txt_dim={model.config.txt_dim}, "
                          f"vec_dim={model.config.vec_dim}")
+    vae = model_vae(args.source)
+    if vae is not None:
+        task.latents = Latents(load_vae(vae)).to(task.env.device)
     return task.sample_command(model, Path(args.source), args)

@@ -19,7 +19,8 @@ from flowmill.models.mmdit import MMDiT
 from flowmill.run_dir import Checkpoint
 from flowmill.train.model_io import export_sd3, import_sd3, load_weights
 from flowmill.weights import read_ema
-from tests.helpers import fake_run
+from tests.helpers import fake_run, read_jsonl
+from tests.latent_helpers import random_vae
 from tests.sd3_helpers import random_sd3
 
 torch.set_num_threads(1)
@@ -129,7 +130,7 @@ def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path,
     import_sd3(folder, tmp_path / "model")
     cases = [
         (("import", "sd3", flux, "--out", tmp_path / "x"), "not an SD3 transformer: _class_name is 'FluxTransformer2DModel'"),
-        (("import", "sd3", pipeline, "--out", tmp_path / "x"), "whole diffusers pipeline; pass its transformer folder"),
+        (("import", "sd3", pipeline, "--out", tmp_path / "x"), "transformer does not exist; an SD3 pipeline folder holds transformer/ and vae/"),
         (("import", "sd3", tmp_path / "model", "--out", tmp_path / "x"), "config.json is missing"),
         (("import", "sd3", folder, "--out", tmp_path / "model"), "exists and is not an empty folder"),
         (("export", "sd3", folder, tmp_path / "x"), "is a diffusers folder, not a flowmill model: import it first"),
@@ -158,3 +159,26 @@ def test_what_is_not_an_sd3_model_is_refused(sd3_folder, finished_run, tmp_path,
     code, _, err = cli(capsys, "sample", tmp_path / "latent_model", "--text-from", finished_run, *sample)
     assert code == 2 and "16-channel latents" in err
 
+
+
+def test_an_sd3_pipeline_folder_brings_its_vae_and_samples_decode_through_it(finished_run, tmp_path, capsys):
+    pipeline = tmp_path / "sd3"
+    random_sd3(in_channels=16, out_channels=16).save_pretrained(pipeline / "transformer")
+    vae = random_vae(pipeline / "vae", 1.5, 0.0609, in_channels=3, out_channels=3, latent_channels=16)
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    code, out, err = cli(capsys, "import", "sd3", pipeline, "--out", tmp_path / "model")
+    assert code == 0, err
+    assert (tmp_path / "model" / "vae" / "config.json").read_text() == (vae / "config.json").read_text()
+    assert load_model(tmp_path / "model").config.in_channels == 16
+
+    code, _, err = cli(capsys, "sample", tmp_path / "model", "--text-from", finished_run, "--prompt", "a handwritten digit one",
+                       "--steps", "2", "--num-samples", "2", "--out", tmp_path / "s")
+    assert code == 0, err
+    records = read_jsonl(tmp_path / "s" / "samples.jsonl")
+    image = Image.open(tmp_path / "s" / records[0]["file"])
+    assert len(records) == 2 and image.size == (128, 128) and image.mode == "RGB"  # 32x32x16 latents, 4x upsampled
+    assert (tmp_path / "s" / "grid.png").is_file()
+
+    (pipeline / "vae" / "config.json").unlink()
+    code, _, err = cli(capsys, "import", "sd3", pipeline, "--out", tmp_path / "again")
+    assert code == 2 and "vae/config.json does not exist" in err and not (tmp_path / "again").exists()

@@ -38,6 +38,7 @@ from flowmill.train.distributed import DistEnv
 from flowmill.train.evaluation import Totals, eval_chunks, take
 from flowmill.train.images import image_grid, save_images
 from flowmill.train.tasks.base import Task
+from flowmill.train.tasks.latents import LATENT_DRAWS, LatentDecoder, Latents, run_latents, save_section
 from flowmill.train.tasks.video_tokenizer import TokenVideoDecoder
 from flowmill.train.videos import clip_uint8, prompt_grid_gif
 
@@ -99,6 +100,10 @@ class RectifiedFlowConfig:
     cfg_drop_prob: float = 0.1  # probability of replacing the prompt by the empty prompt (for CFG)
     image_field: str = "png"  # WebDataset field holding the image (png or jpg, or a latent *.npy); the caption is the .txt field
     token_decoder: str | None = None  # a video tokenizer run whose token codes are the images (image_field codes.npy): samples are decoded to clips
+    # Latent data (data.path encoded by `flowmill data encode --vae`): train on a fresh posterior draw per step
+    # (sample, as SD3's training script) or on the posterior mean (mean); see flowmill.train.tasks.latents.
+    latents: str = "sample"
+    vae: str | None = None  # latent data: decode with this VAE instead of the one the manifest names (same weights required)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,8 @@ class MMDiTTask(Task):
         if cfg.flow.token_decoder is not None and cfg.flow.image_field != "codes.npy":
             raise UsageError(f"flow.image_field: a generator of video tokens reads their codes; set flow.image_field=codes.npy "
                               f"(got {cfg.flow.image_field!r})")
+        if cfg.flow.latents not in LATENT_DRAWS:
+            raise UsageError(f"flow.latents: unknown value {cfg.flow.latents!r}; choose one of: {', '.join(LATENT_DRAWS)}")
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
             raise UsageError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
                               "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
@@ -169,6 +176,7 @@ class MMDiTTask(Task):
             self.token_decoder = TokenVideoDecoder(cfg.flow.token_decoder, env.device)
             for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
                 self.token_decoder.check(source)
+        self.latents: Latents | None = None if self.token_decoder is not None else run_latents(cfg, run_dir, env.device)
         self.path = FlowPath()
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         self._val_batch = None
@@ -203,6 +211,8 @@ class MMDiTTask(Task):
                               "use the text section of the run that encoded it")
 
     def prepare_run_dir(self) -> None:
+        if self.latents is not None:
+            save_section(str(self.cfg.data.path), self.run_dir)
         if self.cfg.text.pretrained is not None:
             return  # the run's config names the pretrained folders; they are not copied
         if Path(self.text_tokenizer_path) != self.run_dir.text_tokenizer:
@@ -237,14 +247,17 @@ class MMDiTTask(Task):
                               + "; ".join(differences))
         return state_dict
 
-    def decoder(self) -> ImageTextDecoder | CachedTextDecoder:
-        images = ImageTextDecoder(
-            image_field=self.cfg.flow.image_field,
-            channels=self.cfg.model.in_channels,
-            size=self.cfg.model.sample_size,
-            tokenizer=None,  # captions are tokenized with the text encoder, in the training process
-            max_len=self.cfg.text.max_length,
-        )
+    def decoder(self) -> ImageTextDecoder | LatentDecoder | CachedTextDecoder:
+        if self.latents is not None:
+            images = LatentDecoder(self.cfg.model.in_channels, self.cfg.model.sample_size)
+        else:
+            images = ImageTextDecoder(
+                image_field=self.cfg.flow.image_field,
+                channels=self.cfg.model.in_channels,
+                size=self.cfg.model.sample_size,
+                tokenizer=None,  # captions are tokenized with the text encoder, in the training process
+                max_len=self.cfg.text.max_length,
+            )
         if self.cfg.text.cached:
             return CachedTextDecoder(images, self.cfg.model.txt_dim, self.cfg.model.vec_dim)
         return images
@@ -258,7 +271,7 @@ class MMDiTTask(Task):
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """(x_t, t, txt, vec) with prompts dropped to the empty prompt at cfg_drop_prob, and v = noise - x0."""
         device = self.env.device
-        x0 = batch["img"].to(device)
+        x0 = self.latents.x0(batch, generator, device) if self.latents else batch["img"].to(device)
         txt, vec = self.text_inputs(batch, device)
         batch_size = x0.shape[0]
         drop = (torch.rand(batch_size, generator=generator) < self.cfg.flow.cfg_drop_prob).to(device)
@@ -293,7 +306,7 @@ class MMDiTTask(Task):
         totals = Totals(keys)
         for chunk in eval_chunks(count, count, self.env):
             rows = take(batch, chunk.rows)
-            x0 = rows["img"].to(device)
+            x0 = self.latents.fixed_x0(rows, device) if self.latents else rows["img"].to(device)
             txt, vec = self.text_inputs(rows, device)
             for key, value in zip(keys, self.cfg.eval.timesteps):
                 t = torch.full((x0.shape[0],), value, device=device)
@@ -307,7 +320,8 @@ class MMDiTTask(Task):
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, sampler: str, seed: int) -> torch.Tensor:
         """Images (len(prompts)·num_per_prompt, C, H, W) in [-1, 1], prompt-major order, at the
-        model's own sample_size (``model.config``: a model folder may be sampled with a run's text encoder)."""
+        model's own sample_size (``model.config``: a model folder may be sampled with a run's text encoder);
+        a latent model's latents are decoded by its VAE."""
         device = self.env.device
         for prompt, count in self.prompts.too_long(prompts):
             log.warning("prompt %r has %d tokens, more than text.max_length=%d: it is truncated",
@@ -318,16 +332,22 @@ class MMDiTTask(Task):
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(repeated), channels, size, size), generator=generator).to(device)
         velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, cfg_scale)
-        return build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift).clamp(-1, 1)
+        result = build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift)
+        return self.latents.images(result) if self.latents else result.clamp(-1, 1)
 
     def sample_command(self, model: nn.Module, source: Path, args: argparse.Namespace) -> int:
         """PNG per sample, grid.png (one row per prompt) and samples.jsonl in ``args.out``; a
         generator of video tokens writes clips instead (see ``write_clips``)."""
         if not args.prompt:
             raise UsageError("--prompt: an MMDiT run needs at least one --prompt TEXT")
-        if self.token_decoder is None and model.config.in_channels not in (1, 3):
-            raise UsageError(f"{source}: the model makes {model.config.in_channels}-channel latents, not 1- or "
-                              "3-channel images; flowmill has no latent decoder (SD3 latents need SD3's VAE, in diffusers)")
+        channels = model.config.in_channels
+        if self.latents is not None and channels != self.latents.channels:
+            raise UsageError(f"{source}: the model makes {channels}-channel latents; its VAE ({self.latents.space.source}) "
+                              f"decodes {self.latents.channels}-channel ones")
+        if self.token_decoder is None and self.latents is None and channels not in (1, 3):
+            raise UsageError(f"{source}: the model makes {channels}-channel latents, not 1- or 3-channel images, and "
+                              "no VAE decodes them (train on `flowmill data encode --vae` latents, or import a full SD3 "
+                              "folder, whose vae/ the model folder keeps)")
         try:
             build_sampler(args.sampler)
         except ValueError as error:
