@@ -67,7 +67,7 @@ class AutoencoderConfig:
 # VAE's are measured on the data it encodes.
 AUTOENCODER_SIZES: dict[str, AutoencoderConfig] = {
     "tiny": AutoencoderConfig(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
-                              norm_num_groups=4, mid_block_add_attention=False, sample_size=16),
+                              norm_num_groups=4, mid_block_add_attention=False, sample_size=32),
     "sd3": AutoencoderConfig(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                              layers_per_block=2, norm_num_groups=32, mid_block_add_attention=True,
                              use_quant_conv=False, use_post_quant_conv=False, sample_size=1024),
