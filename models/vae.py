@@ -44,7 +44,7 @@ class AutoencoderConfig:
     mid_block_add_attention: bool = True  # self-attention in the middle block (SD3: true)
     use_quant_conv: bool = True  # 1x1 conv after the encoder (SD3: false)
     use_post_quant_conv: bool = True  # 1x1 conv before the decoder (SD3: false)
-    sample_size: int = 32  # image side the autoencoder is trained at (informational for diffusers)
+    sample_size: int = 32  # image side in pixels it is trained at (the task reads only this size; informational for diffusers)
     # latent = (z - shift_factor) * scaling_factor; None: not known yet (measured when a dataset is encoded).
     scaling_factor: float | None = None
     shift_factor: float | None = None
@@ -100,8 +100,8 @@ class Autoencoder(nn.Module):
         self.vae = AutoencoderKL(**config.diffusers_kwargs())
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images (B, C, H, W) in [-1, 1] and N(0, I) noise shaped like z (B, latent_channels, H / downsample, W / downsample) → the reconstruction (B, C, H, W)
-        of ``mean + std · noise`` and the posterior's mean and logvar (B, latent_channels, h, w)."""
+        """Images (B, C, H, W) in [-1, 1] and N(0, I) noise (B, latent_channels, h, w), h = H / downsample →
+        the reconstruction (B, C, H, W) of ``z = mean + std · noise`` and the posterior's mean and logvar (like z)."""
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar

@@ -159,7 +159,7 @@ class AutoencoderTask(Task):
         noise = torch.randn(self.noise_shape(images), generator=generator).to(self.env.device)
         reconstruction, mean, logvar = model(images, noise)
         loss, rec, kl = self.objective(reconstruction, images, mean, logvar)
-        return loss.mean(), {"train/rec_loss": rec.mean().item(), "train/kl": kl.mean().item()}
+        return loss.mean(), {"train/rec_loss": rec.mean().detach(), "train/kl": kl.mean().detach()}
 
     def noise_shape(self, images: torch.Tensor) -> tuple[int, int, int, int]:
         """The shape of z (B, latent_channels, H / downsample, W / downsample) for images (B, C, H, W)."""
