@@ -79,17 +79,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> nn.Modul
 
 
 def load_vae(path: str | Path) -> LatentSpace:
-    """A VAE: a diffusers AutoencoderKL folder, or a flowmill autoencoder run (its EMA weights)."""
+    """A VAE: a diffusers AutoencoderKL folder, or a flowmill autoencoder run (its EMA weights) or model folder."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; a VAE is a diffusers AutoencoderKL folder or a flowmill autoencoder run")
     if is_diffusers_vae(path):
         return load_diffusers_vae(path)
-    try:
-        RunDir.open(path)
-    except UsageError:
-        return load_diffusers_vae(path)  # neither: the error names the missing config.json
-    family, cfg, state_dict = load_weights(path)
+    if is_model_folder(path):
+        family, cfg, state_dict = load_weights(path)
+    else:
+        if not (RunDir(path).is_run() or Checkpoint.is_complete(path)):
+            return load_diffusers_vae(path)  # neither: the error names the missing config.json
+        _, checkpoint = RunDir.open(path)
+        family = checkpoint.meta.get("family")  # checked before any weights are read
+        if family == "autoencoder":
+            family, cfg, state_dict = load_weights(path)
     if family != "autoencoder":
         raise UsageError(f"{path} holds a {family!r} model, not an autoencoder; a VAE is a diffusers AutoencoderKL "
                          "folder or a flowmill `task: autoencoder` run")

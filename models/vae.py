@@ -44,7 +44,7 @@ class AutoencoderConfig:
     mid_block_add_attention: bool = True  # self-attention in the middle block (SD3: true)
     use_quant_conv: bool = True  # 1x1 conv after the encoder (SD3: false)
     use_post_quant_conv: bool = True  # 1x1 conv before the decoder (SD3: false)
-    sample_size: int = 32  # image side the autoencoder is trained at (informational for diffusers)
+    sample_size: int = 32  # image side in pixels it is trained at (the task reads only this size; informational for diffusers)
     # latent = (z - shift_factor) * scaling_factor; None: not known yet (measured when a dataset is encoded).
     scaling_factor: float | None = None
     shift_factor: float | None = None
@@ -62,6 +62,30 @@ class AutoencoderConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+# Named architectures (``model.size`` of a ``task: autoencoder`` config). Their factors stay None: the
+# scale and shift belong to trained weights (SD3's are in its vae/config.json), and a newly trained
+# VAE's are measured on the data it encodes.
+AUTOENCODER_SIZES: dict[str, AutoencoderConfig] = {
+    "tiny": AutoencoderConfig(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=(8, 16),
+                              norm_num_groups=4, mid_block_add_attention=False, sample_size=32),
+    "sd3": AutoencoderConfig(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                             layers_per_block=2, norm_num_groups=32, mid_block_add_attention=True,
+                             use_quant_conv=False, use_post_quant_conv=False, sample_size=1024),
+}
+
+
+def autoencoder_config(name: str, **overrides) -> AutoencoderConfig:
+    """The named size from ``AUTOENCODER_SIZES`` with fields replaced, e.g. ``autoencoder_config("sd3", in_channels=1)``."""
+    if name not in AUTOENCODER_SIZES:
+        raise ValueError(f"unknown autoencoder size {name!r}; choose one of: {', '.join(AUTOENCODER_SIZES)}")
+    return dataclasses.replace(AUTOENCODER_SIZES[name], **overrides)
+
+
+def kl_per_image(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, I)) of each posterior (B, C, h, w), summed over its elements: (B,) nats."""
+    return 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(dim=1)
+
+
 class Autoencoder(nn.Module):
     """An ``AutoencoderKL`` as flowmill trains it: ``model(images, noise)`` → (reconstruction, mean, logvar).
 
@@ -76,6 +100,8 @@ class Autoencoder(nn.Module):
         self.vae = AutoencoderKL(**config.diffusers_kwargs())
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) in [-1, 1] and N(0, I) noise (B, latent_channels, h, w), h = H / downsample →
+        the reconstruction (B, C, H, W) of ``z = mean + std · noise`` and the posterior's mean and logvar (like z)."""
         posterior = self.vae.encode(images).latent_dist
         z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar

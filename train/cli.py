@@ -54,20 +54,31 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
 def _add_reconstruct(commands: argparse._SubParsersAction) -> None:
     reconstruct = commands.add_parser(
         "reconstruct",
-        help="encode clips with a video tokenizer and decode them from their first k tokens",
-        description="Encode each INPUT (an .mp4 file or an .npy uint8 array (T, H, W, 3)) with the video tokenizer "
-        "of RUN_DIR (EMA weights) and decode it from its first --num-tokens tokens: writes <name>.npy (uint8, "
-        "the clip's shape) and <name>.mp4 into --out. Inputs of another length or size are refused, or cut and "
-        "resized with --fit crop. "
-        "Example: flowmill reconstruct runs/video-tokenizer-1 clip.npy --num-tokens 4 --out recon/",
+        help="encode and decode with a trained video tokenizer or autoencoder",
+        description="Encode each INPUT with the model of RUN_DIR (EMA weights) and decode it again into --out. "
+        "A video tokenizer run reads .mp4 files and .npy uint8 arrays (T, H, W, 3), decodes them from their first "
+        "--num-tokens tokens and writes <name>.npy (uint8, the clip's shape) and <name>.mp4; inputs of another "
+        "length or size are refused, or cut and resized with --fit crop. An autoencoder run reads PNG/JPEG images "
+        "of its size, or without INPUT the first --num-samples held-out images of --data, and writes one PNG per "
+        "image, grid.png (originals above reconstructions) and reconstructions.jsonl (PSNR per image), and prints "
+        "the mean PSNR. "
+        "Examples: flowmill reconstruct runs/video-tokenizer-1 clip.npy --num-tokens 4 --out recon/; "
+        "flowmill reconstruct runs/vae-digits-1 --out recon/",
     )
     add_run_source(reconstruct)
-    reconstruct.add_argument("inputs", nargs="+", metavar="INPUT", help=".mp4 files or .npy arrays (T, H, W, 3) uint8")
-    reconstruct.add_argument("--num-tokens", type=int, required=True, metavar="K", help="decode from the first K tokens (1..the run's K)")
-    add_sampler(reconstruct, steps=25, cfg=1.0, cfg_help="classifier-free guidance over the tokens")
-    reconstruct.add_argument("--fit", help="inputs of another shape: error (refuse them) or crop (keep the first T "
-                             "frames, resized and centre-cropped) (default: the run's video.fit)")
-    reconstruct.add_argument("--out", required=True, metavar="DIR", help="folder for <name>.npy and <name>.mp4")
+    reconstruct.add_argument("inputs", nargs="*", metavar="INPUT",
+                             help="video tokenizer: .mp4 files or .npy arrays (T, H, W, 3) uint8; autoencoder: image "
+                             "files (none: held-out images)")
+    reconstruct.add_argument("--num-tokens", type=int, metavar="K", help="video tokenizer: decode from the first K tokens "
+                             "(1..the run's K; required)")
+    add_sampler(reconstruct, steps=25, cfg=1.0, cfg_help="video tokenizer: classifier-free guidance over the tokens")
+    reconstruct.add_argument("--fit", help="video tokenizer: inputs of another shape: error (refuse them) or crop (keep "
+                             "the first T frames, resized and centre-cropped) (default: the run's video.fit)")
+    reconstruct.add_argument("--data", metavar="DATASET", help="autoencoder without INPUT: where the held-out images "
+                             "are (default: the run's eval.path, else data.path)")
+    reconstruct.add_argument("--num-samples", type=int, metavar="N", help="autoencoder without INPUT: images to "
+                             "reconstruct, the first N of --data (default: the run's eval.num_samples)")
+    reconstruct.add_argument("--out", required=True, metavar="DIR", help="folder for the reconstructions")
     set_handler(reconstruct, f"{COMMANDS}:reconstruct")
 
 

@@ -44,7 +44,8 @@ def sample(args: argparse.Namespace) -> int:
 def reconstruct(args: argparse.Namespace) -> int:
     task, model, checkpoint = load_task_and_model(args.source)
     if not hasattr(task, "reconstruct_command"):
-        raise UsageError(f"{args.source} trains a {task.family!r} model; reconstruct needs a video tokenizer run")
+        raise UsageError(f"{args.source} trains a {task.family!r} model; reconstruct needs a video tokenizer run "
+                         "or an autoencoder run")
     return task.reconstruct_command(model, checkpoint.path, args)
 
 

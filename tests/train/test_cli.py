@@ -27,13 +27,16 @@ def test_sample_defaults_and_repeated_prompts():
     assert (args.num_samples, args.steps, args.cfg, args.sampler, args.seed) == (4, 25, 3.0, "euler", 0)
 
 
-def test_reconstruct_needs_inputs_a_token_count_and_out(capsys):
+def test_reconstruct_takes_inputs_and_task_options_and_needs_out(capsys):
     args = parse("reconstruct", "runs/t", "a.npy", "b.mp4", "--num-tokens", "2", "--out", "r")
     assert (args.source, args.inputs, args.num_tokens, args.out) == ("runs/t", ["a.npy", "b.mp4"], 2, "r")
-    assert (args.cfg, args.fit) == (1.0, None)  # no guidance; the run's video.fit
+    assert (args.cfg, args.fit, args.data, args.num_samples) == (1.0, None, None, None)  # no guidance; the run's own settings
+    # An autoencoder run reconstructs held-out images without INPUT; the task refuses what it cannot use.
+    args = parse("reconstruct", "runs/vae", "--num-samples", "16", "--data", "datasets/val", "--out", "r")
+    assert (args.inputs, args.num_tokens, args.num_samples, args.data) == ([], None, 16, "datasets/val")
     with pytest.raises(SystemExit):
-        parse("reconstruct", "runs/t", "a.npy", "--out", "r")
-    assert "--num-tokens" in capsys.readouterr().err
+        parse("reconstruct", "runs/t", "a.npy")
+    assert "--out" in capsys.readouterr().err
 
 
 def test_import_and_export_name_their_format():

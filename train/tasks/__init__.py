@@ -15,6 +15,7 @@ TASKS = {
     "flm": "flowmill.train.tasks.flm:FLMTask",
     "fmlm": "flowmill.train.tasks.fmlm:FMLMTask",
     "video_tokenizer": "flowmill.train.tasks.video_tokenizer:VideoTokenizerTask",
+    "autoencoder": "flowmill.train.tasks.autoencoder:AutoencoderTask",
 }
 
 

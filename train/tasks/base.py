@@ -45,7 +45,10 @@ class Task:
         batch: the fixed held-out data of evaluations and benches."""
         loader = StreamingLoader(source, rank=0, world_size=1, batch_size=count, num_workers=0, seed=0,
                                  decode=self.decoder(), shuffle_buffer=0, resampled=False)
-        return next(iter(loader))
+        try:
+            return next(iter(loader))
+        except StopIteration:
+            raise ValueError(f"no sample of {source} decodes as this task's data (the loader skipped every one)") from None
 
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.

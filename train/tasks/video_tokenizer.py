@@ -276,6 +276,12 @@ class VideoTokenizerTask(Task):
         """``<name>.npy`` (uint8, the input's clip shape) and ``<name>.mp4`` per input, decoded from its first k tokens."""
 
         k = args.num_tokens
+        if k is None:
+            raise UsageError(f"--num-tokens: decoding needs the number of tokens K; pass --num-tokens 1..{model.config.num_registers}")
+        if not args.inputs:
+            raise UsageError("INPUT: a video tokenizer reconstructs the .mp4 files or .npy clips given; pass at least one")
+        if args.data is not None or args.num_samples is not None:
+            raise UsageError("--data, --num-samples: only an autoencoder run reconstructs held-out images; pass INPUT clips")
         if not 1 <= k <= model.config.num_registers:
             raise UsageError(f"--num-tokens: this tokenizer has K={model.config.num_registers} tokens; pass 1..{model.config.num_registers}, got {k}")
         if args.steps < 1:

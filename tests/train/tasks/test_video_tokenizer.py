@@ -126,6 +126,14 @@ def test_reconstruct_refuses_or_crops_clips_of_another_shape(video_tokenizer_run
         code, _, stderr = reconstruct(capsys, video_tokenizer_run, *args,
                                       *(() if "--num-tokens" in args else ("--num-tokens", "2")), "--out", tmp_path / "x")
         assert code == 2 and message in stderr, stderr
+    for args, message in [
+        ((npy_clip(tmp_path / "ok.npy", 4),), "--num-tokens: decoding needs the number of tokens K; pass --num-tokens 1..4"),
+        (("--num-tokens", "2"), "INPUT: a video tokenizer reconstructs the .mp4 files or .npy clips given"),
+        ((npy_clip(tmp_path / "ok.npy", 4), "--num-tokens", "2", "--num-samples", "3"), "--data, --num-samples: only an "
+         "autoencoder run reconstructs held-out images"),
+    ]:
+        code, _, stderr = reconstruct(capsys, video_tokenizer_run, *args, "--out", tmp_path / "x")
+        assert code == 2 and message in stderr, stderr
 
 
 def test_resume_under_zero3_on_two_processes_is_exact(clips, tmp_path):
