@@ -11,7 +11,7 @@ PROMPTS := zero one two three four five six seven eight nine
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_BUILD_OPS := 0
 
-.PHONY: run test install data clean slurm-up slurm-down slurm-status chromium
+.PHONY: run latent test install data clean slurm-up slurm-down slurm-status chromium
 
 # Installs once; a second make does nothing until pyproject.toml or the lock changes.
 $(STAMP): pyproject.toml requirements.lock
@@ -36,6 +36,24 @@ run: data
 	@echo "run dir:      $(RUN_DIR)"
 	@echo "samples:      $(RUN_DIR)/samples/final/grid.png"
 	@echo "MLflow store: $(abspath runs)/mlflow.db (artifacts in $(abspath runs)/mlartifacts); browse with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath runs)/mlflow.db"
+
+# Latent flow matching on the digits, as SD3 trains: an autoencoder (runs/vae-digits), the digits
+# encoded once into its latents (datasets/digits-latent), then the MMDiT on them, sampled through the VAE.
+VAE_RUN := runs/vae-digits
+LATENT_RUN ?= runs/mmdit-digits-latent-$(shell date -u +%Y%m%d-%H%M%S)
+
+$(VAE_RUN)/latest: | $(DIGITS)/manifest.json
+	$(FLOWMILL) launch local --nproc 2 configs/vae_digits.yaml run.dir=$(VAE_RUN)
+
+$(DIGITS)-latent/manifest.json: $(VAE_RUN)/latest
+	$(FLOWMILL) data encode $(DIGITS) $(DIGITS)-latent --vae $(VAE_RUN) --nproc 2 --overwrite
+
+latent: $(DIGITS)-latent/manifest.json $(DIGITS)/text_tokenizer.model
+	$(FLOWMILL) launch local --nproc 2 configs/mmdit_digits_latent.yaml run.dir=$(LATENT_RUN)
+	$(FLOWMILL) sample $(LATENT_RUN) --num-samples 8 --steps 25 --cfg 3.0 --out $(LATENT_RUN)/samples/final \
+		$(foreach d,$(PROMPTS),--prompt "a handwritten digit $(d)")
+	@echo "run dir:      $(LATENT_RUN)"
+	@echo "samples:      $(LATENT_RUN)/samples/final/grid.png"
 
 # The test suite includes real multi-node SLURM jobs and a headless-browser check of the MLflow UI,
 # so it brings the local cluster up and installs Chromium first.

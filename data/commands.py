@@ -198,7 +198,9 @@ def _vae_encoder_args(args: argparse.Namespace) -> tuple[str, dict, tuple[str, .
         raise UsageError("--arg: keywords go to an --encoder factory; --vae takes none")
     image_field, size, fields = first_image(args.dataset)
     keep = tuple(args.keep) if args.keep else tuple(name for name in DEFAULT_KEEP if name in fields)
-    return VAE_ENCODER, {"vae": args.vae, "image_field": image_field, "size": size}, keep
+    # The manifest names the VAE by its absolute path: training and sampling may run from another folder.
+    vae = str(Path(args.vae).resolve())
+    return VAE_ENCODER, {"vae": vae, "image_field": image_field, "size": size}, keep
 
 
 def encode_command(args: argparse.Namespace) -> int:

@@ -13,17 +13,15 @@ Loading a model for use is ``flowmill.models.load_model``, which needs none of t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from flowmill.errors import UsageError
 from flowmill.models import loading
-from flowmill.models.loading import MODEL_CLASSES, SOURCES, is_model_folder, open_run, run_model_config
-from flowmill.models.loading import load_vae
+from flowmill.models.loading import MODEL_CLASSES, SOURCES, is_model_folder, load_vae, open_run, run_model_config
 from flowmill.models.sd3_convert import load_diffusers_folder, save_diffusers_folder, save_model_folder
 from flowmill.models.vae import DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS
 from flowmill.train.engine import unwrapped_name

@@ -1,5 +1,5 @@
 """The paths only a GPU exercises: CUDA device choice, nccl, bf16 on CUDA, pinned host memory,
-EMA shards kept in host memory. Skipped where no GPU is visible; run with ``pytest -m gpu``."""
+EMA shards kept in host memory, the VAE encoding and decoding on the GPU. Skipped where no GPU is visible; run with ``pytest -m gpu``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from flowmill.data.encode import encode_device
+from flowmill.models.loading import load_vae
 from flowmill.train.distributed import DistEnv, backend_for, choose_device, placement
 from flowmill.train.ema import EMA
 from flowmill.train.loop import on_device
 from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
+from tests.latent_helpers import encode_digits, random_vae
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
 
@@ -52,3 +55,17 @@ def test_a_bf16_run_on_the_gpu_trains_and_samples(digits_dir, tmp_path):
     sampled = flowmill("sample", str(run_dir), "--prompt", "a handwritten digit one", "--num-samples", "2",
                        "--steps", "2", "--out", str(tmp_path / "samples"), cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
+
+
+def test_latent_space_on_the_gpu_matches_the_cpu(tmp_path):
+    space = load_vae(random_vae(tmp_path / "vae", scaling_factor=0.5, shift_factor=0.1))
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    on_cpu = space.decode(space.encode(images))
+    on_gpu = space.to("cuda").decode(space.encode(images.cuda()))
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+def test_encoding_runs_on_the_gpu(digits_dir, tmp_path):
+    assert encode_device(0).type == "cuda"
+    manifest = encode_digits(digits_dir, random_vae(tmp_path / "vae"), tmp_path / "latents", processes=1)
+    assert manifest["latents"]["shape"] == [4, 8, 8]
