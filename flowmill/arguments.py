@@ -53,6 +53,19 @@ def add_sampler(parser: argparse.ArgumentParser, steps: int, cfg: float, cfg_hel
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
 
 
+RAAG_ALPHA = 12.0  # the alpha of the RAAG authors' released SD3.5 example; sample.raag_alpha's default too
+
+
+def add_guidance(parser: argparse.ArgumentParser) -> None:
+    """--guidance and --raag-alpha of commands that sample with classifier-free guidance (besides add_sampler's --cfg)."""
+    parser.add_argument("--guidance", default="cfg",
+                        help="cfg: constant --cfg at every step; raag: ratio-aware adaptive guidance, whose scale "
+                        "falls from --cfg (RAAG's w_max) towards 1 where ||v_cond - v_uncond|| / ||v_uncond|| is "
+                        "large (default cfg)")
+    parser.add_argument("--raag-alpha", type=float, default=RAAG_ALPHA,
+                        help=f"RAAG's alpha, how fast its scale falls with that ratio; 0 is constant --cfg (default {RAAG_ALPHA:g})")
+
+
 def merge_trailing_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``, keeping KEY=VALUE items that come after an option as overrides.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from flowmill.arguments import EXAMPLE_RUN, add_config, add_run_source, add_sampler, set_handler
+from flowmill.arguments import EXAMPLE_RUN, add_config, add_guidance, add_run_source, add_sampler, set_handler
 
 COMMANDS = "flowmill.train.commands"
 
@@ -44,7 +44,8 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         help="a run directory, one of its checkpoints/step-* folders, or a model folder (with --text-from)")
     sample.add_argument("--prompt", action="append", default=[], help="a text prompt (image runs); repeat for several")
     sample.add_argument("--num-samples", type=int, default=4, help="samples per prompt (image runs) or in all (text runs) (default 4)")
-    add_sampler(sample, steps=25, cfg=3.0, cfg_help="classifier-free guidance scale")
+    add_sampler(sample, steps=25, cfg=3.0, cfg_help="classifier-free guidance scale (with --guidance raag: its w_max)")
+    add_guidance(sample)
     sample.add_argument("--out", required=True, help="output: a folder for images, a FILE.jsonl for text")
     sample.add_argument("--text-from", metavar="RUN_DIR",
                         help="model folders (image models) only: the run whose text encoder, text tokenizer and timestep shift to use")

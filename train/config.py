@@ -15,6 +15,7 @@ table); the fields given beside it override single values of the preset.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,10 @@ class SampleConfig:
     prompts: list[str] = field(default_factory=list)  # prompts for the sample grids logged during training
     num_per_prompt: int = 4  # samples per prompt in a grid
     steps: int = 25  # ODE solver steps
-    cfg_scale: float = 3.0  # classifier-free guidance scale (1: no guidance)
+    cfg_scale: float = 3.0  # classifier-free guidance scale (1: no guidance); with guidance raag, RAAG's w_max (>= 1)
     sampler: str = "euler"  # ODE solver: euler | heun
+    guidance: str = "cfg"  # cfg: constant cfg_scale | raag: scale 1 + (cfg_scale - 1)·exp(-raag_alpha·ratio) (models/samplers.py)
+    raag_alpha: float = 12.0  # RAAG's alpha (>= 0): how fast the scale falls as ||v_cond - v_uncond|| / ||v_uncond|| grows
 
 
 @dataclass(frozen=True)
@@ -256,6 +259,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "trainer.device": (cfg.trainer.device, ("auto", "cpu", "cuda")),
         "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
         "sample.sampler": (cfg.sample.sampler, ("euler", "heun")),
+        "sample.guidance": (cfg.sample.guidance, ("cfg", "raag")),
         "ema.device": (cfg.ema.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, valid) in choices.items():
@@ -294,6 +298,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise UsageError(f"eval.num_samples: must be positive, got {cfg.eval.num_samples}")
     if not cfg.eval.timesteps or not all(0.0 <= t <= 1.0 for t in cfg.eval.timesteps):
         raise UsageError(f"eval.timesteps: need at least one time in [0, 1], got {cfg.eval.timesteps}")
+    if not (math.isfinite(cfg.sample.raag_alpha) and cfg.sample.raag_alpha >= 0):
+        raise UsageError(f"sample.raag_alpha: RAAG's alpha must be a finite number >= 0, got {cfg.sample.raag_alpha}")
+    if cfg.sample.guidance == "raag" and not (math.isfinite(cfg.sample.cfg_scale) and cfg.sample.cfg_scale >= 1):
+        raise UsageError(f"sample.cfg_scale: with sample.guidance raag it is RAAG's w_max, which must be a finite "
+                         f"number >= 1, got {cfg.sample.cfg_scale}")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise UsageError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:

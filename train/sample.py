@@ -4,12 +4,14 @@ process, without DeepSpeed."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from torch import nn
 
 from flowmill.errors import UsageError
 from flowmill.models.loading import load_model, load_vae, load_weights
+from flowmill.models.samplers import GUIDANCES
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv, choose_device
@@ -43,9 +45,20 @@ def check_counts(args: argparse.Namespace) -> None:
             raise UsageError(f"{name}: must be at least 1, got {value}")
 
 
+def check_guidance(args: argparse.Namespace) -> None:
+    """Refuse an unknown --guidance and RAAG parameters out of range."""
+    if args.guidance not in GUIDANCES:
+        raise UsageError(f"--guidance: unknown guidance {args.guidance!r}; choose one of: {', '.join(GUIDANCES)}")
+    if not (math.isfinite(args.raag_alpha) and args.raag_alpha >= 0):
+        raise UsageError(f"--raag-alpha: RAAG's alpha must be a finite number >= 0, got {args.raag_alpha:g}")
+    if args.guidance == "raag" and not (math.isfinite(args.cfg) and args.cfg >= 1):
+        raise UsageError(f"--cfg: with --guidance raag it is RAAG's w_max, which must be a finite number >= 1, got {args.cfg:g}")
+
+
 def sample_run(args: argparse.Namespace) -> int:
     """``flowmill sample RUN_DIR|CKPT``: the run's task writes its own kind of samples (images, text...)."""
     check_counts(args)
+    check_guidance(args)
     task, model, checkpoint = load_task_and_model(args.source)
     return task.sample_command(model, checkpoint.path, args)
 
@@ -57,6 +70,7 @@ def sample_model_folder(args: argparse.Namespace) -> int:
         raise UsageError(f"--text-from: {args.source} is a model folder, which holds no text encoder; pass "
                          "--text-from RUN_DIR, a run whose text encoder gives the widths the model takes")
     check_counts(args)
+    check_guidance(args)
     task = run_task(RunDir.open(args.text_from)[0])
     family, _, _ = load_weights(args.source)
     if family != task.family:

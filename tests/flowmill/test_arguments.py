@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from flowmill.arguments import (
+    RAAG_ALPHA,
     add_config,
+    add_guidance,
     add_overrides,
     add_run_source,
     add_sampler,
@@ -105,3 +107,11 @@ def test_sampler_and_run_source_blocks():
     args = parser.parse_args(["run", "--steps", "2", "--cfg", "1", "--sampler", "heun", "--seed", "7"])
     assert (args.steps, args.cfg, args.sampler, args.seed) == (2, 1.0, "heun", 7)
     assert "RUN_DIR" in parser.format_usage() and "(default 3.0; 1 disables)" in parser.format_help()
+
+
+def test_guidance_block():
+    parser = argparse.ArgumentParser()
+    add_guidance(parser)
+    assert vars(parser.parse_args([])) == {"guidance": "cfg", "raag_alpha": RAAG_ALPHA}
+    assert vars(parser.parse_args(["--guidance", "raag", "--raag-alpha", "0.5"])) == {"guidance": "raag", "raag_alpha": 0.5}
+    assert "w_max" in parser.format_help()

@@ -1,4 +1,4 @@
-"""ODE solvers on velocity fields with known solutions, and classifier-free guidance."""
+"""ODE solvers on velocity fields with known solutions, classifier-free guidance and RAAG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ import torch
 
 from flowmill.models.flow_path import FlowPath
 from flowmill.models.mmdit import MMDiT, mmdit_config
-from flowmill.models.samplers import build_sampler, cfg_velocity, guided, time_grid
+from flowmill.models.samplers import (
+    ConstantGuidance,
+    RatioAwareGuidance,
+    build_guidance,
+    build_sampler,
+    cfg_velocity,
+    guided,
+    time_grid,
+)
 
 torch.set_num_threads(1)
 
@@ -134,19 +142,20 @@ def test_cfg_velocity_batches_cond_and_uncond_in_one_forward():
     txt, vec = torch.randn(3, 5, 8, generator=generator), torch.randn(3, 6, generator=generator)
     null_txt, null_vec = torch.randn(1, 5, 8, generator=generator), torch.randn(1, 6, generator=generator)
     model = Recorder()
-    v = cfg_velocity(model, txt, vec, null_txt, null_vec, scale=4.0)(x, t)
+    v = cfg_velocity(model, txt, vec, null_txt, null_vec, 4.0)(x, t)
     assert model.batches == [6]
     expected = guided(model(x, t, txt, vec), model(x, t, null_txt.expand(3, -1, -1), null_vec.expand(3, -1)), 4.0)
     torch.testing.assert_close(v, expected)
     model.batches.clear()
-    unguided = cfg_velocity(model, txt, vec, null_txt, null_vec, scale=1.0)(x, t)
+    unguided = cfg_velocity(model, txt, vec, null_txt, null_vec, 1.0)(x, t)
     torch.testing.assert_close(unguided, model(x, t, txt, vec))
     assert model.batches == [3, 3]
     with pytest.raises(ValueError, match="null prompt"):
-        cfg_velocity(model, txt, vec, null_txt[:, :4], null_vec, scale=2.0)
+        cfg_velocity(model, txt, vec, null_txt[:, :4], null_vec, 2.0)
 
 
-def test_cfg_sampling_with_an_mmdit_matches_separate_passes():
+def random_mmdit():
+    """A tiny MMDiT with random weights (not zero-initialised, so the prompts matter) and inputs for it."""
     cfg = mmdit_config("tiny")
     model = MMDiT(cfg)
     generator = torch.Generator().manual_seed(0)
@@ -156,6 +165,11 @@ def test_cfg_sampling_with_an_mmdit_matches_separate_passes():
     txt, vec = torch.randn(2, 5, cfg.txt_dim, generator=generator), torch.randn(2, cfg.vec_dim, generator=generator)
     null_txt, null_vec = torch.zeros(1, 5, cfg.txt_dim), torch.zeros(1, cfg.vec_dim)
     start = torch.randn(2, cfg.in_channels, 8, 8, generator=generator)
+    return model, txt, vec, null_txt, null_vec, start
+
+
+def test_cfg_sampling_with_an_mmdit_matches_separate_passes():
+    model, txt, vec, null_txt, null_vec, start = random_mmdit()
 
     def separate(x, t):
         return guided(model(x, t, txt, vec), model(x, t, null_txt.expand(2, -1, -1), null_vec.expand(2, -1)), 2.5)
@@ -165,3 +179,100 @@ def test_cfg_sampling_with_an_mmdit_matches_separate_passes():
         reference = build_sampler("heun").sample(separate, start, steps=3)
     torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batched, start)
+
+
+def pair_with_ratios(ratios: list[float], shape=(3, 4, 4)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v_cond, v_uncond), one sample per ratio, with ||v_cond - v_uncond|| / ||v_uncond|| = ratio exactly."""
+    generator = torch.Generator().manual_seed(0)
+    v_uncond = torch.randn(len(ratios), *shape, generator=generator, dtype=torch.float64)
+    direction = torch.randn(len(ratios), *shape, generator=generator, dtype=torch.float64)
+    direction = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    scale = torch.tensor(ratios, dtype=torch.float64) * v_uncond.flatten(1).norm(dim=1)
+    return (v_uncond + scale.view(-1, 1, 1, 1) * direction).float(), v_uncond.float()
+
+
+def test_raag_scale_falls_from_w_max_to_one_as_the_ratio_grows():
+    ratios = [0.0, 0.05, 0.2, 1.0, 50.0]
+    v_cond, v_uncond = pair_with_ratios(ratios)
+    raag = RatioAwareGuidance(w_max=5.0, alpha=12.0)
+    torch.testing.assert_close(raag.ratio(v_cond, v_uncond), torch.tensor(ratios), rtol=1e-5, atol=1e-6)
+    scales = raag.scales(v_cond, v_uncond)
+    expected = 1 + 4.0 * torch.exp(-12.0 * torch.tensor(ratios))  # the closed form: w = 1 + (w_max - 1)·exp(-alpha·ratio)
+    torch.testing.assert_close(scales, expected, rtol=1e-5, atol=1e-6)
+    assert scales[0] == pytest.approx(5.0)  # the predictions agree: the full scale
+    assert scales[-1] == pytest.approx(1.0)  # the ratio spikes: no extra guidance, v is v_cond
+    assert torch.all(scales[:-1] > scales[1:])  # monotone in the ratio
+    guided_v = raag(v_cond, v_uncond)
+    for index, scale in enumerate(scales.tolist()):  # each sample guided with its own scale
+        torch.testing.assert_close(guided_v[index], guided(v_cond[index], v_uncond[index], scale))
+    torch.testing.assert_close(guided_v[-1], v_cond[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_raag_scale_of_a_sample_does_not_depend_on_its_batch():
+    v_cond, v_uncond = pair_with_ratios([0.1, 3.0])
+    raag = RatioAwareGuidance(w_max=4.0, alpha=2.0)
+    together = raag(v_cond, v_uncond)
+    torch.testing.assert_close(together[:1], raag(v_cond[:1], v_uncond[:1]))
+    torch.testing.assert_close(together[1:], raag(v_cond[1:], v_uncond[1:]))
+
+
+def test_raag_with_alpha_zero_is_constant_cfg_and_with_w_max_one_no_guidance():
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 2, 4, 4, generator=generator), torch.rand(3, generator=generator)
+    txt, vec = torch.randn(3, 5, 8, generator=generator), torch.randn(3, 6, generator=generator)
+    null_txt, null_vec = torch.randn(1, 5, 8, generator=generator), torch.randn(1, 6, generator=generator)
+    model = Recorder()
+    constant = cfg_velocity(model, txt, vec, null_txt, null_vec, ConstantGuidance(3.0))(x, t)
+    torch.testing.assert_close(cfg_velocity(model, txt, vec, null_txt, null_vec, RatioAwareGuidance(3.0, 0.0))(x, t),
+                               constant, rtol=0, atol=0)
+    adaptive = cfg_velocity(model, txt, vec, null_txt, null_vec, RatioAwareGuidance(3.0, 12.0))(x, t)
+    assert not torch.allclose(adaptive, constant)
+    model.batches.clear()
+    unguided = cfg_velocity(model, txt, vec, null_txt, null_vec, RatioAwareGuidance(1.0, 12.0))(x, t)
+    assert model.batches == [3]  # scale 1 whatever the ratio: the unconditional half is skipped
+    torch.testing.assert_close(unguided, model(x, t, txt, vec))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_raag_sampling_with_an_mmdit_matches_the_formula_at_every_evaluation(sampler):
+    model, txt, vec, null_txt, null_vec, start = random_mmdit()
+    w_max, alpha = 4.0, 3.0
+    seen = []
+
+    def separate(x, t):
+        v_cond = model(x, t, txt, vec)
+        v_uncond = model(x, t, null_txt.expand(2, -1, -1), null_vec.expand(2, -1))
+        ratio = (v_cond - v_uncond).flatten(1).norm(dim=1) / v_uncond.flatten(1).norm(dim=1)
+        scale = 1 + (w_max - 1) * torch.exp(-alpha * ratio)
+        seen.append(scale)
+        return v_uncond + scale.view(-1, 1, 1, 1) * (v_cond - v_uncond)
+
+    raag = RatioAwareGuidance(w_max, alpha)
+    with torch.no_grad():
+        adaptive = build_sampler(sampler).sample(cfg_velocity(model, txt, vec, null_txt, null_vec, raag), start, steps=3)
+        reference = build_sampler(sampler).sample(separate, start, steps=3)
+        constant = build_sampler(sampler).sample(cfg_velocity(model, txt, vec, null_txt, null_vec, w_max), start, steps=3)
+    torch.testing.assert_close(adaptive, reference, rtol=1e-5, atol=1e-5)
+    assert len(seen) == {"euler": 3, "heun": 6}[sampler]  # guidance at every velocity evaluation
+    assert all(torch.all((1 <= scale) & (scale <= w_max)) for scale in seen)
+    assert not torch.allclose(adaptive, constant, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "w_max, alpha, message",
+    [(0.5, 12.0, "w_max must be a finite number >= 1, got 0.5"), (float("inf"), 1.0, "w_max must be"),
+     (3.0, -1.0, "alpha must be a finite number >= 0, got -1.0"), (3.0, float("nan"), "alpha must be")],
+)
+def test_raag_parameters_out_of_range_are_refused(w_max, alpha, message):
+    with pytest.raises(ValueError, match=message):
+        RatioAwareGuidance(w_max, alpha)
+    with pytest.raises(ValueError, match=message):
+        build_guidance("raag", w_max, alpha)
+
+
+def test_build_guidance():
+    assert build_guidance("cfg", 2.0, 12.0) == ConstantGuidance(2.0)
+    assert build_guidance("cfg", 0.5, -1.0) == ConstantGuidance(0.5)  # constant CFG takes any scale; alpha is unused
+    assert build_guidance("raag", 18.0, 12.0) == RatioAwareGuidance(w_max=18.0, alpha=12.0)
+    with pytest.raises(ValueError, match="unknown guidance 'raga'; choose one of: cfg, raag"):
+        build_guidance("raga", 3.0, 12.0)

@@ -25,6 +25,9 @@ def test_sample_defaults_and_repeated_prompts():
     args = parse("sample", "runs/a", "--prompt", "one", "--prompt", "two", "--out", "o")
     assert (args.source, args.prompt, args.out, args.text_from) == ("runs/a", ["one", "two"], "o", None)
     assert (args.num_samples, args.steps, args.cfg, args.sampler, args.seed) == (4, 25, 3.0, "euler", 0)
+    assert (args.guidance, args.raag_alpha) == ("cfg", 12.0)  # constant CFG unless asked
+    args = parse("sample", "runs/a", "--prompt", "one", "--guidance", "raag", "--raag-alpha", "4", "--cfg", "7", "--out", "o")
+    assert (args.guidance, args.raag_alpha, args.cfg) == ("raag", 4.0, 7.0)
 
 
 def test_reconstruct_takes_inputs_and_task_options_and_needs_out(capsys):

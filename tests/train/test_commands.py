@@ -55,3 +55,21 @@ def test_judge_needs_a_text_config(capsys):
 def test_sample_counts_are_checked_before_the_run_is_read(argv, capsys):
     code, err = run_cli(capsys, *argv)
     assert code == 2 and "must be at least 1, got 0" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--guidance", "raga"], "--guidance: unknown guidance 'raga'; choose one of: cfg, raag"),
+     (["--raag-alpha", "-1"], "--raag-alpha: RAAG's alpha must be a finite number >= 0, got -1"),
+     (["--guidance", "raag", "--raag-alpha", "nan"], "--raag-alpha: RAAG's alpha must be a finite number >= 0, got nan"),
+     (["--guidance", "raag", "--cfg", "0.5"], "--cfg: with --guidance raag it is RAAG's w_max, which must be a finite number >= 1, got 0.5")],
+)
+def test_sample_guidance_is_checked_before_the_run_is_read(flags, message, tmp_path, capsys):
+    code, err = run_cli(capsys, "sample", tmp_path / "missing", "--prompt", "x", "--out", tmp_path / "o", *flags)
+    assert (code, err) == (2, f"flowmill: error: {message}\n")
+    model_folder = tmp_path / "model"  # a model folder's own checks come before its files are read
+    model_folder.mkdir()
+    (model_folder / "flowmill_model.json").write_text("{}")
+    code, err = run_cli(capsys, "sample", model_folder, "--text-from", tmp_path / "run", "--prompt", "x",
+                        "--out", tmp_path / "o", *flags)
+    assert (code, err) == (2, f"flowmill: error: {message}\n")

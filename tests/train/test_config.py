@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from flowmill.arguments import RAAG_ALPHA
 from flowmill.cli import main
 from flowmill.errors import UsageError
 from flowmill.models.flow_lm import FLOW_LM_SIZES
@@ -35,12 +36,29 @@ def test_yaml_and_overrides_load_into_typed_sections():
         ("parallel.timeout_min=0", "parallel.timeout_min"),
         ("ema.device=tpu", "ema.device"),
         ("trainer.log_every_steps=0", "trainer.log_every_steps"),
+        ("sample.guidance=raga", "sample.guidance"),
+        ("sample.raag_alpha=-1", "sample.raag_alpha"),
+        ("sample.raag_alpha=nan", "sample.raag_alpha"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(UsageError) as error:
         load_config(TINY_CONFIG, [override])
     assert str(error.value).startswith(key), str(error.value)
+
+
+def test_raag_guidance_needs_a_scale_of_at_least_one():
+    cfg = load_config(TINY_CONFIG, ["sample.guidance=raag", "sample.raag_alpha=0", "sample.cfg_scale=1"])
+    assert (cfg.sample.guidance, cfg.sample.raag_alpha, cfg.sample.cfg_scale) == ("raag", 0.0, 1.0)
+    assert load_config(TINY_CONFIG, ["sample.cfg_scale=0.5"]).sample.cfg_scale == 0.5  # constant CFG takes any scale
+    with pytest.raises(UsageError, match=r"^sample.cfg_scale: with sample.guidance raag it is RAAG's w_max, which must be "
+                                         r"a finite number >= 1, got 0.5$"):
+        load_config(TINY_CONFIG, ["sample.guidance=raag", "sample.cfg_scale=0.5"])
+
+
+def test_sample_guidance_defaults_to_constant_cfg_with_the_cli_default_raag_alpha():
+    sample = load_config(TINY_CONFIG).sample
+    assert (sample.guidance, sample.raag_alpha) == ("cfg", RAAG_ALPHA)
 
 
 def test_pipeline_stages_must_divide_world_size():

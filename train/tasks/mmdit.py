@@ -30,7 +30,7 @@ from flowmill.errors import UsageError
 from flowmill.models.flow_path import FlowPath, build_timestep_sampler, shift_time
 from flowmill.models.loading import load_weights
 from flowmill.models.mmdit import MMDIT_SIZES, MMDiT, MMDiTConfig
-from flowmill.models.samplers import build_sampler, cfg_velocity
+from flowmill.models.samplers import Guidance, build_guidance, build_sampler, cfg_velocity
 from flowmill.models.text_encoder import PretrainedTokenizer, PromptEncoder, TextEncoder, TextEncoderConfig, text_widths
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config
@@ -318,10 +318,12 @@ class MMDiTTask(Task):
         return metrics
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, sampler: str, seed: int) -> torch.Tensor:
+    def generate(self, model: nn.Module, prompts: list[str], num_per_prompt: int, steps: int, guidance: Guidance | float,
+                 sampler: str, seed: int) -> torch.Tensor:
         """Images (len(prompts)·num_per_prompt, C, H, W) in [-1, 1], prompt-major order, at the
         model's own sample_size (``model.config``: a model folder may be sampled with a run's text encoder);
-        a latent model's latents are decoded by its VAE."""
+        a latent model's latents are decoded by its VAE. ``guidance``: a ``Guidance`` of
+        flowmill.models.samplers, or a number for constant CFG."""
         device = self.env.device
         for prompt, count in self.prompts.too_long(prompts):
             log.warning("prompt %r has %d tokens, more than text.max_length=%d: it is truncated",
@@ -331,7 +333,7 @@ class MMDiTTask(Task):
         size, channels = model.config.sample_size, model.config.in_channels
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((len(repeated), channels, size, size), generator=generator).to(device)
-        velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, cfg_scale)
+        velocity = cfg_velocity(model, txt, vec, self.null_txt, self.null_vec, guidance)
         result = build_sampler(sampler).sample(velocity, noise, steps=steps, shift=self.cfg.flow.shift)
         return self.latents.images(result) if self.latents else result.clamp(-1, 1)
 
@@ -352,7 +354,8 @@ class MMDiTTask(Task):
             build_sampler(args.sampler)
         except ValueError as error:
             raise UsageError(f"--sampler: {error}") from None
-        images = self.generate(model, args.prompt, args.num_samples, args.steps, args.cfg, args.sampler, args.seed)
+        guidance = build_guidance(args.guidance, args.cfg, args.raag_alpha)  # flowmill.train.sample checked the values
+        images = self.generate(model, args.prompt, args.num_samples, args.steps, guidance, args.sampler, args.seed)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         if self.token_decoder is not None:
@@ -390,7 +393,8 @@ class MMDiTTask(Task):
     def log_samples(self, model: nn.Module, step: int, out_dir: Path) -> list[Path]:
         s = self.cfg.sample
         prompts = s.prompts or [""]
-        images = self.generate(model, prompts, s.num_per_prompt, s.steps, s.cfg_scale, s.sampler, seed=self.cfg.trainer.seed)
+        guidance = build_guidance(s.guidance, s.cfg_scale, s.raag_alpha)
+        images = self.generate(model, prompts, s.num_per_prompt, s.steps, guidance, s.sampler, seed=self.cfg.trainer.seed)
         if self.token_decoder is not None:
             clips = self.token_decoder(images, seed=self.cfg.trainer.seed)
             return [prompt_grid_gif(clips, len(prompts), out_dir / f"clips-{step:08d}.gif")]

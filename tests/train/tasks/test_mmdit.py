@@ -4,6 +4,7 @@ this process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,10 +17,12 @@ from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.loader import StreamingLoader
 from flowmill.data.pack import PackOptions
 from flowmill.errors import UsageError
+from flowmill.models.samplers import RatioAwareGuidance
 from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.model_io import import_sd3, load_weights
+from flowmill.train.sample import load_task_and_model
 from flowmill.train.tasks.mmdit import MMDiTTask
 from tests.helpers import TINY_CONFIG, tiny_overrides
 from tests.sd3_helpers import random_sd3
@@ -106,6 +109,33 @@ def test_sample_writes_pngs_grid_and_index(finished_run, tmp_path, capsys):
     ])
     assert code == 0, capsys.readouterr().err[-3000:]
     assert np.array_equal(np.asarray(Image.open(again / "grid.png")), np.asarray(grid))
+
+
+def test_sample_with_raag_guidance(finished_run, tmp_path, capsys):
+    out = tmp_path / "raag"
+    code = main(["sample", str(finished_run), "--prompt", "a handwritten digit three", "--num-samples", "2", "--steps", "2",
+                 "--sampler", "heun", "--guidance", "raag", "--cfg", "4", "--raag-alpha", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert [json.loads(line)["file"] for line in (out / "samples.jsonl").read_text().splitlines()] == ["000-000.png", "000-001.png"]
+    assert Image.open(out / "000-001.png").size == (32, 32)
+
+    # RAAG with alpha 0 is constant CFG at w_max; with alpha > 0 its scale follows the ratio.
+    task, model, _ = load_task_and_model(finished_run)
+    prompts = ["a handwritten digit three", "a handwritten digit seven"]
+    constant = task.generate(model, prompts, 2, 2, 4.0, "euler", 0)
+    assert torch.equal(task.generate(model, prompts, 2, 2, RatioAwareGuidance(4.0, 0.0), "euler", 0), constant)
+    assert not torch.equal(task.generate(model, prompts, 2, 2, RatioAwareGuidance(4.0, 2.0), "euler", 0), constant)
+
+
+def test_log_samples_follow_the_sample_section_guidance(finished_run, tmp_path, monkeypatch):
+    task, model, _ = load_task_and_model(finished_run)
+    task.cfg = dataclasses.replace(task.cfg, sample=dataclasses.replace(task.cfg.sample, guidance="raag", cfg_scale=4.0,
+                                                                        raag_alpha=2.0))
+    used = []
+    generate = MMDiTTask.generate
+    monkeypatch.setattr(MMDiTTask, "generate", lambda self, *args, **kwargs: used.append(args[4]) or generate(self, *args, **kwargs))
+    [grid] = task.log_samples(model, step=4, out_dir=tmp_path)
+    assert used == [RatioAwareGuidance(w_max=4.0, alpha=2.0)] and grid.is_file()
 
 
 def test_unknown_sampler_is_refused(finished_run, tmp_path, capsys):
