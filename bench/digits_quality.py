@@ -1,6 +1,9 @@
 """How good are generated digits? Recognisable, close to real handwriting, and as varied as it.
 
-    python bench/digits_quality.py RUN_DIR [RUN_DIR ...] [--num-samples 20] [--steps 25] [--cfg 3.0] [--json]
+    python bench/digits_quality.py RUN_DIR [RUN_DIR ...] [--num-samples 20] [--steps 25] [--cfg 3.0]
+                                   [--guidance cfg|raag] [--raag-alpha 12] [--json]
+    python bench/digits_quality.py RUN_DIR --sweep [--sweep-steps 4,8,25] [--sweep-cfg 1,2,3]
+                                   [--sweep-raag 18:12,3:12] [--json]
 
 Each run (a pixel run and a latent run alike: the task's ``generate`` returns images in
 [-1, 1]) draws ``--num-samples`` images for each of the ten prompts "a handwritten digit zero"
@@ -16,6 +19,13 @@ Each run (a pixel run and a latent run alike: the task's ``generate`` returns im
   in ``logs/metrics.jsonl``) and the wall-clock span of ``logs/train.log`` (steps plus
   evaluation, sampling and checkpoints), so runs trained for the same wall-clock time can
   be compared.
+
+``--sweep`` compares guidance settings on one run instead: constant CFG at each scale of
+``--sweep-cfg`` and RAAG at each ``W_MAX:ALPHA`` of ``--sweep-raag`` (its scale falls from w_max
+towards 1 as ||v_cond - v_uncond|| / ||v_uncond|| grows, flowmill.models.samplers), each at
+every Euler step count of ``--sweep-steps``: one row per setting, accuracy / FD / spread per
+step count, the mean RAAG scale at each step, and whether the issue's target holds at the
+most steps (a setting with accuracy >= 97 % and an FD at most 1.2× that of CFG 1.0).
 
 Two rows calibrate the scale: real held-out digits, as many per class as the samples (the
 floor FD reaches with this many images: a perfect generator is not expected to beat it),
@@ -48,8 +58,10 @@ from scipy.spatial.distance import pdist
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
+from flowmill.arguments import RAAG_ALPHA
 from flowmill.data.builtin import DIGIT_WORDS, digit_caption, digit_images
 from flowmill.errors import UsageError
+from flowmill.models.samplers import Guidance, RatioAwareGuidance, build_guidance
 from flowmill.run_dir import Checkpoint, RunDir
 from flowmill.train.sample import load_task_and_model
 
@@ -204,19 +216,119 @@ def log_span_s(lines: list[str]) -> float:
     return total + ((last - first) if first is not None else 0.0)
 
 
-def sample_run(source: str, num_samples: int, steps: int, cfg: float, seed: int) -> tuple[np.ndarray, dict]:
-    """(10·num_samples, 64) features of a run's samples, prompt-major, and where they came from
-    (``name``: the run dir's folder name, ``checkpoint``, its training time)."""
+class ScaleLog:
+    """A guidance that records, at each velocity evaluation, the mean scale over the batch (and RAAG's mean ratio)."""
+
+    def __init__(self, guidance: Guidance):
+        self.guidance = guidance
+        self.mean_scales: list[float] = []
+        self.mean_ratios: list[float] = []
+
+    @property
+    def identity(self) -> bool:
+        return self.guidance.identity
+
+    def scales(self, v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
+        return self.guidance.scales(v_cond, v_uncond)
+
+    def __call__(self, v_cond: torch.Tensor, v_uncond: torch.Tensor) -> torch.Tensor:
+        self.mean_scales.append(float(self.guidance.scales(v_cond, v_uncond).mean()))
+        if isinstance(self.guidance, RatioAwareGuidance):
+            self.mean_ratios.append(float(self.guidance.ratio(v_cond, v_uncond).mean()))
+        return self.guidance(v_cond, v_uncond)
+
+
+def open_run(source: str):
+    """The run's task, its EMA model and where they came from (``name``: the run dir's folder
+    name, ``checkpoint``, its training time)."""
     task, model, checkpoint = load_task_and_model(source)
+    run_dir, _ = RunDir.open(source)
+    origin = {"name": run_dir.path.name, "source": source, "checkpoint": str(checkpoint.path)}
+    return task, model, {**origin, **training_time(run_dir, checkpoint)}
+
+
+def sample_features(task, model, source: str, num_samples: int, steps: int, guidance: Guidance | float, seed: int) -> np.ndarray:
+    """(10·num_samples, 64) features of samples of the ten digit prompts, prompt-major (Euler steps)."""
     prompts = [digit_caption(label) for label in range(CLASSES)]
     with torch.no_grad():
-        images = task.generate(model, prompts, num_samples, steps, cfg, "euler", seed)
+        images = task.generate(model, prompts, num_samples, steps, guidance, "euler", seed)
     if images.ndim != 4 or images.shape[1] != 1:
         raise SystemExit(f"{source}: generate returned {tuple(images.shape)}, not grey images (N, 1, H, W)")
     pixels = ((images[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().cpu().numpy()  # (N, H, W)
-    run_dir, _ = RunDir.open(source)
-    origin = {"name": run_dir.path.name, "source": source, "checkpoint": str(checkpoint.path)}
-    return to_features(pixels), {**origin, **training_time(run_dir, checkpoint)}
+    return to_features(pixels)
+
+
+def sample_run(source: str, num_samples: int, steps: int, guidance: Guidance | float, seed: int) -> tuple[np.ndarray, dict]:
+    """(10·num_samples, 64) features of a run's samples, prompt-major, and where they came from (``open_run``)."""
+    task, model, origin = open_run(source)
+    return sample_features(task, model, source, num_samples, steps, guidance, seed), origin
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One guidance setting of a sweep."""
+
+    name: str  # e.g. "CFG 3.0", "RAAG w_max 18 α 12"
+    guidance: str  # cfg | raag
+    scale: float  # CFG's scale, RAAG's w_max
+    alpha: float = 0.0  # RAAG's alpha
+
+    def build(self) -> Guidance:
+        return build_guidance(self.guidance, self.scale, self.alpha)
+
+
+def sweep_settings(cfg_scales: str, raag: str) -> list[Setting]:
+    """Constant CFG at each scale of ``"1,2,3"``, then RAAG at each ``W_MAX:ALPHA`` of ``"18:12,3:2"``."""
+    settings = [Setting(f"CFG {float(scale):g}", "cfg", float(scale)) for scale in cfg_scales.split(",") if scale]
+    for item in filter(None, raag.split(",")):
+        w_max, _, alpha = item.partition(":")
+        if not alpha:
+            raise ValueError(f"--sweep-raag: {item!r} is not W_MAX:ALPHA, e.g. 18:12")
+        setting = Setting(f"RAAG w_max {float(w_max):g} α {float(alpha):g}", "raag", float(w_max), float(alpha))
+        setting.build()  # refuse values out of range before any sampling
+        settings.append(setting)
+    return settings
+
+
+def run_sweep(source: str, settings: list[Setting], step_counts: list[int], num_samples: int, seed: int,
+              classifier: DigitClassifier, splits: DigitSplits) -> tuple[dict, list[dict]]:
+    """Every setting at every step count on one run: (origin, one row per setting with a
+    ``by_steps`` entry per step count: accuracy, FD, spread, and the mean scale (and RAAG ratio) per step)."""
+    task, model, origin = open_run(source)
+    labels = np.repeat(np.arange(CLASSES), num_samples)
+    rows = []
+    for setting in settings:
+        row = {"name": setting.name, "guidance": setting.guidance, "scale": setting.scale, "alpha": setting.alpha, "by_steps": {}}
+        for steps in step_counts:
+            log = ScaleLog(setting.build())
+            features = sample_features(task, model, source, num_samples, steps, log, seed)
+            metrics = assess(features, labels, classifier, splits)
+            row["by_steps"][steps] = {**metrics, "scale_per_step": log.mean_scales, "ratio_per_step": log.mean_ratios}
+            print(f"  {setting.name}, {steps} steps: {metrics['accuracy']:.1%} / {metrics['fd']:.3f} / {metrics['spread']:.2f}",
+                  file=sys.stderr, flush=True)
+        rows.append(row)
+    return origin, rows
+
+
+def target_check(rows: list[dict], steps: int) -> dict:
+    """The issue's target at ``steps``: settings with accuracy >= 97 % and FD <= 1.2× CFG 1.0's."""
+    unguided = next((row for row in rows if row["guidance"] == "cfg" and row["scale"] == 1.0), None)
+    if unguided is None:
+        return {"steps": steps, "unguided_fd": None, "met_by": []}
+    limit = 1.2 * unguided["by_steps"][steps]["fd"]
+    met = [row["name"] for row in rows
+           if row["by_steps"][steps]["accuracy"] >= 0.97 and row["by_steps"][steps]["fd"] <= limit]
+    return {"steps": steps, "unguided_fd": unguided["by_steps"][steps]["fd"], "fd_limit": limit, "met_by": met}
+
+
+def sweep_table(rows: list[dict], step_counts: list[int]) -> str:
+    """One line per setting: accuracy / FD / spread at each step count."""
+    lines = [f"{'guidance':<24}" + "".join(f"{f'{steps} steps: acc / FD / spread':>33}" for steps in step_counts)]
+    for row in rows:
+        cells = "".join(f"{row['by_steps'][steps]['accuracy']:>18.1%} / {row['by_steps'][steps]['fd']:>5.3f} / "
+                        f"{row['by_steps'][steps]['spread']:.2f}" for steps in step_counts)
+        lines.append(f"{row['name']:<24}{cells}")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -236,39 +348,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sources", nargs="+", metavar="RUN_DIR", help="run dirs or checkpoint folders, one row each")
     parser.add_argument("--num-samples", type=int, default=20, help="samples per digit (default 20)")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps (default 25)")
-    parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale (default 3.0)")
+    parser.add_argument("--cfg", type=float, default=3.0, help="guidance scale; with --guidance raag its w_max (default 3.0)")
+    parser.add_argument("--guidance", default="cfg", help="cfg (constant --cfg) or raag (default cfg)")
+    parser.add_argument("--raag-alpha", type=float, default=RAAG_ALPHA, help=f"RAAG's alpha (default {RAAG_ALPHA:g})")
+    parser.add_argument("--sweep", action="store_true", help="compare guidance settings on one run (see above)")
+    parser.add_argument("--sweep-steps", default="4,8,25", help="--sweep: Euler step counts (default 4,8,25)")
+    parser.add_argument("--sweep-cfg", default="1,2,3", help="--sweep: constant CFG scales (default 1,2,3)")
+    parser.add_argument("--sweep-raag", default=f"18:{RAAG_ALPHA:g},3:{RAAG_ALPHA:g}",
+                        help=f"--sweep: RAAG settings W_MAX:ALPHA (default 18:{RAAG_ALPHA:g},3:{RAAG_ALPHA:g}; "
+                        "18:12 is the authors' SD3.5 example)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error(f"--num-samples: the spread needs at least 2 samples per digit, got {args.num_samples}")
+    try:
+        guidance = build_guidance(args.guidance, args.cfg, args.raag_alpha)
+        settings = sweep_settings(args.sweep_cfg, args.sweep_raag) if args.sweep else []
+        step_counts = [int(steps) for steps in args.sweep_steps.split(",") if steps] if args.sweep else [args.steps]
+    except ValueError as error:
+        parser.error(str(error))
+    if args.sweep and (len(args.sources) != 1 or not settings or min(step_counts) < 1):
+        parser.error("--sweep takes one RUN_DIR, at least one setting and step counts >= 1")
 
     splits = DigitSplits.make(args.seed)
     classifier = DigitClassifier(splits.train_x, splits.train_y, seed=args.seed)
     labels = np.repeat(np.arange(CLASSES), args.num_samples)
-    runs = []
-    for source in args.sources:
-        try:
-            features, origin = sample_run(source, args.num_samples, args.steps, args.cfg, args.seed)
-        except UsageError as error:
-            parser.error(str(error))
-        runs.append({**origin, **assess(features, labels, classifier, splits)})
     floor = {"name": "real held-out digits (floor)", **assess(*real_rows(splits, args.num_samples, args.seed), classifier, splits)}
     ceiling = {"name": "one real digit per class, repeated", **assess(*collapsed_rows(splits, args.num_samples), classifier, splits)}
-    result = {
+    common = {
         "samples_per_digit": args.num_samples,
-        "steps": args.steps,
-        "cfg": args.cfg,
         "classifier_accuracy_on_real_digits": classifier.score(splits.held_out_x, splits.held_out_y),
         "reference_digits": int(len(splits.reference_y)),
-        "runs": runs,
         "floor": floor,
         "ceiling": ceiling,
     }
+    if args.sweep:
+        return print_sweep(args, settings, step_counts, classifier, splits, common, parser)
+    runs = []
+    for source in args.sources:
+        try:
+            features, origin = sample_run(source, args.num_samples, args.steps, guidance, args.seed)
+        except UsageError as error:
+            parser.error(str(error))
+        runs.append({**origin, **assess(features, labels, classifier, splits)})
+    result = {**common, "steps": args.steps, "cfg": args.cfg, "guidance": args.guidance, "raag_alpha": args.raag_alpha,
+              "runs": runs}
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.num_samples} samples per digit, {args.steps} Euler steps, CFG {args.cfg}; FD and spread against "
+    how = f"CFG {args.cfg}" if args.guidance == "cfg" else f"RAAG w_max {args.cfg:g} α {args.raag_alpha:g}"
+    print(f"{args.num_samples} samples per digit, {args.steps} Euler steps, {how}; FD and spread against "
           f"{result['reference_digits']} real reference digits; the classifier recognises "
           f"{result['classifier_accuracy_on_real_digits']:.1%} of held-out real digits")
     print(table([*runs, floor, ceiling]))
@@ -279,6 +409,40 @@ def main(argv: list[str] | None = None) -> int:
     for word in DIGIT_WORDS[:CLASSES]:
         print(f"{word:<8}" + "".join(f"{row['per_digit'][word]['accuracy']:>11.0%} / {row['per_digit'][word]['spread']:.2f}"
                                     for row in runs))
+    return 0
+
+
+def print_sweep(args, settings: list[Setting], step_counts: list[int], classifier: DigitClassifier, splits: DigitSplits,
+                common: dict, parser: argparse.ArgumentParser) -> int:
+    """``--sweep``: every setting at every step count on the one run, as a table (or JSON)."""
+    source = args.sources[0]
+    try:
+        origin, rows = run_sweep(source, settings, step_counts, args.num_samples, args.seed, classifier, splits)
+    except UsageError as error:
+        parser.error(str(error))
+    target = target_check(rows, max(step_counts))
+    result = {**common, "run": origin, "step_counts": step_counts, "settings": rows, "target": target}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{origin['name']} (step {origin['step']}): {args.num_samples} samples per digit, Euler; FD and spread against "
+          f"{result['reference_digits']} real reference digits (real held-out digits: FD {common['floor']['fd']:.3f}, "
+          f"spread {common['floor']['spread']:.2f}); the classifier recognises "
+          f"{result['classifier_accuracy_on_real_digits']:.1%} of held-out real digits")
+    print(sweep_table(rows, step_counts))
+    print("\nRAAG at each step, first (noise) to last: mean ratio ||v_cond - v_uncond|| / ||v_uncond||, mean scale")
+    for row in rows:
+        if row["guidance"] == "raag":
+            for steps in step_counts:
+                record = row["by_steps"][steps]
+                print(f"  {row['name']}, {steps} steps, ratio: {' '.join(f'{value:.2f}' for value in record['ratio_per_step'])}")
+                print(f"  {row['name']}, {steps} steps, scale: {' '.join(f'{value:.2f}' for value in record['scale_per_step'])}")
+    if target["unguided_fd"] is None:
+        print("\n(no CFG 1 row: add 1 to --sweep-cfg for the target)")
+    else:
+        print(f"\ntarget at {target['steps']} steps: accuracy >= 97 % and FD <= {target['fd_limit']:.3f} "
+              f"(1.2 × CFG 1.0's {target['unguided_fd']:.3f}): "
+              + (f"met by {', '.join(target['met_by'])}" if target["met_by"] else "not met"))
     return 0
 
 

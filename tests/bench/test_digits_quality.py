@@ -19,6 +19,8 @@ from bench.digits_quality import (
     mean_pairwise_distance,
     real_rows,
     spread_ratios,
+    sweep_settings,
+    target_check,
     to_features,
     training_time,
 )
@@ -148,3 +150,53 @@ def test_main_refuses_a_source_that_is_not_a_run(tmp_path, capsys):
         main([str(tmp_path / "missing"), "--num-samples", "2"])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sweep_settings_parse_cfg_scales_then_raag_pairs():
+    settings = sweep_settings("1,3", "18:12,2:0.5")
+    assert [(s.name, s.guidance, s.scale, s.alpha) for s in settings] == [
+        ("CFG 1", "cfg", 1.0, 0.0), ("CFG 3", "cfg", 3.0, 0.0),
+        ("RAAG w_max 18 α 12", "raag", 18.0, 12.0), ("RAAG w_max 2 α 0.5", "raag", 2.0, 0.5)]
+    with pytest.raises(ValueError, match="W_MAX:ALPHA"):
+        sweep_settings("1", "18")
+    with pytest.raises(ValueError, match="w_max must be a finite number >= 1"):
+        sweep_settings("1", "0.5:12")
+
+
+def test_target_needs_97_percent_at_an_fd_within_1_2_times_unguided():
+    def row(name, guidance, scale, accuracy, fd):
+        return {"name": name, "guidance": guidance, "scale": scale, "by_steps": {25: {"accuracy": accuracy, "fd": fd}}}
+
+    rows = [row("CFG 1", "cfg", 1.0, 0.91, 0.60), row("CFG 3", "cfg", 3.0, 1.0, 5.5),
+            row("RAAG a", "raag", 3.0, 0.97, 0.72), row("RAAG b", "raag", 3.0, 0.99, 0.73)]
+    target = target_check(rows, 25)
+    assert target["met_by"] == ["RAAG a"] and target["fd_limit"] == pytest.approx(0.72)
+    assert target_check(rows[1:], 25) == {"steps": 25, "unguided_fd": None, "met_by": []}
+
+
+@pytest.mark.slow
+def test_sweep_compares_cfg_and_raag_at_each_step_count(finished_run, capsys):
+    argv = [str(finished_run), "--sweep", "--num-samples", "2", "--sweep-steps", "1,2", "--sweep-cfg", "1,2",
+            "--sweep-raag", "3:2"]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in result["settings"]] == ["CFG 1", "CFG 2", "RAAG w_max 3 α 2"]
+    assert result["step_counts"] == [1, 2] and result["target"]["steps"] == 2
+    raag = result["settings"][2]["by_steps"]
+    assert [len(raag[steps]["scale_per_step"]) for steps in ("1", "2")] == [1, 2]  # one per Euler evaluation
+    assert all(1.0 <= scale <= 3.0 for scale in raag["2"]["scale_per_step"]) and len(raag["2"]["ratio_per_step"]) == 2
+    for row in result["settings"]:
+        assert all(row["by_steps"][steps]["count"] == 20 for steps in ("1", "2"))
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "RAAG w_max 3 α 2" in out and "2 steps: acc / FD / spread" in out and "target at 2 steps" in out
+
+
+@pytest.mark.parametrize("flags, message", [(["--guidance", "raga"], "unknown guidance 'raga'"),
+                                            (["--guidance", "raag", "--cfg", "0.5"], "w_max must be"),
+                                            (["--sweep", "--sweep-raag", "3:-1"], "alpha must be")])
+def test_main_refuses_bad_guidance_before_sampling(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), "--num-samples", "2", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
