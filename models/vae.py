@@ -12,6 +12,7 @@ downloaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -135,8 +136,11 @@ class LatentSpace:
         return (self.latent_channels, side, side)
 
     def with_factors(self, scaling_factor: float, shift_factor: float) -> LatentSpace:
-        """The same VAE with the given scale and shift (e.g. measured on a dataset)."""
-        return LatentSpace(self.vae, scaling_factor, shift_factor, self.source)
+        """The same VAE with the given scale and shift (e.g. measured on a dataset); the weights' hash is
+        kept, not recomputed (it serializes every weight)."""
+        space = copy.copy(self)
+        space.scaling_factor, space.shift_factor = scaling_factor, shift_factor
+        return space
 
     def _factors(self) -> tuple[float, float]:
         if self.scaling_factor is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,5 +84,6 @@ def test_a_stopped_rank_is_named_and_ends_the_job(digits_dir, tmp_path):
             launcher.kill()
     text = stderr.read_text()
     assert "rank 0: a collective waited parallel.timeout_min=0.1 min for the other ranks; rank 1 stopped answering" in text
-    assert "flowmill: rank 0 failed (exit code " in text
+    # Rank 0 fails on the timeout; rank 1, resumed, may fail first on the broken connection: either is named.
+    assert re.search(r"flowmill: rank [01] failed \(exit code ", text), text[-2000:]
     assert named_after < 60, named_after

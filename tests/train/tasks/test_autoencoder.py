@@ -137,7 +137,8 @@ def test_settings_it_cannot_train_with_are_refused(overrides, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+# ZeRO-1 here (stage 2 adds only gradient partitioning, DeepSpeed's own, tested for the MMDiT); ZeRO-3 in the resume test.
+@pytest.mark.parametrize("stage", [1])
 def test_zero_stage_trains_on_two_processes(digits_dir, tmp_path, stage):
     run_dir = tmp_path / "run"
     flowmill_ok("launch", "local", "--nproc", "2", str(VAE_TINY), *vae_overrides(
