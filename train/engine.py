@@ -18,15 +18,24 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from flowmill.train.config import Config
 from flowmill.train.plan import Plan
 
-# ZeRO's gradient reduce bucket: PyTorch DDP's default size (bucket_cap_mb=25), enough to amortize
-# a collective. DeepSpeed's default, 5e8 elements (1 GB in bf16, 2 GB in fp32), is allocated in
-# every ZeRO 1-2 backward and held for the whole run by ZeRO-3: more than all the rest a rank
-# holds for a model of a few hundred million parameters.
+# ZeRO's gradient reduce bucket holds the model's largest gradient, as transformers' DeepSpeed
+# integration sizes it ("auto": hidden_size², one weight matrix), and at most PyTorch DDP's default
+# (bucket_cap_mb=25), which amortizes a collective. DeepSpeed's default, 5e8 elements (1 GB in bf16,
+# 2 GB in fp32), is allocated in every ZeRO 1-2 backward and held for the whole run by ZeRO-3: more
+# than all the rest a rank holds for a model of a few hundred million parameters.
 REDUCE_BUCKET_BYTES = 25 * 2**20
 
 
-def deepspeed_config(cfg: Config, plan: Plan, load_universal: bool = False) -> dict:
-    """The DeepSpeed JSON config of a run; the global batch is micro × accum × data-parallel ranks."""
+def reduce_bucket_elements(cfg: Config, largest_param: int | None) -> int:
+    """ZeRO's reduce bucket in elements: the largest parameter's gradient (when known), capped at DDP's 25 MB."""
+    cap = REDUCE_BUCKET_BYTES // autocast_dtype(cfg).itemsize
+    return cap if largest_param is None else min(largest_param, cap)
+
+
+def deepspeed_config(cfg: Config, plan: Plan, load_universal: bool = False, largest_param: int | None = None) -> dict:
+    """The DeepSpeed JSON config of a run; the global batch is micro × accum × data-parallel ranks.
+
+    ``largest_param`` (elements) sizes ZeRO's reduce bucket; unknown, the bucket is DDP's 25 MB."""
     ds = {
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
@@ -40,7 +49,7 @@ def deepspeed_config(cfg: Config, plan: Plan, load_universal: bool = False) -> d
     if load_universal:
         ds["checkpoint"] = {"load_universal": True}  # re-shard a checkpoint saved on another world size
     if cfg.parallel.zero_stage > 0:
-        ds["zero_optimization"]["reduce_bucket_size"] = REDUCE_BUCKET_BYTES // autocast_dtype(cfg).itemsize
+        ds["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(cfg, largest_param)
     if cfg.parallel.zero_stage == 3:
         # Small models: gather every parameter at once instead of DeepSpeed's prefetch heuristics.
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -123,7 +132,7 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, load_universal: bool
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan, load_universal),
+        config=deepspeed_config(cfg, plan, load_universal, largest_param=max(p.numel() for p in params)),
     )
     if cfg.parallel.zero_stage == 0 and cfg.parallel.pipeline_stages == 1 and plan.world_size == 1:
         # Alone, DeepSpeed would still flatten every gradient into one buffer, all-reduce it with

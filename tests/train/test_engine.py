@@ -55,12 +55,16 @@ print("same")
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero_reduce_bucket_is_small(stage, precision):
+def test_zero_reduce_bucket_holds_the_largest_gradient_up_to_ddps_25_mb(stage, precision):
     cfg = Config(parallel=ParallelConfig(zero_stage=stage), trainer=TrainerConfig(precision=precision))
     plan = Plan.of(cfg, RunDir("unused"), world_size=2, resume=False)
-    elements = deepspeed_config(cfg, plan)["zero_optimization"]["reduce_bucket_size"]
     itemsize = 2 if precision == "bf16" else 4
-    assert elements * itemsize == REDUCE_BUCKET_BYTES == 25 * 2**20
+
+    def bucket(largest_param):
+        return deepspeed_config(cfg, plan, largest_param=largest_param)["zero_optimization"]["reduce_bucket_size"]
+
+    assert bucket(768 * 3072) == 768 * 3072
+    assert bucket(10**9) * itemsize == bucket(None) * itemsize == REDUCE_BUCKET_BYTES == 25 * 2**20
 
 
 @pytest.mark.slow
