@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
 
 from flowmill.errors import UsageError
@@ -27,6 +26,14 @@ from flowmill.weights import weights_sha256
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _autoencoder_kl() -> type[nn.Module]:
+    """diffusers' ``AutoencoderKL`` class, imported lazily: importing diffusers costs seconds of start-up
+    that every command not building a VAE (most training runs) would pay."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
 
 
 @dataclass
@@ -98,7 +105,7 @@ class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
-        self.vae = AutoencoderKL(**config.diffusers_kwargs())
+        self.vae = _autoencoder_kl()(**config.diffusers_kwargs())
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images (B, C, H, W) in [-1, 1] and N(0, I) noise (B, latent_channels, h, w), h = H / downsample →
@@ -111,7 +118,7 @@ class Autoencoder(nn.Module):
 class LatentSpace:
     """A frozen VAE and its latent convention: images in [-1, 1] ↔ latents ``(z - shift) · scale``."""
 
-    def __init__(self, vae: AutoencoderKL, scaling_factor: float | None, shift_factor: float | None, source: str):
+    def __init__(self, vae: nn.Module, scaling_factor: float | None, shift_factor: float | None, source: str):
         self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
@@ -212,7 +219,7 @@ def load_diffusers_vae(folder: str | Path) -> LatentSpace:
         raise UsageError(f"{config_file}: not JSON ({error})") from None
     if config.get("_class_name") not in (None, "AutoencoderKL"):
         raise UsageError(f"{config_file} describes a {config['_class_name']}, not an AutoencoderKL")
-    vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
+    vae = _autoencoder_kl().from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False)
     return LatentSpace(vae, config.get("scaling_factor"), config.get("shift_factor"), str(folder))
 
 

@@ -37,9 +37,10 @@ def test_a_model_folder_loads_in_eval_mode_with_its_weights(model_folder):
 
 
 def test_load_model_imports_no_training_stack(model_folder):
+    # diffusers too: only a VAE needs it, and its import costs every process seconds of start-up.
     _, folder = model_folder
     script = ("import sys; from flowmill.models import load_model; model = load_model(sys.argv[1]); "
-              "print(type(model).__name__, [m for m in ('deepspeed', 'mlflow', 'submitit') if m in sys.modules])")
+              "print(type(model).__name__, [m for m in ('deepspeed', 'mlflow', 'submitit', 'diffusers') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["MMDiT", "[]"]
