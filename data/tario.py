@@ -264,5 +264,6 @@ def _samples(shard: Shard, tar: _LocalTar | _StreamedTar, reports: list[dict]) -
     if actual is not None and actual != shard.sha256:
         raise ShardChecksumError(
             f"shard {url} does not match its manifest: sha256 {actual}, manifest says {shard.sha256}; "
-            "the file changed or is damaged (repack it, or read it unverified with verify=False)"
+            "the file changed or is damaged; pack the dataset again, or read it unverified with "
+            "data.verify_shards=false (flowmill data inspect: --no-verify)"
         )
