@@ -68,6 +68,7 @@ class Job:
     checkpoints: CheckpointManager
     tracker: Tracker
     local: set[int] | None  # ids of the parameters a pipeline stage trains; None without pipeline
+    step: int = 0  # the last optimizer step finished (the checkpoint's step until the loop moves on)
 
     @property
     def pipeline(self) -> bool:
@@ -260,5 +261,5 @@ def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -
         log.info("run dir: %s", plan.run_dir)
         if tracker.experiment_id is not None:
             log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
-    job = Job(cfg, plan, env, task, model, engine, forward, ema, loader, noise, checkpoints, tracker, local)
+    job = Job(cfg, plan, env, task, model, engine, forward, ema, loader, noise, checkpoints, tracker, local, step)
     return job, step

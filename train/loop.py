@@ -71,17 +71,28 @@ def run_job(job: Job, step: int, stop: StopRequest) -> str:
         truncate_step_logs(job.run_dir.metrics_file, after_step=step)
     truncate_step_logs(job.run_dir.keys_file(job.env.rank), after_step=step)
     status = "failed"
+    job.step = step
     try:
-        step, status = run_steps(job, step, stop)
-    except KeyboardInterrupt:
+        job.step, status = run_steps(job, step, stop)
+    except (KeyboardInterrupt, SystemExit):
         status = "killed"
         raise
     finally:
         if job.env.is_main:
-            job.run_dir.update_info(status=status, step=step)
-            # A preempted run is continued later under the same MLflow run id.
-            job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
+            record_end(job, status)
     return status
+
+
+def record_end(job: Job, status: str) -> None:
+    """Rank 0: how the run ended, in run.json and MLflow. A run.json that cannot be written (a full
+    disk may be why the run ended) is said in one line; it must not hide the error that ended the run."""
+    try:
+        job.run_dir.update_info(status=status, step=job.step)
+    except OSError as error:
+        print(f"[flowmill rank {job.env.rank}] could not record status {status} in {job.run_dir.info_file}: {error}",
+              file=sys.stderr, flush=True)
+    # A preempted run is continued later under the same MLflow run id.
+    job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
 
 
 def on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
@@ -152,6 +163,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         keys: list[str] = []
         loss, grad_norm = train_step(job, batches, keys)
         step += 1
+        job.step = step
         if job.ema is not None:
             job.ema.update(job.model)
         loss_value = all_reduce_mean(loss).item()
@@ -177,6 +189,8 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         progress.update(step, metrics)
         if save or stopping:
             save_checkpoint(job, step)
+        if env.is_main and (save or stopping or step % cfg.trainer.log_every_steps == 0):
+            run_dir.update_info(step=step)  # run.json follows the run, not only its start and end
         if stopping:
             log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
             progress.close()

@@ -273,6 +273,31 @@ def test_run_job_records_the_outcome_in_run_json_and_mlflow(tmp_path, monkeypatc
     assert job.tracker.named("finish") == [((mlflow_status,), {})]
 
 
+class FailingBatches(Batches):
+    """Batches that fail after ``good`` micro-batches, noting the step run.json holds at that moment."""
+
+    def __init__(self, run_dir: RunDir, good: int):
+        self.run_dir, self.good, self.step_at_failure = run_dir, good, None
+
+    def __iter__(self):
+        for index, batch in enumerate(super().__iter__()):
+            if index == self.good:
+                self.step_at_failure = self.run_dir.info()["step"]
+                raise OSError("disk gone")
+            yield batch
+
+
+def test_run_json_step_follows_the_run_and_stays_at_the_last_step_after_a_failure(tmp_path):
+    job = stand_in_job(tmp_path, "trainer.max_steps=8", "trainer.log_every_steps=2", "checkpoint.every_steps=100")
+    job.run_dir.update_info(status="running", step=0)
+    job.loader = FailingBatches(job.run_dir, good=7)  # 2 micro-batches a step: step 4 fails
+    with pytest.raises(OSError, match="disk gone"):
+        run_job(job, 0, StopRequest())
+    assert job.loader.step_at_failure == 2  # updated at the log interval while running
+    info = job.run_dir.info()
+    assert (info["status"], info["step"]) == ("failed", 3)
+
+
 def test_run_job_cuts_the_step_logs_back_to_the_restored_step(tmp_path, monkeypatch):
     job = stand_in_job(tmp_path)
     for path in (job.run_dir.metrics_file, job.run_dir.keys_file(0), job.run_dir.keys_file(1)):
