@@ -14,10 +14,9 @@ import uuid
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
-from flowmill.train.config import Config, load_config, to_dict, validate
+from flowmill.train.config import Config, check_data_source, load_config, to_dict, validate
 from flowmill.train.distributed import choose_device, free_port, placement
 
 
@@ -26,14 +25,12 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    try:
-        resolve_shards(cfg.data.path)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"data.path: {error}") from None
+    check_data_source(cfg)
     if resume:
         run_dir.refuse_changed_model(to_dict(cfg))
-        run_dir.latest()
-    elif run_dir.is_run():
+        if not run_dir.failed_start():  # a run that stopped before its first checkpoint starts again
+            run_dir.latest()
+    elif run_dir.is_run() and not run_dir.failed_start():
         raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
 
 
@@ -59,7 +56,8 @@ def launch_command(args: argparse.Namespace) -> int:
 def resume_command(args: argparse.Namespace) -> int:
     """``flowmill resume``: continue a run from its latest checkpoint (by default on its own world size)."""
     run_dir = RunDir(args.run_dir)
-    info = run_dir.info()
+    # A run that stopped before it wrote run.json has only its config: it starts again, on one process unless told.
+    info = {} if run_dir.failed_start() and not run_dir.info_file.is_file() else run_dir.info()
     cfg = load_config(None, args.overrides, base=run_dir.saved_config())
     nproc = args.nproc or int(info.get("world_size", 1))
     check_before_launch(cfg, run_dir, nproc, resume=True)

@@ -18,9 +18,9 @@ import torch
 
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
-from flowmill.train.config import Config, load_config, validate
+from flowmill.train.config import Config, check_data_source, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
-from flowmill.train.job import Job, build_job, make_plan, open_run_dir, setup_logging
+from flowmill.train.job import Job, agree, build_job, make_plan, open_run_dir, record_death, setup_logging
 from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
@@ -40,12 +40,16 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     outcome: ``finished``, or ``preempted`` when ``stop`` was requested (a checkpoint of the last
     step was saved first).
     """
+    check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
     env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
     heartbeat = Heartbeat(env, interval_s=min(10.0, max(0.5, cfg.parallel.timeout_min * 60 / 6)))
     clean = False
+    opened: RunDir | None = None  # the run dir once this process has opened it: a failure is recorded there
     try:
         validate(cfg, env.world_size)
-        run_dir = open_run_dir(cfg, env, run_dir, resume)
+        if resume and run_dir is not None and agree(env, run_dir.failed_start()):
+            resume = False  # it stopped before its first checkpoint: nothing to continue, so it starts again
+        run_dir = opened = open_run_dir(cfg, env, run_dir, resume)
         setup_logging(env, run_dir)
         plan = make_plan(cfg, env, run_dir, resume)
         job, step = build_job(cfg, plan, env, run_info or {})
@@ -53,6 +57,8 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
         clean = True
         return run_dir, outcome
     except BaseException as error:
+        if opened is not None:
+            record_death(opened, env, error, "killed" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
         if is_timeout(error):
             message = timeout_message(env, cfg.parallel.timeout_min, heartbeat.silent_ranks())
             print(f"[flowmill rank {env.rank}] fatal: {message}", file=sys.stderr, flush=True)
@@ -227,7 +233,7 @@ def run_from_cli(config_path: str | None, overrides: list[str], resume_dir: str 
     """Entry of ``flowmill train``: load the config (a resumed run's own one) and train."""
     if resume_dir:
         run_dir = RunDir(resume_dir)
-        if not run_dir.is_run():
+        if not run_dir.is_run() and not run_dir.failed_start():
             raise UsageError(f"{resume_dir} is not a flowmill run dir (no run.json/config.yaml)")
         cfg = load_config(None, overrides, base=run_dir.saved_config())
         return train(cfg, run_dir=run_dir, resume=True)[0]

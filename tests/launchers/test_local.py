@@ -93,6 +93,19 @@ def test_a_resume_is_refused_with_another_model_or_without_a_checkpoint(digits_d
         check_before_launch(cfg, run, 1, resume=True)
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_is_taken_by_launch_and_resume(digits_dir, tmp_path, workers):
+    cfg = load_config(TINY_CONFIG, tiny_overrides(digits_dir, tmp_path / "run"))
+    run = RunDir(tmp_path / "run")
+    run.create(to_dict(cfg))  # config, checkpoints/, logs/ and no run.json: it failed while starting
+    check_before_launch(cfg, run, 1, resume=False)
+    assert local.resume_command(argparse.Namespace(run_dir=str(run), overrides=[], nproc=None)) == 0
+    run.update_info(status="failed", world_size=2)
+    check_before_launch(cfg, run, 2, resume=True)
+    assert local.resume_command(argparse.Namespace(run_dir=str(run), overrides=[], nproc=None)) == 0
+    assert [(cli_args, nproc) for cli_args, nproc, _ in workers] == [(["train", "--resume", str(run)], 1),
+                                                                     (["train", "--resume", str(run)], 2)]
+
+
 def test_mark_failed_changes_only_a_running_run(tmp_path):
     run = RunDir(tmp_path / "run")
     run.path.mkdir()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowmill.data.pack import write_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train import loop
@@ -323,3 +324,46 @@ def test_truncate_step_logs(tmp_path):
 def test_resuming_a_folder_that_holds_no_run_is_refused(tmp_path):
     with pytest.raises(UsageError, match="is not a flowmill run dir \\(no run.json/config.yaml\\)"):
         run_from_cli(None, [], str(tmp_path))
+
+
+# -------------------------------------------------------------- a run that fails before its first checkpoint
+
+
+@pytest.fixture
+def lone_train(monkeypatch):
+    """``loop.train`` without a process group (a lone process), its job build replaced by a failure
+    that records whether the run would resume."""
+    monkeypatch.setattr(loop, "init_distributed", lambda device, timeout_min: ALONE)
+    monkeypatch.setattr(loop, "shutdown", lambda clean: None)
+    builds = []
+
+    def failing_build(cfg, plan, env, run_info):
+        builds.append(plan.resume)
+        raise RuntimeError("the model does not fit")
+
+    monkeypatch.setattr(loop, "build_job", failing_build)
+    return builds
+
+
+def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_path, lone_train):
+    write_shards([{"__key__": f"k{i}", "txt": "x"} for i in range(4)], tmp_path / "data", source="test", args={},
+                 shard_samples=2, progress=False)
+    run = tmp_path / "run"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    for data, message in ((tmp_path / "nowhere", "data.path: .*nowhere"), (broken, f"data.path: {broken / 'manifest.json'} is not valid JSON")):
+        with pytest.raises(UsageError, match=message):
+            loop.train(load_config(TINY_CONFIG, [f"data.path={data}", f"run.dir={run}"]))
+        assert not run.exists()  # refused before the run dir is made
+    cfg = load_config(TINY_CONFIG, [f"data.path={tmp_path / 'data'}", f"run.dir={run}"])
+    for _ in range(2):  # the same command again: the half-made run dir is taken, not refused
+        with pytest.raises(RuntimeError, match="the model does not fit"):
+            loop.train(cfg)
+    with pytest.raises(RuntimeError, match="the model does not fit"):
+        run_from_cli(None, [], str(run))  # flowmill resume: nothing to continue, so it starts again
+    assert lone_train == [False, False, False]
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("ERROR rank 0: the run stopped (failed): RuntimeError: the model does not fit") == 3
+    assert "Traceback (most recent call last)" in log and "failing_build" in log
+    assert RunDir(run).failed_start() and (run / "config.yaml").is_file()
