@@ -8,13 +8,15 @@ import argparse
 import json
 
 import pytest
+from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 
 from flowmill.errors import UsageError
 from flowmill.launchers import local
 from flowmill.launchers.local import check_before_launch, mark_failed
 from flowmill.run_dir import COMPLETE_MARKER, Checkpoint, RunDir, step_tag
 from flowmill.train.config import load_config, to_dict
-from tests.helpers import TINY_CONFIG, tiny_overrides
+from flowmill.train.distributed import free_port
+from tests.helpers import TINY_CONFIG, non_loopback_address, reachable, tiny_overrides
 
 
 @pytest.fixture
@@ -104,6 +106,22 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_taken_by_launch_and_re
     assert local.resume_command(argparse.Namespace(run_dir=str(run), overrides=[], nproc=None)) == 0
     assert [(cli_args, nproc) for cli_args, nproc, _ in workers] == [(["train", "--resume", str(run)], 1),
                                                                      (["train", "--resume", str(run)], 2)]
+
+
+def test_the_rendezvous_and_the_workers_store_listen_on_loopback_only():
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    rendezvous_handler_registry.register(local.LOOPBACK_RENDEZVOUS, local.loopback_rendezvous)
+    params = RendezvousParameters(local.LOOPBACK_RENDEZVOUS, f"127.0.0.1:{free_port()}", "test", min_nodes=1, max_nodes=1)
+    handler = rendezvous_handler_registry.create_handler(params)  # as torch elastic makes it
+    info = handler.next_rendezvous()  # rank 0 of one node: it makes the store the workers share
+    workers = info.bootstrap_store_info
+    rendezvous_port = int(params.endpoint.rsplit(":", 1)[1])
+    assert workers.master_addr == "127.0.0.1" and workers.master_port != rendezvous_port
+    for port in (rendezvous_port, workers.master_port):
+        assert reachable("127.0.0.1", port) and not reachable(address, port), port
+    handler.shutdown()
 
 
 def test_mark_failed_changes_only_a_running_run(tmp_path):
