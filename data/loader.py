@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -80,6 +81,12 @@ class _WorkerStreams(IterableDataset):
         # only what the stream creates, not the parent's objects, and leave the pages shared
         # with the parent uncopied.
         gc.freeze()
+        # A stop signal sent to the whole process group (a launcher stopping its job, Ctrl-C) is
+        # the training process's to handle: it records the run's end, then closes its workers (a
+        # worker also ends by itself once that process is gone). A worker dying of it first
+        # would break that record with DataLoader's "worker killed by signal" error.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         return _packed(worker_stream(self.plan, worker, self.positions[worker]), WorkerBlocks(self.returned[worker]))
 
 

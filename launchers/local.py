@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import uuid
 
 from torch.distributed import TCPStore
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
@@ -25,6 +27,7 @@ from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, check_data_source, load_config, to_dict, validate
 from flowmill.train.distributed import LOOPBACK, choose_device, free_port, loopback_interface, loopback_store, placement
+from flowmill.train.signals import PARENT_PID_ENV
 
 LOOPBACK_RENDEZVOUS = "flowmill-loopback"  # the rendezvous backend run_workers registers with torch elastic
 
@@ -93,10 +96,11 @@ def loopback_rendezvous(params: RendezvousParameters) -> LoopbackRendezvous:
                                            params.min_nodes, params.max_nodes, local_addr=LOOPBACK)
 
 
-def mark_failed(run_dir: RunDir) -> None:
-    """A worker killed outright cannot record its end; the launcher does it for the run."""
-    if run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
-        run_dir.update_info(status="failed")
+def mark_failed(run_dir: RunDir, status: str = "failed") -> None:
+    """A worker killed outright cannot record its end; the launcher does it for the run. A rank
+    failed: the ranks the agent then stopped said ``killed``, but the run ``failed``."""
+    if run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed"):
+        run_dir.update_info(status=status)
 
 
 def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
@@ -118,8 +122,15 @@ def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
         monitor_interval=0.5,
         start_method="spawn",
     )
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # the workers stop when this process is gone
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "flowmill.cli", *cli_args)
+    except SignalException as stop:  # the agent stopped the workers, which recorded the run as killed
+        name = signal.Signals(stop.sigval).name
+        if run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
+            run_dir.update_info(status="killed")
+        print(f"flowmill: stopped by {name}; the workers were stopped; run dir: {run_dir}", file=sys.stderr)
+        return 128 + stop.sigval
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 
 import pytest
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
 
 from flowmill.errors import UsageError
@@ -16,6 +19,7 @@ from flowmill.launchers.local import check_before_launch, mark_failed
 from flowmill.run_dir import COMPLETE_MARKER, Checkpoint, RunDir, step_tag
 from flowmill.train.config import load_config, to_dict
 from flowmill.train.distributed import free_port
+from flowmill.train.signals import PARENT_PID_ENV
 from tests.helpers import TINY_CONFIG, non_loopback_address, reachable, tiny_overrides
 
 
@@ -124,12 +128,33 @@ def test_the_rendezvous_and_the_workers_store_listen_on_loopback_only():
     handler.shutdown()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_launcher_says_so_in_one_line_and_records_the_run_killed(tmp_path, monkeypatch, capsys, signum):
+    def stopped_agent(config, entrypoint):
+        assert os.environ[PARENT_PID_ENV] == str(os.getpid())  # the workers watch this process
+        raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signum)
+
+    monkeypatch.setattr(local, "elastic_launch", lambda config, entrypoint: lambda *args: stopped_agent(config, entrypoint))
+    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # run_workers sets both for its workers; restored afterwards
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.update_info(status="running")  # a worker killed before it could record its end
+    assert local.run_workers(["train"], 2, run) == 128 + signum
+    assert capsys.readouterr().err == (f"flowmill: stopped by {signal.Signals(signum).name}; the workers were stopped; "
+                                       f"run dir: {run}\n")
+    assert run.info()["status"] == "killed"
+
+
 def test_mark_failed_changes_only_a_running_run(tmp_path):
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     mark_failed(run)
     assert not run.info_file.exists()  # a run that never started records nothing
     run.update_info(status="running")
+    mark_failed(run)
+    assert run.info()["status"] == "failed"
+    run.update_info(status="killed")  # stopped by the agent after another rank failed
     mark_failed(run)
     assert run.info()["status"] == "failed"
     run.update_info(status="finished")
