@@ -99,8 +99,11 @@ def loopback_rendezvous(params: RendezvousParameters) -> LoopbackRendezvous:
 def mark_failed(run_dir: RunDir, status: str = "failed") -> None:
     """A worker killed outright cannot record its end; the launcher does it for the run. A rank
     failed: the ranks the agent then stopped said ``killed``, but the run ``failed``."""
-    if run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed"):
-        run_dir.update_info(status=status)
+    try:
+        if run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed"):
+            run_dir.update_info(status=status)
+    except OSError as error:  # a full disk may be what ended the run
+        print(f"flowmill: could not record status {status} in {run_dir.info_file}: {error}", file=sys.stderr)
 
 
 def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
@@ -127,8 +130,7 @@ def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "flowmill.cli", *cli_args)
     except SignalException as stop:  # the agent stopped the workers, which recorded the run as killed
         name = signal.Signals(stop.sigval).name
-        if run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
-            run_dir.update_info(status="killed")
+        mark_failed(run_dir, "killed")
         print(f"flowmill: stopped by {name}; the workers were stopped; run dir: {run_dir}", file=sys.stderr)
         return 128 + stop.sigval
     except ChildFailedError as error:

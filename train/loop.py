@@ -6,8 +6,10 @@ other ranks get a NullTracker and a disabled progress bar instead of ``if rank =
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from flowmill.errors import UsageError
-from flowmill.run_dir import RunDir
+from flowmill.run_dir import RunDir, step_tag
 from flowmill.train.config import Config, check_data_source, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
 from flowmill.train.job import Job, agree, build_job, make_plan, open_run_dir, record_death, setup_logging
@@ -210,10 +212,31 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     return step, "finished"
 
 
+class CheckpointError(RuntimeError):
+    """Saving a checkpoint failed on this rank; the message names the rank, the checkpoint and the cause."""
+
+
 def save_checkpoint(job: Job, step: int) -> None:
     meta = {"task": job.cfg.task, "family": get_task_class(job.cfg.task).family, "global_batch": job.plan.global_batch_size}
-    job.checkpoints.save(step, meta=meta)
+    try:
+        job.checkpoints.save(step, meta=meta)
+    except Exception as error:
+        raise CheckpointError(
+            f"rank {job.env.rank}: {save_failure(error, job.run_dir)} while saving checkpoint {step_tag(step)} in "
+            f"{job.run_dir}"
+        ) from error
     log.info("checkpoint step %d saved", step)
+
+
+def save_failure(error: Exception, run_dir: RunDir) -> str:
+    """What went wrong in a save, in a few words: a full disk by its name (torch's writer reports
+    it as a bare "enforce fail" on some ranks, so the free space decides too), else the error."""
+    full = getattr(error, "errno", None) == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(run_dir.path).free == 0
+    except OSError:
+        pass
+    return "no space left on device" if full else f"{type(error).__name__}: {error}"
 
 
 def append_jsonl(path: Path, record: dict) -> None:

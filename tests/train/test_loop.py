@@ -5,6 +5,7 @@ records its end, and the step logs cut back on resume."""
 from __future__ import annotations
 
 import copy
+import errno
 import itertools
 import json
 import math
@@ -297,6 +298,20 @@ def test_run_json_step_follows_the_run_and_stays_at_the_last_step_after_a_failur
     assert job.loader.step_at_failure == 2  # updated at the log interval while running
     info = job.run_dir.info()
     assert (info["status"], info["step"]) == ("failed", 3)
+
+
+def test_a_full_disk_while_saving_is_named_with_rank_checkpoint_and_run_dir(tmp_path, monkeypatch):
+    job = stand_in_job(tmp_path, "trainer.max_steps=4", "checkpoint.every_steps=2")
+    job.run_dir.update_info(status="running", step=0)
+
+    def full_disk(step, meta):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job.checkpoints, "save", full_disk, raising=False)
+    with pytest.raises(loop.CheckpointError) as failed:
+        run_job(job, 0, StopRequest())
+    assert str(failed.value) == f"rank 0: no space left on device while saving checkpoint step-00000002 in {job.run_dir}"
+    assert job.run_dir.info()["status"] == "failed"
 
 
 def test_run_job_cuts_the_step_logs_back_to_the_restored_step(tmp_path, monkeypatch):
