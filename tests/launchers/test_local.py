@@ -135,8 +135,9 @@ def test_a_stopped_launcher_says_so_in_one_line_and_records_the_run_killed(tmp_p
         raise SignalException(f"Process {os.getpid()} got signal: {signum}", sigval=signum)
 
     monkeypatch.setattr(local, "elastic_launch", lambda config, entrypoint: lambda *args: stopped_agent(config, entrypoint))
-    monkeypatch.delenv(PARENT_PID_ENV, raising=False)
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # run_workers sets both for its workers; restored afterwards
+    # run_workers sets both for its workers; recorded here, so they are taken out of this process again.
+    monkeypatch.setenv(PARENT_PID_ENV, "")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     run.update_info(status="running")  # a worker killed before it could record its end
