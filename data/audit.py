@@ -47,7 +47,8 @@ def inspect_epoch(
 
     Returns ``{"ranks": [{"rank": r, "keys": [...]}, ...], "skipped": [{"key", "shard",
     "reason"}, ...], "dropped": [{"key", "reason"}, ...]}``; a skipped entry with key None
-    is a shard whose rest could not be read. ``resampled=True`` follows the infinite
+    is a shard whose rest could not be read, with ``"lost"``: the samples it lost (None
+    when no manifest gives the shard's count). ``resampled=True`` follows the infinite
     training stream from its start (batches run across epoch ends); otherwise one
     non-resampled pass of ``epoch`` is read. ``decode`` defaults to ``GenericDecoder``.
     """
@@ -62,6 +63,9 @@ def inspect_epoch(
         )
         audit = _rank_audit(loader, epoch, resampled)
         result["ranks"].append({"rank": rank, "keys": [entry["key"] for entry in audit["delivered"]]})
-        result["skipped"].extend({"key": e["key"], "shard": e["shard"], "reason": e["reason"]} for e in audit["skipped"])
+        result["skipped"].extend(
+            {"key": e["key"], "shard": e["shard"], "reason": e["reason"], **({"lost": e.get("lost")} if e["key"] is None else {})}
+            for e in audit["skipped"]
+        )
         result["dropped"].extend({"key": e["key"], "reason": e["reason"]} for e in audit["dropped"])
     return result

@@ -161,12 +161,26 @@ def tokenizer_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _skipped_count(skipped: list[dict]) -> str:
+    """``"3"``, or ``"115 (112 in unreadable shards)"``; a lost rest without a manifest count is named, not guessed."""
+    samples = sum(1 for entry in skipped if entry["key"] is not None)
+    lost = [entry["lost"] for entry in skipped if entry["key"] is None]
+    known = sum(count for count in lost if count is not None)
+    unknown = sum(1 for count in lost if count is None)
+    text = str(samples + known)
+    if known:
+        text += f" ({known} in unreadable shards)"
+    if unknown:
+        text += f" and the unread rest of {unknown} shard{'s' if unknown > 1 else ''} without a manifest count"
+    return text
+
+
 def _print_inspection(result: dict) -> None:
     width = max(40, shutil.get_terminal_size().columns - 4)
     for rank in result["ranks"]:
         print(f"rank {rank['rank']}: {len(rank['keys'])} samples")
         print(textwrap.fill(" ".join(rank["keys"]), width, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False))
-    print(f"skipped: {len(result['skipped'])}")
+    print(f"skipped: {_skipped_count(result['skipped'])}")
     for entry in result["skipped"]:
         print(f"  {entry['key'] or '(rest of shard)'} in {entry['shard']}: {entry['reason']}")
     print(f"dropped: {len(result['dropped'])}")

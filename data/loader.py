@@ -24,7 +24,8 @@ last partial batch is yielded short (``drop_last=False``) or dropped and reporte
 (``drop_last=True``).
 
 Bad samples (the decoder raises, a field is missing, a tar is truncated) are skipped,
-counted in ``loader.stats`` and logged once per shard. Once ``skip_check_after`` samples
+counted in ``loader.stats`` and logged once per shard; the samples a truncated shard lost
+count as skipped when its manifest gives its sample count. Once ``skip_check_after`` samples
 have been read, a skipped fraction above ``max_skip_fraction`` raises
 ``TooManyBadSamples``. A shard that vanishes while reading, or whose bytes differ from the
 sha256 in its manifest (``verify=True``), is an error, not a skip.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from multiprocessing.connection import Connection
@@ -79,6 +81,12 @@ class _WorkerStreams(IterableDataset):
         # only what the stream creates, not the parent's objects, and leave the pages shared
         # with the parent uncopied.
         gc.freeze()
+        # A stop signal sent to the whole process group (a launcher stopping its job, Ctrl-C) is
+        # the training process's to handle: it records the run's end, then closes its workers (a
+        # worker also ends by itself once that process is gone). A worker dying of it first
+        # would break that record with DataLoader's "worker killed by signal" error.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         return _packed(worker_stream(self.plan, worker, self.positions[worker]), WorkerBlocks(self.returned[worker]))
 
 
@@ -184,7 +192,8 @@ class StreamingLoader:
     @property
     def stats(self) -> dict:
         """Counts since the start of training (restored by ``load_state_dict``): delivered samples,
-        skipped bad samples, shard-level read errors, samples dropped as remainder."""
+        skipped bad samples (with those lost in unreadable shards whose manifest gives their
+        count), shard-level read errors, samples dropped as remainder."""
         return dict(self._stats)
 
     @property
@@ -231,7 +240,11 @@ class StreamingLoader:
 
     def _account(self, envelope: Envelope) -> None:
         for report in envelope.skipped:
-            self._stats["skipped" if report["key"] is not None else "shard_errors"] += 1
+            if report["key"] is not None:
+                self._stats["skipped"] += 1
+            else:  # the unreadable rest of a shard: the samples it lost count as skipped when the manifest tells
+                self._stats["shard_errors"] += 1
+                self._stats["skipped"] += report.get("lost") or 0
             self._recent_reasons = (self._recent_reasons + [f"{report['key'] or report['shard']}: {report['reason']}"])[-3:]
             if report["shard"] not in self._logged_shards:
                 self._logged_shards.add(report["shard"])

@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -36,6 +37,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from flowmill.data.shards import MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
+
+log = logging.getLogger(__name__)
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 
@@ -82,22 +85,35 @@ def _manifest_made_with(out_dir: Path, params: dict) -> dict | None:
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT or manifest["made"]["params"] != params:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:  # not JSON (or not UTF-8): no dataset of ours, whatever made the folder
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or manifest.get("made", {}).get("params") != params:
         return None
     return manifest
+
+
+def _damage(out_dir: Path, manifest: dict) -> str | None:
+    """Why the shards in ``out_dir`` are not the ones ``manifest`` records (size, then sha256:
+    a damaged shard may keep its size), or None when they are."""
+    for shard in manifest["shards"]:
+        shard_path = out_dir / shard["name"]
+        if not shard_path.is_file():
+            return f"{shard_path} is missing"
+        if shard_path.stat().st_size != shard["bytes"]:
+            return f"{shard_path} holds {shard_path.stat().st_size} bytes, its manifest says {shard['bytes']}"
+    for shard in manifest["shards"]:
+        if sha256_file(out_dir / shard["name"]) != shard["sha256"]:
+            return f"{out_dir / shard['name']} does not match the sha256 its manifest records"
+    return None
 
 
 def _complete_manifest(out_dir: Path, params: dict) -> dict | None:
-    """The manifest in ``out_dir`` if it was made with ``params`` and all its shards are intact in size."""
+    """The manifest in ``out_dir`` if it was made with ``params`` and every shard is intact."""
     manifest = _manifest_made_with(out_dir, params)
-    if manifest is None:
-        return None
-    for shard in manifest["shards"]:
-        shard_path = out_dir / shard["name"]
-        if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]:
-            return None
-    return manifest
+    return manifest if manifest is not None and _damage(out_dir, manifest) is None else None
 
 
 def _check_sample(sample: dict) -> str:
@@ -192,11 +208,14 @@ def write_shards(
             raise ValueError(f"{name} must be >= 1, got {value}")
     out_dir = Path(out_dir)
     params = _normalized({"source": source, "args": args, "shard_samples": shard_samples, "shard_bytes": shard_bytes})
-    existing = _complete_manifest(out_dir, params)
+    existing = _manifest_made_with(out_dir, params)
     if existing is not None:
-        return existing
-    # A damaged copy of the same dataset (a shard deleted or cut short) is ours to repair.
-    overwrite = overwrite or _manifest_made_with(out_dir, params) is not None
+        damage = _damage(out_dir, existing)
+        if damage is None:
+            return existing
+        # A damaged copy of the same dataset (a shard deleted, cut short or altered) is ours to repair.
+        log.warning("%s holds this dataset damaged (%s); packing it again", out_dir, damage)
+        overwrite = True
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(
             f"{out_dir} is not empty and holds no dataset made with these parameters; "

@@ -50,9 +50,16 @@ def is_local(url: str) -> bool:
 
 
 def _parse_manifest(text: str, where: str) -> dict:
-    manifest = json.loads(text)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{where} is not a flowmill manifest (format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r})")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exn:
+        raise ValueError(
+            f"{where} is not valid JSON ({exn.msg} at line {exn.lineno} column {exn.colno}); "
+            "restore the file or pack the dataset again"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{where} is not a flowmill manifest (format {found!r}, expected {MANIFEST_FORMAT!r})")
     return manifest
 
 

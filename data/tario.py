@@ -15,8 +15,9 @@ a large part of the cost of reading a small member (docs/data.md, Performance). 
 
 Errors inside a shard (truncated or corrupt tar, a field twice in one sample, fewer samples
 than its manifest lists) are appended to a ``reports`` list as ``{"key", "shard", "reason"}``
-(key None when the rest of the shard is lost) and reading goes on with what can be read; a
-shard that does not exist is raised.
+and reading goes on with what can be read; a shard that does not exist is raised. When the
+rest of the shard is lost the key is None and ``"lost"`` says how many samples were never
+read (from the manifest's count; None without a manifest).
 """
 
 from __future__ import annotations
@@ -234,6 +235,12 @@ class _Members:
         return True
 
 
+def _lost(shard: Shard, count: int, members: _Members) -> int | None:
+    """Samples of ``shard`` that were never read (its manifest count less those read or rejected),
+    None when no manifest gives the count."""
+    return None if shard.samples is None else max(0, shard.samples - count - len(members.repeated))
+
+
 def _samples(shard: Shard, tar: _LocalTar | _StreamedTar, reports: list[dict]) -> Iterator[dict]:
     url = shard.url
     count = 0
@@ -250,19 +257,20 @@ def _samples(shard: Shard, tar: _LocalTar | _StreamedTar, reports: list[dict]) -
         raise
     except Exception as exn:  # a corrupt shard must not stop training: report and keep what was read
         reports.append({
-            "key": None, "shard": url,
+            "key": None, "shard": url, "lost": _lost(shard, count, members),
             "reason": f"unreadable after {count}{expected} samples, the rest of the shard is lost ({_exception_text(exn)})",
         })
     else:
         # tarfile takes a tar cut at a header for a complete one; the block size and the manifest tell.
         if tar.cut() or (shard.samples is not None and count + len(members.repeated) < shard.samples):
             reports.append({
-                "key": None, "shard": url,
+                "key": None, "shard": url, "lost": _lost(shard, count, members),
                 "reason": f"truncated: the tar ends after {count}{expected} samples, the rest of the shard is lost",
             })
     actual = tar.sha256()
     if actual is not None and actual != shard.sha256:
         raise ShardChecksumError(
             f"shard {url} does not match its manifest: sha256 {actual}, manifest says {shard.sha256}; "
-            "the file changed or is damaged (repack it, or read it unverified with verify=False)"
+            "the file changed or is damaged; pack the dataset again, or read it unverified with "
+            "data.verify_shards=false (flowmill data inspect: --no-verify)"
         )

@@ -13,8 +13,12 @@ Layout of ``RUN_DIR``:
     teacher/, corrector/       copies of the runs a distillation depends on (config.yaml, ema.safetensors)
 
 ``run.json`` keys are a public contract: tracking_uri, experiment_id, run_id, git_commit,
-world_size, task, status (running | finished | preempted | failed | killed), step, and the
+world_size, task, status (running | finished | preempted | failed | killed), step (the last
+step finished, written at each log interval and checkpoint and at the end), and the
 timestamps; SLURM runs add slurm_job_id and slurm_folder.
+
+A run that failed before its first checkpoint (``failed_start``) is started again by the same
+command, or by ``flowmill resume``: nothing of it is worth continuing.
 
 Everything here reads and writes files only (no torch, no DeepSpeed): ``flowmill.models``
 opens runs through it too.
@@ -23,6 +27,7 @@ opens runs through it too.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import datetime, timezone
 from functools import cached_property
@@ -42,6 +47,13 @@ EMA_FILE = "ema.safetensors"  # in a copied teacher/corrector folder: its whole 
 STEP_PREFIX = "step-"
 UNIVERSAL_SUFFIX = "_universal"  # step-N_universal/: step-N in DeepSpeed's universal format (world-size change)
 SOURCE_FILE = "source.json"  # written last into a copied teacher/corrector folder: the copy is complete
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def step_tag(step: int) -> str:
@@ -181,17 +193,39 @@ class RunDir:
         """Whether a run was started here (run.json and config.yaml exist)."""
         return self.info_file.is_file() and self.config_file.is_file()
 
+    def failed_start(self) -> bool:
+        """Whether a run was started here and failed before its first checkpoint: config.yaml, no
+        complete checkpoint, and no run.json or one that says ``failed`` or ``killed``. Starting
+        it again from scratch loses nothing."""
+        if not self.config_file.is_file() or self.has_checkpoint() or any(map(Checkpoint.is_complete, self.step_dirs())):
+            return False
+        return not self.info_file.is_file() or self.info().get("status") in ("failed", "killed")
+
+    def clear_failed_start(self) -> None:
+        """Empty a failed start (``failed_start``) for a new attempt; logs/train.log is kept, so it
+        tells every attempt's story."""
+        for child in self.path.iterdir():
+            if child == self.logs:
+                for log_file in child.iterdir():
+                    if log_file != self.train_log:
+                        _remove(log_file)
+            else:
+                _remove(child)
+
     def create(self, config: dict[str, Any]) -> None:
         """Make a fresh run dir holding ``config`` (a resolved config as plain data).
 
-        Refuses a folder that already holds a run (that is what resume is for) or anything else.
+        Refuses a folder that already holds a run (that is what resume is for) or anything else;
+        a run that failed before its first checkpoint is started again (``failed_start``).
         """
-        if self.is_run():
+        if self.failed_start():
+            self.clear_failed_start()
+        elif self.is_run():
             raise UsageError(
                 f"run.dir: {self.path} already holds a run; continue it with `flowmill resume {self.path}` "
                 "or choose another run.dir"
             )
-        if self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and any(self.path.iterdir()):
             raise UsageError(f"run.dir: {self.path} exists and is not empty; choose another run.dir")
         for folder in (self.checkpoints, self.samples, self.logs):
             folder.mkdir(parents=True, exist_ok=True)

@@ -2,23 +2,34 @@
 
 The config is checked here, before any process starts, so a bad key fails with exit code 2
 without starting one. The processes are supervised by torch's elastic agent (what torchrun
-uses): if one dies, the others are stopped and the failing rank is reported.
+uses): if one dies, the others are stopped and the failing rank is reported. Everything the
+job listens on is on 127.0.0.1: the rendezvous and the workers' store (``LoopbackRendezvous``)
+and the workers' gloo connections (GLOO_SOCKET_IFNAME, unless set already).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import uuid
 
+from torch.distributed import TCPStore
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
-from flowmill.train.config import Config, load_config, to_dict, validate
-from flowmill.train.distributed import choose_device, free_port, placement
+from flowmill.train.config import Config, check_data_source, load_config, to_dict, validate
+from flowmill.train.distributed import LOOPBACK, choose_device, free_port, loopback_interface, loopback_store, placement
+from flowmill.train.signals import PARENT_PID_ENV
+
+LOOPBACK_RENDEZVOUS = "flowmill-loopback"  # the rendezvous backend run_workers registers with torch elastic
 
 
 def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) -> None:
@@ -26,14 +37,12 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    try:
-        resolve_shards(cfg.data.path)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"data.path: {error}") from None
+    check_data_source(cfg)
     if resume:
         run_dir.refuse_changed_model(to_dict(cfg))
-        run_dir.latest()
-    elif run_dir.is_run():
+        if not run_dir.failed_start():  # a run that stopped before its first checkpoint starts again
+            run_dir.latest()
+    elif run_dir.is_run() and not run_dir.failed_start():
         raise UsageError(f"run.dir: {run_dir} already holds a run; continue it with `flowmill resume {run_dir}`")
 
 
@@ -59,7 +68,8 @@ def launch_command(args: argparse.Namespace) -> int:
 def resume_command(args: argparse.Namespace) -> int:
     """``flowmill resume``: continue a run from its latest checkpoint (by default on its own world size)."""
     run_dir = RunDir(args.run_dir)
-    info = run_dir.info()
+    # A run that stopped before it wrote run.json has only its config: it starts again, on one process unless told.
+    info = {} if run_dir.failed_start() and not run_dir.info_file.is_file() else run_dir.info()
     cfg = load_config(None, args.overrides, base=run_dir.saved_config())
     nproc = args.nproc or int(info.get("world_size", 1))
     check_before_launch(cfg, run_dir, nproc, resume=True)
@@ -67,27 +77,62 @@ def resume_command(args: argparse.Namespace) -> int:
     return run_workers(["train", "--resume", str(run_dir), *args.overrides], nproc, run_dir)
 
 
-def mark_failed(run_dir: RunDir) -> None:
-    """A worker killed outright cannot record its end; the launcher does it for the run."""
-    if run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
-        run_dir.update_info(status="failed")
+class LoopbackRendezvous(DynamicRendezvousHandler):
+    """torch elastic's c10d rendezvous for the processes of one machine, its two stores (the
+    rendezvous's and the one the workers share for their process group) on loopback only:
+    torch's own listen on every interface, unauthenticated."""
+
+    def _create_tcp_store_server(self, master_addr: str, master_port: int) -> TCPStore:
+        return loopback_store(master_port)
+
+    def get_backend(self) -> str:
+        return LOOPBACK_RENDEZVOUS
+
+
+def loopback_rendezvous(params: RendezvousParameters) -> LoopbackRendezvous:
+    """The rendezvous of ``flowmill launch local``, on the port of ``params.endpoint`` at 127.0.0.1."""
+    store = loopback_store(int(params.endpoint.rsplit(":", 1)[1]))
+    return LoopbackRendezvous.from_backend(params.run_id, store, C10dRendezvousBackend(store, params.run_id),
+                                           params.min_nodes, params.max_nodes, local_addr=LOOPBACK)
+
+
+def mark_failed(run_dir: RunDir, status: str = "failed") -> None:
+    """A worker killed outright cannot record its end; the launcher does it for the run. A rank
+    failed: the ranks the agent then stopped said ``killed``, but the run ``failed``."""
+    try:
+        if run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed"):
+            run_dir.update_info(status=status)
+    except OSError as error:  # a full disk may be what ended the run
+        print(f"flowmill: could not record status {status} in {run_dir.info_file}: {error}", file=sys.stderr)
 
 
 def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
     """Run ``flowmill <cli_args>`` in ``nproc`` supervised processes; returns an exit code."""
+    rendezvous_handler_registry.register(LOOPBACK_RENDEZVOUS, loopback_rendezvous)
+    interface = loopback_interface()
+    if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # The workers' gloo connections: by default on the address the host name resolves to, often a public one.
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=nproc,
         run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_backend=LOOPBACK_RENDEZVOUS,
+        rdzv_endpoint=f"{LOOPBACK}:{free_port()}",
+        local_addr=LOOPBACK,
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
     )
+    os.environ[PARENT_PID_ENV] = str(os.getpid())  # the workers stop when this process is gone
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "flowmill.cli", *cli_args)
+    except SignalException as stop:  # the agent stopped the workers, which recorded the run as killed
+        name = signal.Signals(stop.sigval).name
+        mark_failed(run_dir, "killed")
+        print(f"flowmill: stopped by {name}; the workers were stopped; run dir: {run_dir}", file=sys.stderr)
+        return 128 + stop.sigval
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")

@@ -94,7 +94,7 @@ class TrainingJob:
         cfg = load_config(None, [], base=self.config)
         run_dir = RunDir(cfg.run.dir)
         resume = run_dir.has_checkpoint()
-        if not resume and run_dir.is_run():
+        if not resume and run_dir.is_run() and not run_dir.failed_start():
             raise UsageError(f"{run_dir} stopped before its first checkpoint: nothing to resume; start a new run")
         run_info = {"slurm_job_id": job_env.job_id, "slurm_folder": str(job_env.paths.folder)}
         if rank == 0 and resume:

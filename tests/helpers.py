@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
+import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "mmdit_tiny.yaml"
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, or None when it has none."""
+    addresses = [entry.address for entries in psutil.net_if_addrs().values() for entry in entries
+                 if entry.family == socket.AF_INET and not entry.address.startswith("127.")]
+    return addresses[0] if addresses else None
+
+
+def reachable(address: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``address:port``."""
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((address, port)) == 0
 
 
 def flowmill(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -17,6 +19,7 @@ from flowmill.train.config import load_config
 from flowmill.train.judge import judge_dir, load_or_train_judge
 from flowmill.train.loop import run_from_cli
 from flowmill.train.sample import load_task_and_model, sample_model_folder, sample_run
+from flowmill.train.signals import Stopped, stopping_on_signals
 
 
 @record  # a worker's error reaches the launcher that started it (torch elastic's error file)
@@ -29,7 +32,12 @@ def train(args: argparse.Namespace) -> int:
         config, overrides = None, [config, *overrides]
     if not config and not args.resume:
         raise UsageError("pass a CONFIG file (or --resume RUN_DIR)")
-    run_from_cli(config, overrides, args.resume)
+    try:
+        with stopping_on_signals():
+            run_from_cli(config, overrides, args.resume)
+    except Stopped as stop:  # the run recorded its end (killed); one line, no traceback
+        print(f"[flowmill rank {os.environ.get('RANK', '0')}] stopped: {stop.reason}", file=sys.stderr, flush=True)
+        return 128 + stop.signum
     return 0
 
 

@@ -25,6 +25,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.train.tasks import get_task_class
 
@@ -249,6 +250,14 @@ def _failing_section(merged: Any) -> str:
         except ValueError:
             return name
     return "config"
+
+
+def check_data_source(cfg: Config) -> None:
+    """The dataset ``data.path`` names exists and lists its shards (a manifest that reads)."""
+    try:
+        resolve_shards(cfg.data.path)
+    except (FileNotFoundError, ValueError) as error:
+        raise UsageError(f"data.path: {error}") from None
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

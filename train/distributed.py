@@ -30,6 +30,7 @@ from flowmill.errors import UsageError
 MASTER_PORT_BASE = 20000  # rendezvous ports are MASTER_PORT_BASE + job id % MASTER_PORT_SPAN
 MASTER_PORT_SPAN = 10000  # below Linux's ephemeral range (32768+), so no client socket holds the port
 DEFAULT_MASTER_PORT = 29500  # torchrun's default, for mpirun jobs that name no port
+LOOPBACK = "127.0.0.1"  # where a job that runs on this machine alone listens
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,12 @@ def init_distributed(requested_device: str, timeout_min: float | None = None) ->
     import deepspeed  # deliberately lazy (start-up time): sampling uses this module's device choice without DeepSpeed
 
     place = place_of(os.environ)
+    store = None
     if place.launcher == "alone":
-        # DeepSpeed always wants a process group; a lone process gets one on a free local port.
-        place = Place(0, 0, 1, 1, "127.0.0.1", free_port(), "alone")
+        # DeepSpeed always wants a process group; a lone process makes one on a store of its own on
+        # loopback (the store torch would make listens on every interface).
+        store = None if dist.is_initialized() else loopback_store()
+        place = Place(0, 0, 1, 1, LOOPBACK, store.port if store is not None else free_port(), "alone")
     os.environ.update(place.process_group_env())
     device = choose_device(requested_device, place.local_rank)
     if not dist.is_initialized():
@@ -152,6 +156,9 @@ def init_distributed(requested_device: str, timeout_min: float | None = None) ->
             # DeepSpeed makes process groups of its own (data parallel, pipeline stages) without a
             # timeout, and torch gives such groups its module defaults: make those ours too.
             distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+        if store is not None:  # DeepSpeed takes a group that exists as it is
+            dist.init_process_group(backend_for(device), store=store, rank=0, world_size=1,
+                                    **({"timeout": timeout} if timeout else {}))
         deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
                                    **({"timeout": timeout} if timeout else {}))
     return DistEnv(rank=place.rank, local_rank=place.local_rank, world_size=place.world_size, device=device)
@@ -170,8 +177,31 @@ def shutdown(clean: bool = True) -> None:
 
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback network interface (``lo`` on Linux, ``lo0`` on macOS), or None."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
+def loopback_store(port: int = 0, timeout_s: float = 300.0) -> dist.TCPStore:
+    """A TCPStore server reachable from this machine only. Torch's TCPStore listens on every
+    interface whatever host it is given, and it answers anyone unauthenticated; handed a socket
+    that already listens on 127.0.0.1, it listens there instead. ``port`` 0: any free port
+    (the store's ``port`` says which)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+        sock.listen(socket.SOMAXCONN)
+        port = sock.getsockname()[1]
+        # The store owns the socket from here on (and closes it).
+        return dist.TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                             wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
+    finally:
+        sock.close()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +70,7 @@ class Job:
     checkpoints: CheckpointManager
     tracker: Tracker
     local: set[int] | None  # ids of the parameters a pipeline stage trains; None without pipeline
+    step: int = 0  # the last optimizer step finished (the checkpoint's step until the loop moves on)
 
     @property
     def pipeline(self) -> bool:
@@ -103,6 +106,20 @@ def setup_logging(env: DistEnv, run_dir: RunDir | None = None) -> None:
         file_handler = logging.FileHandler(run_dir.train_log)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_handler)
+
+
+def record_death(run_dir: RunDir, env: DistEnv, error: BaseException, status: str) -> None:
+    """Append why this rank stopped, with the traceback, to logs/train.log (one write, so ranks
+    do not interleave); rank 0 also ends a run.json that still says ``running`` with ``status``."""
+    trace = "".join(traceback.format_exception(error))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with open(run_dir.train_log, "a") as handle:
+            handle.write(f"{stamp} ERROR rank {env.rank}: the run stopped ({status}): {type(error).__name__}: {error}\n{trace}")
+        if env.is_main and run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
+            run_dir.update_info(status=status)
+    except OSError as exn:  # a full disk may be why the run died: the error itself must still reach the user
+        print(f"[flowmill rank {env.rank}] could not record the failure in {run_dir}: {exn}", file=sys.stderr, flush=True)
 
 
 def agree(env: DistEnv, value: Any) -> Any:
@@ -260,5 +277,5 @@ def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -
         log.info("run dir: %s", plan.run_dir)
         if tracker.experiment_id is not None:
             log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
-    job = Job(cfg, plan, env, task, model, engine, forward, ema, loader, noise, checkpoints, tracker, local)
+    job = Job(cfg, plan, env, task, model, engine, forward, ema, loader, noise, checkpoints, tracker, local, step)
     return job, step

@@ -6,8 +6,10 @@ other ranks get a NullTracker and a disabled progress bar instead of ``if rank =
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -17,10 +19,10 @@ from typing import Any
 import torch
 
 from flowmill.errors import UsageError
-from flowmill.run_dir import RunDir
-from flowmill.train.config import Config, load_config, validate
+from flowmill.run_dir import RunDir, step_tag
+from flowmill.train.config import Config, check_data_source, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
-from flowmill.train.job import Job, build_job, make_plan, open_run_dir, setup_logging
+from flowmill.train.job import Job, agree, build_job, make_plan, open_run_dir, record_death, setup_logging
 from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
@@ -40,12 +42,16 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     outcome: ``finished``, or ``preempted`` when ``stop`` was requested (a checkpoint of the last
     step was saved first).
     """
+    check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
     env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
     heartbeat = Heartbeat(env, interval_s=min(10.0, max(0.5, cfg.parallel.timeout_min * 60 / 6)))
     clean = False
+    opened: RunDir | None = None  # the run dir once this process has opened it: a failure is recorded there
     try:
         validate(cfg, env.world_size)
-        run_dir = open_run_dir(cfg, env, run_dir, resume)
+        if resume and run_dir is not None and agree(env, run_dir.failed_start()):
+            resume = False  # it stopped before its first checkpoint: nothing to continue, so it starts again
+        run_dir = opened = open_run_dir(cfg, env, run_dir, resume)
         setup_logging(env, run_dir)
         plan = make_plan(cfg, env, run_dir, resume)
         job, step = build_job(cfg, plan, env, run_info or {})
@@ -53,6 +59,8 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
         clean = True
         return run_dir, outcome
     except BaseException as error:
+        if opened is not None:
+            record_death(opened, env, error, "killed" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
         if is_timeout(error):
             message = timeout_message(env, cfg.parallel.timeout_min, heartbeat.silent_ranks())
             print(f"[flowmill rank {env.rank}] fatal: {message}", file=sys.stderr, flush=True)
@@ -71,17 +79,28 @@ def run_job(job: Job, step: int, stop: StopRequest) -> str:
         truncate_step_logs(job.run_dir.metrics_file, after_step=step)
     truncate_step_logs(job.run_dir.keys_file(job.env.rank), after_step=step)
     status = "failed"
+    job.step = step
     try:
-        step, status = run_steps(job, step, stop)
-    except KeyboardInterrupt:
+        job.step, status = run_steps(job, step, stop)
+    except (KeyboardInterrupt, SystemExit):
         status = "killed"
         raise
     finally:
         if job.env.is_main:
-            job.run_dir.update_info(status=status, step=step)
-            # A preempted run is continued later under the same MLflow run id.
-            job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
+            record_end(job, status)
     return status
+
+
+def record_end(job: Job, status: str) -> None:
+    """Rank 0: how the run ended, in run.json and MLflow. A run.json that cannot be written (a full
+    disk may be why the run ended) is said in one line; it must not hide the error that ended the run."""
+    try:
+        job.run_dir.update_info(status=status, step=job.step)
+    except OSError as error:
+        print(f"[flowmill rank {job.env.rank}] could not record status {status} in {job.run_dir.info_file}: {error}",
+              file=sys.stderr, flush=True)
+    # A preempted run is continued later under the same MLflow run id.
+    job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
 
 
 def on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
@@ -152,6 +171,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         keys: list[str] = []
         loss, grad_norm = train_step(job, batches, keys)
         step += 1
+        job.step = step
         if job.ema is not None:
             job.ema.update(job.model)
         loss_value = all_reduce_mean(loss).item()
@@ -177,6 +197,8 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         progress.update(step, metrics)
         if save or stopping:
             save_checkpoint(job, step)
+        if env.is_main and (save or stopping or step % cfg.trainer.log_every_steps == 0):
+            run_dir.update_info(step=step)  # run.json follows the run, not only its start and end
         if stopping:
             log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
             progress.close()
@@ -190,10 +212,31 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     return step, "finished"
 
 
+class CheckpointError(RuntimeError):
+    """Saving a checkpoint failed on this rank; the message names the rank, the checkpoint and the cause."""
+
+
 def save_checkpoint(job: Job, step: int) -> None:
     meta = {"task": job.cfg.task, "family": get_task_class(job.cfg.task).family, "global_batch": job.plan.global_batch_size}
-    job.checkpoints.save(step, meta=meta)
+    try:
+        job.checkpoints.save(step, meta=meta)
+    except Exception as error:
+        raise CheckpointError(
+            f"rank {job.env.rank}: {save_failure(error, job.run_dir)} while saving checkpoint {step_tag(step)} in "
+            f"{job.run_dir}"
+        ) from error
     log.info("checkpoint step %d saved", step)
+
+
+def save_failure(error: Exception, run_dir: RunDir) -> str:
+    """What went wrong in a save, in a few words: a full disk by its name (torch's writer reports
+    it as a bare "enforce fail" on some ranks, so the free space decides too), else the error."""
+    full = getattr(error, "errno", None) == errno.ENOSPC
+    try:
+        full = full or shutil.disk_usage(run_dir.path).free == 0
+    except OSError:
+        pass
+    return "no space left on device" if full else f"{type(error).__name__}: {error}"
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -213,7 +256,7 @@ def run_from_cli(config_path: str | None, overrides: list[str], resume_dir: str 
     """Entry of ``flowmill train``: load the config (a resumed run's own one) and train."""
     if resume_dir:
         run_dir = RunDir(resume_dir)
-        if not run_dir.is_run():
+        if not run_dir.is_run() and not run_dir.failed_start():
             raise UsageError(f"{resume_dir} is not a flowmill run dir (no run.json/config.yaml)")
         cfg = load_config(None, overrides, base=run_dir.saved_config())
         return train(cfg, run_dir=run_dir, resume=True)[0]

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -133,6 +134,12 @@ def test_inspect_text_output_and_errors(tmp_path, capsys):
     assert run(["data", "inspect", str(tmp_path / "d"), "--world-size", "1", "--num-workers", "0"]) == 2
     assert "does not match its manifest" in capsys.readouterr().err
     assert run(["data", "inspect", str(tmp_path / "d"), "--world-size", "1", "--num-workers", "0", "--no-verify"]) == 0
+    capsys.readouterr()
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert run(["data", "inspect", str(tmp_path / "d"), "--world-size", "1", "--num-workers", "0", "--no-verify"]) == 0
+    counts = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("rank 0:", "skipped:"))]
+    delivered = int(counts[0].split()[2])
+    assert counts[1] == f"skipped: {25 - delivered} ({25 - delivered} in unreadable shards)"
 
 
 def test_encode_command(tmp_path, capsys):

@@ -188,6 +188,16 @@ def test_truncated_shard_is_reported_and_the_rest_delivered(tmp_path, caplog):
     assert any("shard-000001.tar" in record.getMessage() for record in caplog.records)
 
 
+def test_unverified_truncated_shard_counts_the_samples_it_lost(tmp_path):
+    make_shards(tmp_path, shards=3, per_shard=20)
+    shard = tmp_path / "shard-000001.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    data = loader(tmp_path, resampled=False, verify=False)
+    delivered = sum(len(batch["__key__"]) for batch in data)
+    assert data.stats["shard_errors"] == 1 and 40 < delivered < 60
+    assert data.stats["skipped"] == 60 - delivered
+
+
 def test_missing_source_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         loader(tmp_path / "nowhere")
@@ -267,7 +277,7 @@ def test_shard_that_differs_from_its_manifest_is_an_error(tmp_path, num_workers)
     damaged = bytearray(shard.read_bytes())
     damaged[damaged.index(b"text 5")] ^= 1  # same size, one flipped bit in a caption
     shard.write_bytes(bytes(damaged))
-    with pytest.raises(ShardChecksumError, match="shard-000001.tar does not match its manifest"):
+    with pytest.raises(ShardChecksumError, match="shard-000001.tar does not match its manifest.*data.verify_shards=false"):
         list(loader(tmp_path, resampled=False, num_workers=num_workers))
     unverified = loader(tmp_path, resampled=False, num_workers=num_workers, verify=False)
     assert sum(len(batch["__key__"]) for batch in unverified) == 8

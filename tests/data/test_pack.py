@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import tarfile
 
 import pytest
@@ -73,11 +74,29 @@ def test_other_parameters_need_overwrite(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["manifest.json", "shard-000000.tar"]
 
 
-def test_damaged_copy_of_the_same_dataset_is_rewritten(tmp_path):
+def test_damaged_copy_of_the_same_dataset_is_rewritten(tmp_path, caplog):
     write_shards(samples(6), tmp_path, source="test", args={}, shard_samples=4, progress=False)
     (tmp_path / "shard-000001.tar").write_bytes(b"short")
     manifest = write_shards(samples(6), tmp_path, source="test", args={}, shard_samples=4, progress=False)
     assert sha256_file(tmp_path / "shard-000001.tar") == manifest["shards"][1]["sha256"]
+    # Same size, one byte altered: only the sha256 tells, and the shard is packed again, not kept.
+    shard = tmp_path / "shard-000000.tar"
+    damaged = bytearray(shard.read_bytes())
+    damaged[damaged.index(b"x")] ^= 1
+    shard.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="flowmill.data.pack"):
+        again = write_shards(samples(6), tmp_path, source="test", args={}, shard_samples=4, progress=False)
+    assert sha256_file(shard) == again["shards"][0]["sha256"] == manifest["shards"][0]["sha256"]
+    assert any("shard-000000.tar does not match the sha256" in record.getMessage() for record in caplog.records)
+
+
+def test_invalid_manifest_in_the_folder_is_no_dataset_of_ours(tmp_path):
+    write_shards(samples(3), tmp_path, source="test", args={}, shard_samples=4, progress=False)
+    (tmp_path / "manifest.json").write_text('{"format": "flowmill-shards/1", ')
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_shards(samples(3), tmp_path, source="test", args={}, shard_samples=4, progress=False)
+    assert write_shards(samples(3), tmp_path, source="test", args={}, shard_samples=4, overwrite=True,
+                        progress=False)["total_samples"] == 3
 
 
 def test_bad_samples_are_refused(tmp_path):

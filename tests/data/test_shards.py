@@ -64,3 +64,13 @@ def test_missing_things_are_named(tmp_path):
         dataset_shards(f"file://{tmp_path}/nowhere/manifest.json")
     with pytest.raises(FileNotFoundError, match="matches no files"):
         dataset_shards(f"file://{tmp_path}/*.tgz")
+
+
+def test_invalid_manifest_is_named_with_its_place(tmp_path):
+    pack(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"format": "flowmill-shards/1",\n "shards": [}')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'manifest.json'} is not valid JSON \(.* at line 2 column"):
+        dataset_shards(tmp_path)
+    (tmp_path / "manifest.json").write_text("[]")
+    with pytest.raises(ValueError, match="is not a flowmill manifest"):
+        dataset_shards(tmp_path)

@@ -64,6 +64,7 @@ def test_truncated_shard_keeps_what_was_read_and_reports_the_rest(tmp_path, pipe
     assert [sample["__key__"] for sample in samples] == ["k0", "k1", "k2"]
     assert len(reports) == 1 and reports[0]["key"] is None
     assert "unreadable after 3 of 6 samples" in reports[0]["reason"] and "ReadError" in reports[0]["reason"]
+    assert reports[0]["lost"] == 3
 
 
 @BOTH_READERS

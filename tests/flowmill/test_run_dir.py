@@ -40,6 +40,26 @@ def test_create_refuses_a_run_or_a_non_empty_folder(run, tmp_path):
         RunDir(tmp_path / "other").create({})
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_is_started_again(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create({"task": "mmdit", "model": {"depth": 2}})
+    run.train_log.write_text("the first attempt's story\n")
+    run.text_tokenizer.write_text("tokenizer")
+    (run.checkpoints / step_tag(5)).mkdir()  # a save that never completed
+    assert run.failed_start()  # no run.json: it failed while building
+    run.create({"task": "mmdit", "model": {"depth": 3}})
+    assert run.saved_config()["model"] == {"depth": 3} and not run.text_tokenizer.exists()
+    assert run.step_dirs() == [] and run.train_log.read_text() == "the first attempt's story\n"
+    run.update_info(status="running")
+    assert not run.failed_start()  # it may be running now
+    run.update_info(status="failed")
+    assert run.failed_start()
+    run.mark_latest(fake_checkpoint(run, 2))
+    assert not run.failed_start()
+    with pytest.raises(UsageError, match="already holds a run"):
+        run.create({})
+
+
 def test_update_info_merges_fields_and_leaves_no_temporary_file(run):
     run.update_info(step=7)
     info = run.info()

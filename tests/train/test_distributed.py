@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from torch.distributed import TCPStore
 
 from flowmill.errors import UsageError
 from flowmill.train.distributed import (
@@ -18,10 +19,12 @@ from flowmill.train.distributed import (
     barrier,
     choose_device,
     free_port,
+    loopback_store,
     place_of,
     placement,
     rendezvous_port,
 )
+from tests.helpers import non_loopback_address, reachable
 
 SRUN_TASK = {  # the second task of `srun -N 2 -n 4` (job 42, step 3), on the second node
     "SLURM_JOB_ID": "42", "SLURM_STEP_ID": "3", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
@@ -96,6 +99,17 @@ def test_free_port_can_be_bound():
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_loopback_store_is_not_reachable_from_other_addresses():
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    store = loopback_store()
+    assert reachable("127.0.0.1", store.port) and not reachable(address, store.port)
+    client = TCPStore("127.0.0.1", store.port, is_master=False, wait_for_workers=False)
+    client.set("key", "value")
+    assert store.get("key") == b"value"
 
 
 def test_state_beside_the_weights_goes_where_asked(monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -93,6 +94,36 @@ def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
     time.sleep(1)
     assert not [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
+
+
+def test_workers_stop_and_record_the_run_killed_when_the_launcher_is_killed(digits_dir, tmp_path):
+    """SIGKILL the launcher (as the OOM killer would): its workers notice, record the run as killed
+    in run.json and MLflow, and leave within seconds; nothing keeps writing into the run dir."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "flowmill.cli", "launch", "local", "--nproc", "2", str(TINY_CONFIG),
+         *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 100000, "checkpoint.every_steps": 100000})],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        assert launcher.poll() is None and time.time() < deadline, "the job never started training"
+        time.sleep(0.5)
+    everything = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.kill()
+    _, stderr = launcher.communicate(timeout=60)
+    deadline = time.time() + 30
+    while [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.time() < deadline, "workers outlived their launcher"
+        time.sleep(0.2)
+    assert stderr.count("stopped: its launcher is gone") == 2, stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "killed" and info["step"] >= 1
+    with sqlite3.connect(tmp_path / "mlflow.db") as store:
+        assert store.execute("select status from runs where run_uuid = ?", (info["run_id"],)).fetchone() == ("KILLED",)
+    assert not list(run_dir.glob(".*.tmp-*"))
+    assert "Stopped: its launcher is gone" in (run_dir / "logs" / "train.log").read_text()
 
 
 def test_unreachable_tracking_server_does_not_stop_training(digits_dir, tmp_path):

@@ -5,6 +5,7 @@ records its end, and the step logs cut back on resume."""
 from __future__ import annotations
 
 import copy
+import errno
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowmill.data.pack import write_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train import loop
@@ -273,6 +275,45 @@ def test_run_job_records_the_outcome_in_run_json_and_mlflow(tmp_path, monkeypatc
     assert job.tracker.named("finish") == [((mlflow_status,), {})]
 
 
+class FailingBatches(Batches):
+    """Batches that fail after ``good`` micro-batches, noting the step run.json holds at that moment."""
+
+    def __init__(self, run_dir: RunDir, good: int):
+        self.run_dir, self.good, self.step_at_failure = run_dir, good, None
+
+    def __iter__(self):
+        for index, batch in enumerate(super().__iter__()):
+            if index == self.good:
+                self.step_at_failure = self.run_dir.info()["step"]
+                raise OSError("disk gone")
+            yield batch
+
+
+def test_run_json_step_follows_the_run_and_stays_at_the_last_step_after_a_failure(tmp_path):
+    job = stand_in_job(tmp_path, "trainer.max_steps=8", "trainer.log_every_steps=2", "checkpoint.every_steps=100")
+    job.run_dir.update_info(status="running", step=0)
+    job.loader = FailingBatches(job.run_dir, good=7)  # 2 micro-batches a step: step 4 fails
+    with pytest.raises(OSError, match="disk gone"):
+        run_job(job, 0, StopRequest())
+    assert job.loader.step_at_failure == 2  # updated at the log interval while running
+    info = job.run_dir.info()
+    assert (info["status"], info["step"]) == ("failed", 3)
+
+
+def test_a_full_disk_while_saving_is_named_with_rank_checkpoint_and_run_dir(tmp_path, monkeypatch):
+    job = stand_in_job(tmp_path, "trainer.max_steps=4", "checkpoint.every_steps=2")
+    job.run_dir.update_info(status="running", step=0)
+
+    def full_disk(step, meta):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job.checkpoints, "save", full_disk, raising=False)
+    with pytest.raises(loop.CheckpointError) as failed:
+        run_job(job, 0, StopRequest())
+    assert str(failed.value) == f"rank 0: no space left on device while saving checkpoint step-00000002 in {job.run_dir}"
+    assert job.run_dir.info()["status"] == "failed"
+
+
 def test_run_job_cuts_the_step_logs_back_to_the_restored_step(tmp_path, monkeypatch):
     job = stand_in_job(tmp_path)
     for path in (job.run_dir.metrics_file, job.run_dir.keys_file(0), job.run_dir.keys_file(1)):
@@ -298,3 +339,46 @@ def test_truncate_step_logs(tmp_path):
 def test_resuming_a_folder_that_holds_no_run_is_refused(tmp_path):
     with pytest.raises(UsageError, match="is not a flowmill run dir \\(no run.json/config.yaml\\)"):
         run_from_cli(None, [], str(tmp_path))
+
+
+# -------------------------------------------------------------- a run that fails before its first checkpoint
+
+
+@pytest.fixture
+def lone_train(monkeypatch):
+    """``loop.train`` without a process group (a lone process), its job build replaced by a failure
+    that records whether the run would resume."""
+    monkeypatch.setattr(loop, "init_distributed", lambda device, timeout_min: ALONE)
+    monkeypatch.setattr(loop, "shutdown", lambda clean: None)
+    builds = []
+
+    def failing_build(cfg, plan, env, run_info):
+        builds.append(plan.resume)
+        raise RuntimeError("the model does not fit")
+
+    monkeypatch.setattr(loop, "build_job", failing_build)
+    return builds
+
+
+def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_path, lone_train):
+    write_shards([{"__key__": f"k{i}", "txt": "x"} for i in range(4)], tmp_path / "data", source="test", args={},
+                 shard_samples=2, progress=False)
+    run = tmp_path / "run"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{not json")
+    for data, message in ((tmp_path / "nowhere", "data.path: .*nowhere"), (broken, f"data.path: {broken / 'manifest.json'} is not valid JSON")):
+        with pytest.raises(UsageError, match=message):
+            loop.train(load_config(TINY_CONFIG, [f"data.path={data}", f"run.dir={run}"]))
+        assert not run.exists()  # refused before the run dir is made
+    cfg = load_config(TINY_CONFIG, [f"data.path={tmp_path / 'data'}", f"run.dir={run}"])
+    for _ in range(2):  # the same command again: the half-made run dir is taken, not refused
+        with pytest.raises(RuntimeError, match="the model does not fit"):
+            loop.train(cfg)
+    with pytest.raises(RuntimeError, match="the model does not fit"):
+        run_from_cli(None, [], str(run))  # flowmill resume: nothing to continue, so it starts again
+    assert lone_train == [False, False, False]
+    log = (run / "logs" / "train.log").read_text()
+    assert log.count("ERROR rank 0: the run stopped (failed): RuntimeError: the model does not fit") == 3
+    assert "Traceback (most recent call last)" in log and "failing_build" in log
+    assert RunDir(run).failed_start() and (run / "config.yaml").is_file()
