@@ -50,6 +50,25 @@ class Task:
         except StopIteration:
             raise ValueError(f"no sample of {source} decodes as this task's data (the loader skipped every one)") from None
 
+    def build_loader(self, replica: int, replicas: int, batch_size: int) -> StreamingLoader:
+        """The training batches of data-parallel replica ``replica`` of ``replicas``, ``batch_size``
+        samples each: ``data.path`` decoded by this task, resampled epoch after epoch. The loop
+        reads ``stats["skipped"]`` and checkpoints ``state_dict()`` per rank."""
+        cfg = self.cfg
+        return StreamingLoader(
+            cfg.data.path,
+            rank=replica,
+            world_size=replicas,
+            batch_size=batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.trainer.seed,
+            decode=self.decoder(),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=True,
+            verify=cfg.data.verify_shards,
+            max_skip_fraction=cfg.data.max_skip_fraction,
+        )
+
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.
 
