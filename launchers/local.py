@@ -19,6 +19,7 @@ from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, load_config, to_dict, validate
 from flowmill.train.distributed import choose_device, free_port, placement
+from flowmill.train.tasks import get_task_class
 
 
 def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) -> None:
@@ -26,10 +27,11 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    try:
-        resolve_shards(cfg.data.path)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(f"data.path: {error}") from None
+    if get_task_class(cfg.task).reads_data(cfg):
+        try:
+            resolve_shards(cfg.data.path)
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"data.path: {error}") from None
     if resume:
         run_dir.refuse_changed_model(to_dict(cfg))
         run_dir.latest()

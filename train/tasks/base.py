@@ -21,6 +21,11 @@ class Task:
     config_class: ClassVar[type[Config]] = Config  # the task's config: the shared sections plus its own
     family: ClassVar[str] = ""  # model family written into checkpoints and model folders
 
+    @classmethod
+    def reads_data(cls, cfg: Config) -> bool:
+        """Whether a run of ``cfg`` reads ``data.path`` (launchers check it exists before starting workers)."""
+        return True
+
     def __init__(self, cfg: Config, env: DistEnv, run_dir: RunDir):
         self.cfg = cfg
         self.env = env

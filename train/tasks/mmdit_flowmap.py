@@ -181,6 +181,10 @@ class FlowMapTask(MMDiTTask):
             raise UsageError(f"sample.sampler: a flow map jumps, one network call per step, and has no ODE solver to "
                              f"choose; remove it or set euler (got {cfg.sample.sampler!r})")
 
+    @classmethod
+    def reads_data(cls, cfg: FlowMapRunConfig) -> bool:
+        return not cfg.distill.data_free
+
     def __init__(self, cfg: FlowMapRunConfig, env: DistEnv, run_dir: RunDir):
         self.teacher_files: ModelFiles | None = None
         self.teacher_run: RunDir | None = None
