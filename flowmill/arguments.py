@@ -45,10 +45,12 @@ def add_run_source(parser: argparse.ArgumentParser, what: str = "RUN_DIR|CKPT") 
     parser.add_argument("source", metavar=what, help="a run directory or one of its checkpoints/step-* folders")
 
 
-def add_sampler(parser: argparse.ArgumentParser, steps: int, cfg: float, cfg_help: str) -> None:
-    """--steps, --cfg, --sampler and --seed of commands that integrate a flow."""
+def add_sampler(parser: argparse.ArgumentParser, steps: int, cfg: float | None, cfg_help: str) -> None:
+    """--steps, --cfg, --sampler and --seed of commands that integrate a flow (``cfg`` None: the
+    default is the run's ``sample.cfg_scale``, filled in by the command)."""
     parser.add_argument("--steps", type=int, default=steps, help=f"ODE solver steps (default {steps})")
-    parser.add_argument("--cfg", type=float, default=cfg, help=f"{cfg_help} (default {cfg}; 1 disables)")
+    default = "the run's sample.cfg_scale" if cfg is None else cfg
+    parser.add_argument("--cfg", type=float, default=cfg, help=f"{cfg_help} (default {default}; 1 disables)")
     parser.add_argument("--sampler", default="euler", help="ODE solver: euler or heun (default euler)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
 

@@ -6,14 +6,18 @@ D = model width, H = heads.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,10 +126,29 @@ class Modulation:
         return x + residual if self.gate is None else torch.addcmul(x, self.gate[:, None, :], residual)
 
 
+# Set inside ``forward_differentiable``: the hand-written autograd Functions below have no forward-mode rule.
+_FORWARD_MODE = contextvars.ContextVar("forward_mode", default=False)
+
+
+@contextlib.contextmanager
+def forward_differentiable() -> Iterator[None]:
+    """Run the layers here so that forward-mode derivatives (``torch.func.jvp``) pass through them,
+    and reverse mode through those: PyTorch's own norm and GELU kernels instead of the hand-written
+    CPU forms, and attention by the math backend (the fused CPU and flash kernels have no forward-mode
+    rule). Same functions, slower."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
 def _cpu_fp32_training(x: torch.Tensor) -> bool:
-    """Whether the hand-written CPU forms below apply: fp32 on the CPU, eager, with gradients.
-    Elsewhere (GPUs, bf16, torch.compile, inference) PyTorch's kernels are the faster ones."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    """Whether the hand-written CPU forms below apply: fp32 on the CPU, eager, with gradients, outside
+    ``forward_differentiable``. Elsewhere (GPUs, bf16, torch.compile, inference) PyTorch's kernels are the faster ones."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and not _FORWARD_MODE.get())
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -7,11 +7,18 @@
     img (B, C, H, W) ──patch Linear + 2D sincos pe──► image tokens (B, h, w, D)
     txt (B, L, txt_dim) ──Linear────────────────────► text tokens  (B, L, D)
     t (B,), vec (B, vec_dim) ──MLPs, summed, SiLU───► conditioning (B, D)
+    [flow map: + MLP of the jump t - s to the end time s, zero at init]
     depth × joint block: separate weights per stream, one attention over [img; txt]
     adaLN final layer + Linear + unpatchify ──────► velocity (B, C, H, W)
 
 Time follows flowmill's convention: t = 0 is data, t = 1 is noise, and the model predicts
 v = noise - x0. The sinusoid sees 1000·t, the scale SD3 was trained with.
+
+With ``flow_map=True`` the model also takes the end time s of a jump and returns the average
+velocity u(x, t, s) of the flow map X(x; t→s) = x + (s - t)·u (see flowmill.models.flow_map):
+one more time embedding, of the jump t - s, added to the conditioning. Its output layer starts at
+zero, so a flow map loaded from a trained MMDiT's weights is that MMDiT, u(x, t, s) = v(x, t), and
+the diagonal u(x, t, t) is always the velocity. Without it the weights are SD3's, key for key.
 
 Image tokens travel between layers on their patch grid, (B, h, w, D), so every layer of
 ``pipeline_layers()`` gets and passes plain tensors and the last one can unpatchify
@@ -52,6 +59,7 @@ class MMDiTConfig:
     pos_embed_max_size: int = 192  # side of the positional table in patches; larger latents are refused
     qk_norm: bool = False  # RMSNorm on each head's queries and keys (SD3.5; diffusers qk_norm="rms_norm")
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of D
+    flow_map: bool = False  # also take a jump's end time s and return the flow map's average velocity (not SD3's)
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "patch_size", "depth", "num_heads", "head_dim",
@@ -124,6 +132,8 @@ class MMDiTEmbed(nn.Module):
         self.time = MLPEmbedder(TIME_CHANNELS, cfg.dim)
         self.pooled = MLPEmbedder(cfg.vec_dim, cfg.dim)
         self.txt = nn.Linear(cfg.txt_dim, cfg.dim)
+        # Flow maps: embeds the jump length t - s; its last layer starts at zero (MMDiT.reset_parameters).
+        self.jump = MLPEmbedder(TIME_CHANNELS, cfg.dim) if cfg.flow_map else None
 
     def cropped_pe(self, height: int, width: int) -> torch.Tensor:
         """The centre (height, width, D) window of the table, for a grid of patches."""
@@ -134,9 +144,11 @@ class MMDiTEmbed(nn.Module):
         left = (max_size - width) // 2
         return self.pe[top:top + height, left:left + width]
 
-    def forward(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor):
-        """img (B, C, H, W), t (B,) in [0, 1], txt (B, L, txt_dim), vec (B, vec_dim) →
-        (image tokens (B, h, w, D), text tokens (B, L, D), conditioning (B, D)).
+    def forward(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                s: torch.Tensor | None = None):
+        """img (B, C, H, W), t (B,) in [0, 1], txt (B, L, txt_dim), vec (B, vec_dim), and for a
+        flow map the end time s (B,) (None: s = t) → (image tokens (B, h, w, D), text tokens
+        (B, L, D), conditioning (B, D)).
 
         The conditioning is returned after its SiLU: every adaLN consumes only that.
         """
@@ -149,8 +161,13 @@ class MMDiTEmbed(nn.Module):
         tokens = self.patch(patches.reshape(batch, rows, cols, channels * patch * patch))  # (B, h, w, D)
         tokens = tokens + self.cropped_pe(rows, cols)
         t_freq = timestep_embedding(TIME_SCALE * t, TIME_CHANNELS).to(vec.dtype)  # (B, 256)
-        cond = F.silu(self.time(t_freq) + self.pooled(vec))  # (B, D)
-        return tokens, self.txt(txt), cond
+        cond = self.time(t_freq) + self.pooled(vec)  # (B, D)
+        if self.jump is not None:
+            gap = t - s if s is not None else torch.zeros_like(t)
+            cond = cond + self.jump(timestep_embedding(TIME_SCALE * gap, TIME_CHANNELS).to(vec.dtype))
+        elif s is not None:
+            raise ValueError("an end time s was given to an MMDiT that is not a flow map (MMDiTConfig.flow_map=False)")
+        return tokens, self.txt(txt), F.silu(cond)
 
 
 class Stream(nn.Module):
@@ -290,7 +307,7 @@ class FinalLayer(nn.Module):
 
 
 class _EmbedLayer(nn.Module):
-    """Pipeline adapter: (img, t, txt, vec) → (img_tokens, txt_tokens, cond)."""
+    """Pipeline adapter: (img, t, txt, vec[, s]) → (img_tokens, txt_tokens, cond)."""
 
     def __init__(self, embed: MMDiTEmbed):
         super().__init__()
@@ -327,7 +344,10 @@ class _FinalLayer(nn.Module):
 
 class MMDiT(nn.Module):
     """``model(img, t, txt, vec)``: img (B, C, H, W), t (B,) in [0, 1] (1 = noise),
-    txt (B, L, txt_dim), vec (B, vec_dim) → velocity (B, out_channels, H, W)."""
+    txt (B, L, txt_dim), vec (B, vec_dim) → velocity (B, out_channels, H, W).
+
+    A flow map (``flow_map=True``) also takes ``s`` (B,), the end time of the jump, and returns
+    the average velocity u(img, t, s) (B, out_channels, H, W); without s it is the velocity u(img, t, t)."""
 
     def __init__(self, cfg: MMDiTConfig):
         super().__init__()
@@ -340,7 +360,8 @@ class MMDiT(nn.Module):
     def reset_parameters(self) -> None:
         """DiT initialisation: Xavier linears, N(0, 0.02) embedding MLPs, and adaLN-Zero:
         every modulation and the final linear start at zero, so each block starts as the
-        identity and the initial velocity is exactly zero."""
+        identity and the initial velocity is exactly zero. A flow map's jump embedding ends in a
+        zero layer too, so the end time starts without effect."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -351,12 +372,16 @@ class MMDiT(nn.Module):
             nn.init.normal_(embedder.linear_1.weight, std=0.02)
             nn.init.normal_(embedder.linear_2.weight, std=0.02)
         zeroed = [block.img.mod for block in self.blocks] + [block.txt.mod for block in self.blocks]
+        if self.embed.jump is not None:
+            nn.init.normal_(self.embed.jump.linear_1.weight, std=0.02)
+            zeroed.append(self.embed.jump.linear_2)
         for linear in zeroed + [self.final.mod, self.final.linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def forward(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        img_tokens, txt_tokens, cond = self.embed(img, t, txt, vec)  # (B, h, w, D), (B, L, D), (B, D)
+    def forward(self, img: torch.Tensor, t: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                s: torch.Tensor | None = None) -> torch.Tensor:
+        img_tokens, txt_tokens, cond = self.embed(img, t, txt, vec, s)  # (B, h, w, D), (B, L, D), (B, D)
         for block in self.blocks:
             img_tokens, txt_tokens = block(img_tokens, txt_tokens, cond)
         return self.final(img_tokens, cond)
@@ -375,7 +400,7 @@ class MMDiT(nn.Module):
         """The model as a flat list for pipeline stages: embed, each block, final layer.
 
         Each layer takes one tuple of tensors and returns the next one; chaining them from
-        ``(img, t, txt, vec)`` gives ``forward``'s velocity. The layers share this model's
+        ``(img, t, txt, vec)`` (a flow map's ``(img, t, txt, vec, s)``) gives ``forward``'s output. The layers share this model's
         parameters: layer 0 holds ``embed``, layer i+1 holds ``blocks[i]``, the last holds
         ``final``.
         """

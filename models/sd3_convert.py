@@ -215,6 +215,8 @@ def flowmill_to_diffusers(cfg: MMDiTConfig, state_dict: dict[str, torch.Tensor])
     The last block's dead text-query weights, which flowmill does not hold, are written
     as zeros (``add_q_proj``) and ones (``norm_added_q``).
     """
+    if cfg.flow_map:
+        raise ValueError("a flow-map MMDiT (flow_map=True) has an end-time input SD3 has no place for")
     config = config_to_diffusers(cfg)
     _check_keys("flowmill MMDiT state dict", state_dict, _expected_shapes(cfg))
     theirs = {their: state_dict[mine] for their, mine in _one_to_one_pairs(cfg)}

@@ -44,7 +44,8 @@ def _add_sample(commands: argparse._SubParsersAction) -> None:
                         help="a run directory, one of its checkpoints/step-* folders, or a model folder (with --text-from)")
     sample.add_argument("--prompt", action="append", default=[], help="a text prompt (image runs); repeat for several")
     sample.add_argument("--num-samples", type=int, default=4, help="samples per prompt (image runs) or in all (text runs) (default 4)")
-    add_sampler(sample, steps=25, cfg=3.0, cfg_help="classifier-free guidance scale (with --guidance raag: its w_max)")
+    add_sampler(sample, steps=25, cfg=None, cfg_help="classifier-free guidance scale (with --guidance raag: its w_max; "
+                "a flow map distilled with guidance carries it, and --cfg guides each jump on top)")
     add_guidance(sample)
     sample.add_argument("--out", required=True, help="output: a folder for images, a FILE.jsonl for text")
     sample.add_argument("--text-from", metavar="RUN_DIR",

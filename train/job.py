@@ -237,19 +237,7 @@ def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -
     ema = EMA(model, env, cfg.ema.decay, cfg.ema.warmup, local, placement(cfg.ema.device, env.device, "ema.device")) \
         if cfg.ema.enabled else None
     replica = plan.data_rank(env.rank)
-    loader = StreamingLoader(
-        cfg.data.path,
-        rank=replica,
-        world_size=plan.data_parallel,
-        batch_size=plan.micro_batch_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.trainer.seed,
-        decode=task.decoder(),
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        resampled=True,
-        verify=cfg.data.verify_shards,
-        max_skip_fraction=cfg.data.max_skip_fraction,
-    )
+    loader = task.build_loader(replica, plan.data_parallel, plan.micro_batch_size)
     noise = NoiseStream(cfg.trainer.seed, replica)
     checkpoints = CheckpointManager(
         plan.run_dir, cfg.checkpoint.keep_last, env, engine,

@@ -42,7 +42,8 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     outcome: ``finished``, or ``preempted`` when ``stop`` was requested (a checkpoint of the last
     step was saved first).
     """
-    check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
+    if get_task_class(cfg.task).reads_data(cfg):
+        check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
     env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
     heartbeat = Heartbeat(env, interval_s=min(10.0, max(0.5, cfg.parallel.timeout_min * 60 / 6)))
     clean = False

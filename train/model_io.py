@@ -115,6 +115,9 @@ def export_sd3(source: str | Path, out_dir: str | Path, live: bool = False) -> P
     family, cfg, state_dict = load_weights(source, live)
     if family != "mmdit":
         raise UsageError(f"{source} holds a {family!r} model; `export sd3` writes MMDiTs only")
+    if cfg.flow_map:
+        raise UsageError(f"{source} is a flow map (model.flow_map: true), whose end-time input SD3 has no place for; "
+                         "`export sd3` writes velocity MMDiTs only")
     out = Path(out_dir)
     _fresh_folder(out)
     save_diffusers_folder(out, cfg, state_dict)

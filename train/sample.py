@@ -46,12 +46,12 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def check_guidance(args: argparse.Namespace) -> None:
-    """Refuse an unknown --guidance and RAAG parameters out of range."""
+    """Refuse an unknown --guidance and RAAG parameters out of range (--cfg None: not yet known)."""
     if args.guidance not in GUIDANCES:
         raise UsageError(f"--guidance: unknown guidance {args.guidance!r}; choose one of: {', '.join(GUIDANCES)}")
     if not (math.isfinite(args.raag_alpha) and args.raag_alpha >= 0):
         raise UsageError(f"--raag-alpha: RAAG's alpha must be a finite number >= 0, got {args.raag_alpha:g}")
-    if args.guidance == "raag" and not (math.isfinite(args.cfg) and args.cfg >= 1):
+    if args.cfg is not None and args.guidance == "raag" and not (math.isfinite(args.cfg) and args.cfg >= 1):
         raise UsageError(f"--cfg: with --guidance raag it is RAAG's w_max, which must be a finite number >= 1, got {args.cfg:g}")
 
 
@@ -60,7 +60,16 @@ def sample_run(args: argparse.Namespace) -> int:
     check_counts(args)
     check_guidance(args)
     task, model, checkpoint = load_task_and_model(args.source)
+    run_guidance(args, task)
     return task.sample_command(model, checkpoint.path, args)
+
+
+def run_guidance(args: argparse.Namespace, task: Task) -> None:
+    """Fill in an absent --cfg with the run's ``sample.cfg_scale`` (a flow map distilled with guidance
+    samples at 1), then check the guidance again."""
+    if args.cfg is None:
+        args.cfg = task.cfg.sample.cfg_scale
+        check_guidance(args)
 
 
 def sample_model_folder(args: argparse.Namespace) -> int:
@@ -72,6 +81,7 @@ def sample_model_folder(args: argparse.Namespace) -> int:
     check_counts(args)
     check_guidance(args)
     task = run_task(RunDir.open(args.text_from)[0])
+    run_guidance(args, task)
     family, _, _ = load_weights(args.source)
     if family != task.family:
         raise UsageError(f"--text-from: {args.text_from} trains {task.family!r} models; {args.source} holds a {family!r} one")

@@ -24,7 +24,7 @@ def test_train_takes_a_config_or_a_run_to_resume():
 def test_sample_defaults_and_repeated_prompts():
     args = parse("sample", "runs/a", "--prompt", "one", "--prompt", "two", "--out", "o")
     assert (args.source, args.prompt, args.out, args.text_from) == ("runs/a", ["one", "two"], "o", None)
-    assert (args.num_samples, args.steps, args.cfg, args.sampler, args.seed) == (4, 25, 3.0, "euler", 0)
+    assert (args.num_samples, args.steps, args.cfg, args.sampler, args.seed) == (4, 25, None, "euler", 0)  # --cfg: the run's sample.cfg_scale
     assert (args.guidance, args.raag_alpha) == ("cfg", 12.0)  # constant CFG unless asked
     args = parse("sample", "runs/a", "--prompt", "one", "--guidance", "raag", "--raag-alpha", "4", "--cfg", "7", "--out", "o")
     assert (args.guidance, args.raag_alpha, args.cfg) == ("raag", 4.0, 7.0)

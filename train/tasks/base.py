@@ -21,6 +21,11 @@ class Task:
     config_class: ClassVar[type[Config]] = Config  # the task's config: the shared sections plus its own
     family: ClassVar[str] = ""  # model family written into checkpoints and model folders
 
+    @classmethod
+    def reads_data(cls, cfg: Config) -> bool:
+        """Whether a run of ``cfg`` reads ``data.path`` (launchers check it exists before starting workers)."""
+        return True
+
     def __init__(self, cfg: Config, env: DistEnv, run_dir: RunDir):
         self.cfg = cfg
         self.env = env
@@ -49,6 +54,25 @@ class Task:
             return next(iter(loader))
         except StopIteration:
             raise ValueError(f"no sample of {source} decodes as this task's data (the loader skipped every one)") from None
+
+    def build_loader(self, replica: int, replicas: int, batch_size: int) -> StreamingLoader:
+        """The training batches of data-parallel replica ``replica`` of ``replicas``, ``batch_size``
+        samples each: ``data.path`` decoded by this task, resampled epoch after epoch. The loop
+        reads ``stats["skipped"]`` and checkpoints ``state_dict()`` per rank."""
+        cfg = self.cfg
+        return StreamingLoader(
+            cfg.data.path,
+            rank=replica,
+            world_size=replicas,
+            batch_size=batch_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.trainer.seed,
+            decode=self.decoder(),
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            resampled=True,
+            verify=cfg.data.verify_shards,
+            max_skip_fraction=cfg.data.max_skip_fraction,
+        )
 
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.

@@ -117,6 +117,7 @@ class MMDiTRunConfig(Config):
 class MMDiTTask(Task):
     config_class = MMDiTRunConfig
     family = "mmdit"
+    flow_map: ClassVar[bool] = False  # the task's MMDiTs take an end time (model.flow_map)
     cfg: MMDiTRunConfig
 
     @classmethod
@@ -141,6 +142,10 @@ class MMDiTTask(Task):
                               f"(got {cfg.flow.image_field!r})")
         if cfg.flow.latents not in LATENT_DRAWS:
             raise UsageError(f"flow.latents: unknown value {cfg.flow.latents!r}; choose one of: {', '.join(LATENT_DRAWS)}")
+        if cfg.model.flow_map != cls.flow_map:
+            raise UsageError(f"model.flow_map: task {cfg.task} trains "
+                             + ("flow maps; set it to true" if cls.flow_map else
+                                "velocity models; flow maps train with task: mmdit_flowmap"))
         if cfg.model.compile and cfg.parallel.zero_stage == 3:
             raise UsageError("model.compile: compiled blocks cannot run under ZeRO stage 3, whose parameter "
                               "hooks fire inside the blocks; use parallel.zero_stage 0-2 or model.compile=false")
@@ -150,7 +155,7 @@ class MMDiTTask(Task):
         text = cfg.text
         if text.pretrained is None:
             own_tokenizer = self.run_dir.text_tokenizer
-            self.text_tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else Path(text.tokenizer))
+            self.text_tokenizer_path = str(own_tokenizer if own_tokenizer.exists() else self.base_text_tokenizer())
             if not Path(self.text_tokenizer_path).is_file():
                 raise UsageError(
                     f"text.tokenizer: {self.text_tokenizer_path} does not exist; train one with `flowmill data tokenizer` "
@@ -158,8 +163,8 @@ class MMDiTTask(Task):
                 )
             tokenizer = TextTokenizer.load(self.text_tokenizer_path)
             self.text_encoder = TextEncoder(text, tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-            weights = self.run_dir.text_encoder
-            if weights.exists():
+            weights = self.run_dir.text_encoder if self.run_dir.text_encoder.exists() else self.base_text_encoder()
+            if weights is not None and weights.exists():
                 self.text_encoder.load_state_dict(load_file(weights))
             # Random-weight encoders share flowmill's one tokenizer (clip+t5 feeds it to both).
             tokenizers = [tokenizer] * self.text_encoder.num_tokenizers
@@ -181,6 +186,14 @@ class MMDiTTask(Task):
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
         self._val_batch = None
         self.null_txt, self.null_vec = self.prompts([""], env.device)
+
+    def base_text_tokenizer(self) -> Path:
+        """The text tokenizer a fresh run starts with (a run keeps its own copy): ``text.tokenizer``."""
+        return Path(self.cfg.text.tokenizer)
+
+    def base_text_encoder(self) -> Path | None:
+        """The text encoder weights a fresh run starts with (None: initialised from ``text.seed``)."""
+        return None
 
     def text_encoder_sha256(self) -> str:
         """sha256 of the text encoder's weights as ``text_encoder.safetensors`` stores them."""
