@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowmill.config_files import apply_overrides, omegaconf_message, read_config
 from flowmill.errors import UsageError
 from flowmill.train.tasks import get_task_class
 
@@ -165,28 +164,14 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-
-def read_yaml_config(path: str | Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds; UsageError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Read a YAML config (or ``base``, a resolved config as plain data) and apply overrides.
+    """Read a config (a YAML path or a shipped name, see flowmill.config_files; or ``base``, a
+    resolved config as plain data) and apply overrides.
 
     Returns the task's config dataclass, checked (``validate``). Raises UsageError naming the
     offending key.
     """
-    raw = read_yaml_config(path) if base is None else base
+    raw = read_config(path) if base is None else base
     plain = apply_overrides(raw, overrides)
     try:
         schema = get_task_class(plain.get("task", Config.task)).config_class
@@ -195,18 +180,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     cfg = typed(schema, expand_presets(schema, plain))
     validate(cfg)
     return cfg
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``raw`` with the ``dotted.key=value`` overrides merged in, as plain data (not yet typed)."""
-    for item in overrides:
-        if "=" not in item:
-            raise UsageError(f"override {item!r} must look like dotted.key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(dict(raw)), OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        raise UsageError(f"bad override: {_message(error)}") from None
-    return OmegaConf.to_container(merged)
 
 
 def expand_presets(schema: type, plain: dict[str, Any]) -> dict[str, Any]:
@@ -230,15 +203,9 @@ def typed(schema: type, plain: dict[str, Any]) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise UsageError(_message(error)) from None
+        raise UsageError(omegaconf_message(error)) from None
     except ValueError as error:  # a section's own checks (its __post_init__)
         raise UsageError(f"{_failing_section(merged)}: {error}") from None
-
-
-def _message(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None)
-    first_line = str(error).splitlines()[0]
-    return f"{key}: {first_line}" if key else first_line
 
 
 def _failing_section(merged: Any) -> str:
