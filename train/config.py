@@ -32,7 +32,7 @@ SIZE_KEY = "size"  # the key of a section that names a preset (model.size)
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"  # run name; also the MLflow run name
+    name: str = "run"  # run name: the default run dir is runs/<name>-<UTC timestamp>, whose name the MLflow run takes
     dir: str | None = None  # run directory; default runs/<name>-<UTC timestamp> under the current directory
     sweep_id: str | None = None  # id shared by the runs of one sweep (set by `flowmill launch slurm --sweep`)
 
@@ -88,8 +88,11 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str | None = None  # MLflow tracking URI; default: SQLite store shared by the runs under runs/
+    uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else the SQLite store shared by the runs under runs/
     experiment: str = "flowmill"  # MLflow experiment name
+    tags: dict[str, str] = field(default_factory=dict)  # user tags on the MLflow run, e.g. {team: vision, ablation: lr}
+    description: str | None = None  # the MLflow run's description (Markdown; the mlflow.note.content tag)
+    register_as: str | None = None  # at the end, register the logged EMA model in MLflow's model registry under this name
     system_metrics: bool = True  # log CPU/memory/GPU usage through MLflow's system metrics
     system_metrics_interval_s: float = 10.0  # seconds between system-metric samples
 
@@ -270,6 +273,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.sample.guidance == "raag" and not (math.isfinite(cfg.sample.cfg_scale) and cfg.sample.cfg_scale >= 1):
         raise UsageError(f"sample.cfg_scale: with sample.guidance raag it is RAAG's w_max, which must be a finite "
                          f"number >= 1, got {cfg.sample.cfg_scale}")
+    for key, value in cfg.tracking.tags.items():
+        if not isinstance(value, str):  # a dotted override (tracking.tags.a.b=x) nests instead of naming the tag a.b
+            raise UsageError(f"tracking.tags.{key}: a tag's value must be a string, got {value!r}; give a tag name "
+                             f"with dots in braces: 'tracking.tags={{{key}.NAME: VALUE}}'")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise UsageError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:

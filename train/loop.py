@@ -25,6 +25,7 @@ from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
 from flowmill.train.tasks import get_task_class
+from flowmill.train.tracking import log_samples
 
 log = logging.getLogger("flowmill")
 
@@ -78,6 +79,8 @@ def run_job(job: Job, step: int, stop: StopRequest) -> str:
         raise
     finally:
         if job.env.is_main:
+            if status == "finished":
+                job.tracker.log_model(job.run_dir.path, step, job.cfg.tracking.register_as)
             job.run_dir.update_info(status=status, step=step)
             # A preempted run is continued later under the same MLflow run id.
             job.tracker.finish(OUTCOME_STATUS.get(status, "FAILED"))
@@ -184,8 +187,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         if sample:
             with job.eval_model() as model:  # every rank: the weights may be spread over them
                 files = job.task.log_samples(model, step, run_dir.samples) if env.is_main else []
-            for path in files:
-                job.tracker.log_artifact(path, "samples")
+            log_samples(job.tracker, files, step)
     progress.close()
     return step, "finished"
 
