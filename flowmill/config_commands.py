@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import sys
 
 import yaml
 
@@ -15,9 +17,11 @@ def show_command(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     resolved = resolve_config(args.config, args.overrides)
     if args.full:
-        # Deliberately lazy: typing a config imports the tasks, hence torch (start-up time of the plain show).
-        config = importlib.import_module("flowmill.train.config")
-        resolved = config.to_dict(config.load_config(None, [], base=resolved))
+        # Libraries the tasks import (DeepSpeed) log to stdout as they load: keep stdout the YAML alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            # Deliberately lazy: typing a config imports the tasks, hence torch (start-up time of the plain show).
+            config = importlib.import_module("flowmill.train.config")
+            resolved = config.to_dict(config.load_config(None, [], base=resolved))
     print(f"# {args.config}: {path.resolve()}")
     print(yaml.safe_dump(resolved, sort_keys=False), end="")
     return 0

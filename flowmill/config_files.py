@@ -71,6 +71,13 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         if "=" not in item:
             raise UsageError(f"override {item!r} must look like dotted.key=value")
+    for item in overrides:
+        try:
+            yaml.safe_load(item.partition("=")[2])
+        except yaml.YAMLError as error:
+            key, _, value = item.partition("=")
+            raise UsageError(f"{key}: the override's value {value!r} is not YAML ({' '.join(str(error).split())}); "
+                             f"a string goes in quotes: '{key}=\"{value}\"'") from None
     try:
         merged = OmegaConf.merge(OmegaConf.create(dict(raw)), OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as error:

@@ -75,3 +75,9 @@ def test_a_bad_base_is_refused_naming_it(tmp_path: Path, base, message):
     bad = write(tmp_path / "bad.yaml", {"base": base})
     with pytest.raises(UsageError, match=message):
         read_config(bad)
+
+
+def test_an_override_whose_value_is_no_yaml_is_refused_naming_its_key():
+    with pytest.raises(UsageError, match=r"^trainer.seed: the override's value '\[' is not YAML .*; a string goes in quotes"):
+        resolve_config("mmdit_tiny", ["trainer.seed=["])
+    assert resolve_config("mmdit_tiny", ['run.name="["'])["run"]["name"] == "["
