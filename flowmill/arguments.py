@@ -31,7 +31,7 @@ def run_handler(args: argparse.Namespace) -> int:
 def add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
     """The CONFIG positional (a YAML file) and its KEY=VALUE overrides."""
     parser.add_argument("config", nargs="?" if optional else None, metavar="CONFIG",
-                        help="YAML config, e.g. configs/mmdit_digits.yaml")
+                        help="a YAML file, e.g. configs/mmdit_digits.yaml, or the name of a shipped config, e.g. mmdit_tiny")
     add_overrides(parser)
 
 

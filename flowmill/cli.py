@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 
+from flowmill import __version__, config_cli
 from flowmill.arguments import LOG_LEVEL_ENV, LOG_LEVELS, add_log_level, leaf_parsers, merge_trailing_overrides, run_handler
 from flowmill.data import cli as data_cli
 from flowmill.errors import UsageError
@@ -23,6 +24,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 EXAMPLES = """examples:
   flowmill train configs/mmdit_digits.yaml trainer.max_steps=100
+  flowmill train mmdit_tiny trainer.max_steps=4          (a config shipped with flowmill: flowmill config list)
+  flowmill config show mmdit_tiny trainer.max_steps=4
   flowmill launch local --nproc 2 configs/mmdit_digits.yaml
   flowmill resume runs/mmdit-digits-20260101-120000 trainer.max_steps=400
   flowmill sample runs/mmdit-digits-20260101-120000 --prompt "a handwritten digit seven" --out samples/
@@ -38,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"flowmill {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_cli.register(commands)
     launchers_cli.register(commands)
     data_cli.register(commands)
     runs_cli.register(commands)
+    config_cli.register(commands)
     for command in [parser, *leaf_parsers(parser)]:
         add_log_level(command)
     return parser

@@ -28,7 +28,6 @@ from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, check_data_source, load_config, to_dict, validate
 from flowmill.train.distributed import LOOPBACK, choose_device, free_port, loopback_interface, loopback_store, placement
 from flowmill.train.signals import PARENT_PID_ENV
-from flowmill.train.tasks import get_task_class
 
 LOOPBACK_RENDEZVOUS = "flowmill-loopback"  # the rendezvous backend run_workers registers with torch elastic
 
@@ -38,8 +37,7 @@ def check_before_launch(cfg: Config, run_dir: RunDir, nproc: int, resume: bool) 
     if nproc < 1:
         raise UsageError(f"--nproc: must be at least 1, got {nproc}")
     validate(cfg, world_size=nproc)
-    if get_task_class(cfg.task).reads_data(cfg):
-        check_data_source(cfg)
+    check_data_source(cfg)
     if resume:
         run_dir.refuse_changed_model(to_dict(cfg))
         if not run_dir.failed_start():  # a run that stopped before its first checkpoint starts again

@@ -33,7 +33,7 @@ from flowmill.launchers.slurm_commands import live_state, partitions
 from flowmill.launchers.slurm_job import TrainingJob
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, SlurmConfig, load_config, to_dict
-from flowmill.train.tracking import default_tracking_uri
+from flowmill.train.tracking_store import resolve_tracking_uri
 
 # sbatch options that have their own launcher.slurm key (or that submitit sets itself).
 RESERVED_SBATCH_OPTIONS = {
@@ -254,8 +254,9 @@ def submit(configs: list[Config]) -> list[submitit.Job]:
 
 
 def tracking_uri(cfg: Config) -> str:
-    """The MLflow store rank 0 of this run will log to (the loop's default when tracking.uri is unset)."""
-    return cfg.tracking.uri or default_tracking_uri(Path(cfg.run.dir).parent)
+    """The MLflow store rank 0 of this run will log to (tracking.uri, else $MLFLOW_TRACKING_URI, which the job
+    inherits, else the loop's default)."""
+    return resolve_tracking_uri(cfg.tracking.uri, Path(cfg.run.dir).parent)
 
 
 def create_tracking_stores(configs: list[Config]) -> None:

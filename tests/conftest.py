@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Runs started by the tests log to stores in tmp, never to the store a developer's environment names.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+# What the shared finished run records in MLflow besides its config (tests/train/test_tracking_model.py reads it).
+FINISHED_RUN_TRACKING = ("tracking.tags.team=tests", "tracking.description=The shared tiny run of the tests.",
+                         "tracking.register_as=tiny-mmdit")
 
 
 @pytest.fixture(scope="session")
@@ -25,13 +31,15 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def finished_run(digits_dir, tmp_path_factory) -> Path:
-    """A 4-step single-process tiny run with checkpoints at steps 2 and 4 (treat as read-only)."""
+    """A 4-step single-process tiny run with checkpoints at steps 2 and 4 (treat as read-only), tracked in
+    ``<root>/mlflow.db`` with the tags, description and registered model name of ``FINISHED_RUN_TRACKING``."""
     from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 
     root = tmp_path_factory.mktemp("finished")
     run_dir = root / "run"
     result = flowmill(
         "train", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 4, "checkpoint.every_steps": 2}),
+        *FINISHED_RUN_TRACKING,
         cwd=root,
     )
     assert result.returncode == 0, result.stderr[-3000:]

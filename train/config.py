@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flowmill.config_files import apply_overrides, omegaconf_message, read_config
 from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.train.tasks import get_task_class
@@ -34,7 +33,7 @@ SIZE_KEY = "size"  # the key of a section that names a preset (model.size)
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "run"  # run name; also the MLflow run name
+    name: str = "run"  # run name: the default run dir is runs/<name>-<UTC timestamp>, whose name the MLflow run takes
     dir: str | None = None  # run directory; default runs/<name>-<UTC timestamp> under the current directory
     sweep_id: str | None = None  # id shared by the runs of one sweep (set by `flowmill launch slurm --sweep`)
 
@@ -90,8 +89,11 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str | None = None  # MLflow tracking URI; default: SQLite store shared by the runs under runs/
+    uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else the SQLite store shared by the runs under runs/
     experiment: str = "flowmill"  # MLflow experiment name
+    tags: dict[str, str] = field(default_factory=dict)  # user tags on the MLflow run, e.g. {team: vision, ablation: lr}
+    description: str | None = None  # the MLflow run's description (Markdown; the mlflow.note.content tag)
+    register_as: str | None = None  # at the end, register the logged EMA model in MLflow's model registry under this name
     system_metrics: bool = True  # log CPU/memory/GPU usage through MLflow's system metrics
     system_metrics_interval_s: float = 10.0  # seconds between system-metric samples
 
@@ -166,28 +168,14 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
-
-def read_yaml_config(path: str | Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds; UsageError naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/mmdit_digits.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise UsageError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Config:
-    """Read a YAML config (or ``base``, a resolved config as plain data) and apply overrides.
+    """Read a config (a YAML path or a shipped name, see flowmill.config_files; or ``base``, a
+    resolved config as plain data) and apply overrides.
 
     Returns the task's config dataclass, checked (``validate``). Raises UsageError naming the
     offending key.
     """
-    raw = read_yaml_config(path) if base is None else base
+    raw = read_config(path) if base is None else base
     plain = apply_overrides(raw, overrides)
     try:
         schema = get_task_class(plain.get("task", Config.task)).config_class
@@ -196,18 +184,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
     cfg = typed(schema, expand_presets(schema, plain))
     validate(cfg)
     return cfg
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``raw`` with the ``dotted.key=value`` overrides merged in, as plain data (not yet typed)."""
-    for item in overrides:
-        if "=" not in item:
-            raise UsageError(f"override {item!r} must look like dotted.key=value")
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(dict(raw)), OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as error:
-        raise UsageError(f"bad override: {_message(error)}") from None
-    return OmegaConf.to_container(merged)
 
 
 def expand_presets(schema: type, plain: dict[str, Any]) -> dict[str, Any]:
@@ -231,15 +207,9 @@ def typed(schema: type, plain: dict[str, Any]) -> Config:
         merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise UsageError(_message(error)) from None
+        raise UsageError(omegaconf_message(error)) from None
     except ValueError as error:  # a section's own checks (its __post_init__)
         raise UsageError(f"{_failing_section(merged)}: {error}") from None
-
-
-def _message(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None)
-    first_line = str(error).splitlines()[0]
-    return f"{key}: {first_line}" if key else first_line
 
 
 def _failing_section(merged: Any) -> str:
@@ -253,7 +223,10 @@ def _failing_section(merged: Any) -> str:
 
 
 def check_data_source(cfg: Config) -> None:
-    """The dataset ``data.path`` names exists and lists its shards (a manifest that reads)."""
+    """The dataset ``data.path`` names exists and lists its shards (a manifest that reads), for a
+    task that reads one."""
+    if not get_task_class(cfg.task).reads_data(cfg):
+        return
     try:
         resolve_shards(cfg.data.path)
     except (FileNotFoundError, ValueError) as error:
@@ -312,6 +285,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.sample.guidance == "raag" and not (math.isfinite(cfg.sample.cfg_scale) and cfg.sample.cfg_scale >= 1):
         raise UsageError(f"sample.cfg_scale: with sample.guidance raag it is RAAG's w_max, which must be a finite "
                          f"number >= 1, got {cfg.sample.cfg_scale}")
+    for key, value in cfg.tracking.tags.items():
+        if not isinstance(value, str):  # a dotted override (tracking.tags.a.b=x) nests instead of naming the tag a.b
+            raise UsageError(f"tracking.tags.{key}: a tag's value must be a string, got {value!r}; give a tag name "
+                             f"with dots in braces: 'tracking.tags={{{key}.NAME: VALUE}}'")
     if not 0.0 <= cfg.ema.decay < 1.0:
         raise UsageError(f"ema.decay: must be in [0, 1), got {cfg.ema.decay}")
     if cfg.parallel.pipeline_stages > 1 and cfg.parallel.zero_stage > 1:

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 from flowmill.arguments import LOG_LEVEL_ENV
 from flowmill.data.loader import StreamingLoader
 from flowmill.errors import UsageError
-from flowmill.run_dir import RunDir
+from flowmill.run_dir import CONFIG_FILE, RunDir
 from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream, needs_universal
 from flowmill.train.config import Config, to_dict
 from flowmill.train.distributed import DistEnv, placement
@@ -32,8 +33,9 @@ from flowmill.train.engine import build_engine, lr_lambda
 from flowmill.train.plan import Plan
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
-from flowmill.train.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri
+from flowmill.train.tracking import MLflowTracker, NullTracker, Tracker
 from flowmill.train.tracking_params import flatten_config, run_tags
+from flowmill.train.tracking_store import resolve_tracking_uri
 
 log = logging.getLogger("flowmill")
 
@@ -176,22 +178,30 @@ def slurm_tags(cfg: Config) -> dict[str, str]:
 
 
 def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -> Tracker:
-    """MLflow on rank 0 (continuing the run's MLflow run on resume); NullTracker elsewhere."""
+    """MLflow on rank 0 (continuing the run's MLflow run on resume); NullTracker elsewhere.
+
+    The MLflow run is named after the run dir (unique: timestamped, or a sweep element's index) and
+    carries the user's ``tracking.tags`` under flowmill's own, its description, its params and its
+    config as the ``config.yaml`` artifact."""
     if not env.is_main:
         return NullTracker()
     run_dir = plan.run_dir
-    uri = cfg.tracking.uri or default_tracking_uri(run_dir.path.resolve().parent)
+    uri = resolve_tracking_uri(cfg.tracking.uri, run_dir.path.resolve().parent)
     previous = run_dir.info() if plan.resume else {}
+    own_tags = {**tags, **slurm_tags(cfg), "flowmill.run_dir": str(run_dir.path.resolve()), "flowmill.task": cfg.task,
+                "flowmill.run_name": cfg.run.name}
     tracker = MLflowTracker.start(
         uri,
         experiment_name=cfg.tracking.experiment,
-        run_name=cfg.run.name,
+        run_name=run_dir.path.resolve().name,
         run_id=previous.get("run_id"),
-        tags={**tags, **slurm_tags(cfg), "flowmill.run_dir": str(run_dir.path.resolve()), "flowmill.task": cfg.task},
+        tags={**cfg.tracking.tags, **own_tags},
+        description=cfg.tracking.description,
         system_metrics=cfg.tracking.system_metrics,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
     )
     tracker.log_params({**flatten_config(to_dict(cfg)), **plan.params()})
+    tracker.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_FILE)
     return tracker
 
 

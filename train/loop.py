@@ -27,6 +27,7 @@ from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
 from flowmill.train.tasks import get_task_class
+from flowmill.train.tracking import log_samples
 
 log = logging.getLogger("flowmill")
 
@@ -42,8 +43,7 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
     outcome: ``finished``, or ``preempted`` when ``stop`` was requested (a checkpoint of the last
     step was saved first).
     """
-    if get_task_class(cfg.task).reads_data(cfg):
-        check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
+    check_data_source(cfg)  # before the process group: a wrong data.path is one line, at once
     env = init_distributed(cfg.trainer.device, cfg.parallel.timeout_min)
     heartbeat = Heartbeat(env, interval_s=min(10.0, max(0.5, cfg.parallel.timeout_min * 60 / 6)))
     clean = False
@@ -88,6 +88,8 @@ def run_job(job: Job, step: int, stop: StopRequest) -> str:
         raise
     finally:
         if job.env.is_main:
+            if status == "finished":
+                job.tracker.log_model(job.run_dir.path, job.step, job.cfg.tracking.register_as)
             record_end(job, status)
     return status
 
@@ -207,8 +209,7 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
         if sample:
             with job.eval_model() as model:  # every rank: the weights may be spread over them
                 files = job.task.log_samples(model, step, run_dir.samples) if env.is_main else []
-            for path in files:
-                job.tracker.log_artifact(path, "samples")
+            log_samples(job.tracker, files, step)
     progress.close()
     return step, "finished"
 

@@ -6,8 +6,14 @@ so the training loop calls the same methods everywhere and never tests the rank 
 Store. By default all runs under one ``runs/`` folder share one embedded store
 (``default_tracking_uri``): a SQLite file ``runs/mlflow.db`` plus the artifact folder
 ``runs/mlartifacts``, so nothing has to be started and runs can be compared in ``mlflow ui``.
-Any other URI (an ``http(s)://`` MLflow server) replaces it. The params and tags a run logs
-are built by ``flowmill.train.tracking_params``.
+Any other URI (an ``http(s)://`` MLflow server; ``$MLFLOW_TRACKING_URI``) replaces it
+(``flowmill.train.tracking_store``). The params and tags a run logs are built by
+``flowmill.train.tracking_params``.
+
+What a run shows. Its name is its run dir's name (unique: timestamped, or a sweep element's
+index); its description is the ``mlflow.note.content`` tag; sample grids are MLflow images
+(``log_samples``), one series per grid, so the UI's step slider walks through them; at the end
+the EMA model is logged as an MLflow model (``log_model``, ``flowmill.train.tracking_model``).
 
 Steps. The MLflow ``step`` of ``train/*`` metrics is the optimizer step, counting from 1.
 System metrics (``system/*``) come from MLflow's own monitor and count its samples instead.
@@ -53,7 +59,12 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
+# default_tracking_uri stays importable from here, where callers have always found it.
+from flowmill.train.tracking_store import default_tracking_uri, sqlite_artifact_location, warn_if_network_store  # noqa: E402, F401
+
 logger = logging.getLogger("flowmill")
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as a run's description
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 END_STATUSES: tuple[str, ...] = ("FINISHED", "FAILED", "KILLED")
@@ -65,25 +76,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
-
-
-def default_tracking_uri(runs_root: Path) -> str:
-    """The embedded store shared by every run under ``runs_root``: ``sqlite:///<runs_root>/mlflow.db``.
-
-    Experiments that ``MLflowTracker.start`` creates in it keep their artifacts in
-    ``<runs_root>/mlartifacts``. The path is made absolute so every process resolves the same file.
-    """
-    return f"sqlite:///{Path(runs_root).resolve() / 'mlflow.db'}"
-
-
-def sqlite_artifact_location(uri: str) -> str | None:
-    """Artifact folder URI (``file://.../mlartifacts`` beside the database) for a ``sqlite:///`` URI, else None.
-
-    None means the store decides (an MLflow server has its own artifact root).
-    """
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
 
 
 class Tracker(Protocol):
@@ -104,6 +96,8 @@ class Tracker(Protocol):
     def log_image(self, image: Image.Image | np.ndarray, key: str, step: int) -> None: ...
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_model(self, run_dir: Path, step: int, register_as: str | None = None) -> None: ...
 
     def finish(self, status: RunStatus = "FINISHED") -> None: ...
 
@@ -139,6 +133,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_model(self, run_dir: Path, step: int, register_as: str | None = None) -> None:
         pass
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
@@ -192,6 +189,7 @@ class MLflowTracker:
         run_name: str,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        description: str | None = None,
         system_metrics: bool = True,
         system_metrics_interval_s: float = 10.0,
         retry_after_s: float = 60.0,
@@ -201,17 +199,21 @@ class MLflowTracker:
 
         Returns an ``MLflowTracker``, or a ``NullTracker`` that keeps ``run_id`` when the store
         cannot be reached (one warning; training goes on). A ``run_id`` the store does not know
-        starts a new run, with a warning. ``system_metrics`` samples CPU, memory, disk, network
-        (and GPU where present) every ``system_metrics_interval_s`` seconds into ``system/*``.
+        starts a new run, with a warning. ``description`` (Markdown) is the run's description in
+        the UI. A SQLite store on a network file system gets a warning. ``system_metrics``
+        samples CPU, memory, disk, network (and GPU where present) every
+        ``system_metrics_interval_s`` seconds into ``system/*``.
         ``retry_after_s`` is how long calls wait in memory (at most ``max_queued_calls``) after the
         store failed before they are sent again.
         """
         if uri.startswith(("http://", "https://")):
             for name, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)
+        warn_if_network_store(uri)
+        tags = {**(tags or {}), **({DESCRIPTION_TAG: description} if description else {})}
         try:
             return cls._connect(
-                uri, experiment_name, run_name, run_id, dict(tags or {}), system_metrics,
+                uri, experiment_name, run_name, run_id, tags, system_metrics,
                 system_metrics_interval_s, retry_after_s, max_queued_calls,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
@@ -314,6 +316,19 @@ class MLflowTracker:
         batch = [RunTag(key, str(value)) for key, value in tags.items()]
         self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=batch))
 
+    def log_model(self, run_dir: Path, step: int, register_as: str | None = None) -> None:
+        """Log the EMA weights of ``run_dir``'s latest checkpoint as this run's MLflow model at ``step``,
+        registered as ``register_as`` when given; a run whose model cannot be logged says why (info)."""
+        # Deliberately lazy: reading weights needs torch, which `flowmill runs` (it reads stores through
+        # this module) must not pay for at start-up.
+        from flowmill.train.tracking_model import log_run_model, not_loggable
+
+        reason = not_loggable(run_dir)
+        if reason is not None:
+            logger.info("No MLflow model logged: %s.", reason)
+            return
+        self._call("log_model", lambda: log_run_model(self.tracking_uri, self.run_id, run_dir, step, register_as))
+
     def finish(self, status: RunStatus = "FINISHED") -> None:
         """Stop system metrics, send queued calls (ignoring the retry delay) and end the run with ``status``."""
         _check_status(status)
@@ -371,6 +386,17 @@ class MLflowTracker:
                 "Further rejected calls are counted silently.",
                 what, _describe(exc),
             )  # fmt: skip
+
+
+def log_samples(tracker: Tracker, files: list[Path], step: int) -> None:
+    """Sample files of ``step``: each PNG as an MLflow image of the series its name gives
+    (``grid-00000010.png`` → ``grid``), every other file (GIF, text) as an artifact under ``samples/``."""
+    for path in files:
+        if path.suffix.lower() != ".png":
+            tracker.log_artifact(path, "samples")
+            continue
+        with Image.open(path) as image:
+            tracker.log_image(image.copy(), key=path.stem.removesuffix(f"-{step:08d}"), step=step)
 
 
 def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:

@@ -37,6 +37,8 @@ COMMANDS = {
     "runs compare": "flowmill.runs.commands:compare_command",
     "runs logs": "flowmill.runs.logs:logs_command",
     "ui": "flowmill.runs.commands:ui_command",
+    "config show": "flowmill.config_commands:show_command",
+    "config list": "flowmill.config_commands:list_command",
 }
 
 FAKE_HANDLERS = '''

@@ -39,6 +39,7 @@ def test_yaml_and_overrides_load_into_typed_sections():
         ("sample.guidance=raga", "sample.guidance"),
         ("sample.raag_alpha=-1", "sample.raag_alpha"),
         ("sample.raag_alpha=nan", "sample.raag_alpha"),
+        ("tracking.tags.a.b=x", "tracking.tags.a"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from flowmill.errors import UsageError
@@ -166,6 +167,41 @@ def test_only_rank_0_tracks(tmp_path):
     tracker = start_tracker(cfg, plan, DistEnv(rank=1, local_rank=1, world_size=2, device=torch.device("cpu")), {})
     assert isinstance(tracker, NullTracker)
     assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+class StartedTracker(NullTracker):
+    """What ``MLflowTracker.start`` was asked for, and what was logged into it."""
+
+    def __init__(self, uri: str, **options):
+        super().__init__(tracking_uri=uri)
+        self.options = options
+        self.params: dict[str, str] = {}
+        self.texts: dict[str, str] = {}
+
+    def log_params(self, flat):
+        self.params.update(flat)
+
+    def log_text(self, text, artifact_file):
+        self.texts[artifact_file] = text
+
+
+def test_the_mlflow_run_is_named_after_the_run_dir_and_carries_tags_description_and_config(tmp_path, monkeypatch):
+    monkeypatch.setattr("flowmill.train.job.MLflowTracker.start", StartedTracker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    cfg = config("run.name=digits", "tracking.tags={team: vision, flowmill.task: mine}", "tracking.description=a *note*")
+    run = open_run_dir(cfg, ALONE, RunDir(tmp_path / "digits-sweep1-3"), resume=False)
+    tracker = start_tracker(cfg, Plan.of(cfg, run, world_size=1, resume=False), ALONE, {"flowmill.git_commit": "abc"})
+    assert tracker.tracking_uri == "http://mlflow.example:5000"  # $MLFLOW_TRACKING_URI, as tracking.uri is unset
+    assert tracker.options["run_name"] == "digits-sweep1-3" and tracker.options["description"] == "a *note*"
+    tags = tracker.options["tags"]
+    assert tags["team"] == "vision" and tags["flowmill.task"] == "mmdit"  # flowmill's own tags win over the user's
+    assert tags["flowmill.run_name"] == "digits" and tags["flowmill.git_commit"] == "abc"
+    assert yaml.safe_load(tracker.texts["config.yaml"]) == yaml.safe_load(run.config_file.read_text())
+    assert tracker.params["run.name"] == "digits"
+
+    cfg = config("tracking.uri=sqlite:///elsewhere.db")
+    run = open_run_dir(cfg, ALONE, RunDir(tmp_path / "second"), resume=False)
+    assert start_tracker(cfg, Plan.of(cfg, run, world_size=1, resume=False), ALONE, {}).tracking_uri == "sqlite:///elsewhere.db"
 
 
 # -------------------------------------------------------------- the input cast

@@ -316,3 +316,22 @@ def test_real_server_then_outage_keeps_training_going(
     warnings = flowmill_warnings(caplog)
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "training continues" in warnings[0]
     assert tracker.failures >= 2
+
+
+def test_a_description_and_sample_files_show_in_the_ui(uri: str, runs_root: Path, tmp_path: Path) -> None:
+    tracker = MLflowTracker.start(uri, "samples", "described", tags={"team": "vision"}, description="**lr** sweep",
+                                  system_metrics=False)
+    grid = tmp_path / "grid-00000010.png"
+    image_grid(torch.zeros(2, 1, 8, 8)).save(grid)
+    text = tmp_path / "text-00000010.txt"
+    text.write_text("a sample")
+    tracking.log_samples(tracker, [grid, text], step=10)
+    tracker.finish()
+
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.tags[tracking.DESCRIPTION_TAG] == "**lr** sweep" and run.data.tags["team"] == "vision"
+    artifact_dir = runs_root / "mlartifacts" / tracker.run_id / "artifacts"
+    # The PNG is an image of the series "grid" at step 10 (the UI's step slider); other files stay artifacts.
+    assert [path.name.split("+")[:3] for path in (artifact_dir / "images").glob("*.png")] == [["grid", "step", "10"]]
+    assert (artifact_dir / "samples" / "text-00000010.txt").read_text() == "a sample"
+    assert not (artifact_dir / "samples" / grid.name).exists()
