@@ -36,6 +36,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
@@ -82,12 +83,18 @@ class _WorkerStreams(IterableDataset):
         # with the parent uncopied.
         gc.freeze()
         # A stop signal sent to the whole process group (a launcher stopping its job, Ctrl-C) is
-        # the training process's to handle: it records the run's end, then closes its workers (a
-        # worker also ends by itself once that process is gone). A worker dying of it first
-        # would break that record with DataLoader's "worker killed by signal" error.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)
+        # the training process's to handle: it records the run's end, then closes its workers.
+        # Ctrl-C is left to it. SIGTERM, which is also how multiprocessing ends daemonic workers
+        # at interpreter exit, ends a worker at once but as a clean exit: a death by signal would
+        # break that record with DataLoader's "worker killed by signal" error, and an ignored
+        # SIGTERM would leave the training process waiting for its workers forever at exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         return _packed(worker_stream(self.plan, worker, self.positions[worker]), WorkerBlocks(self.returned[worker]))
+
+
+def _exit_cleanly(signum: int, frame) -> None:
+    os._exit(0)
 
 
 def _packed(envelopes: Iterator[Envelope], blocks: WorkerBlocks) -> Iterator[Envelope]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import psutil
 import yaml
+
+from flowmill.run_dir import step_tag
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "mmdit_tiny.yaml"
@@ -88,3 +91,16 @@ def fake_run(root: Path, task: str, family: str) -> Path:
     (root / "run.json").write_text("{}")
     (root / "config.yaml").write_text(yaml.safe_dump({"task": task, "model": {}}))
     return root
+
+
+def rewound_copy(run_dir: Path, step: int, dest: Path) -> Path:
+    """A copy of ``run_dir`` as it was when its checkpoint of ``step`` was the latest: the later
+    checkpoints removed and ``latest`` naming that one. A checkpoint does not depend on the steps
+    after it, so resuming the copy and comparing with the original tests exact resume with one
+    training run instead of two."""
+    shutil.copytree(run_dir, dest)
+    for checkpoint in (dest / "checkpoints").glob("step-*"):
+        if int(checkpoint.name.split("-")[1]) > step:
+            shutil.rmtree(checkpoint)
+    (dest / "latest").write_text(f"checkpoints/{step_tag(step)}\n")
+    return dest

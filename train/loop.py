@@ -6,6 +6,7 @@ other ranks get a NullTracker and a disabled progress bar instead of ``if rank =
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -167,51 +168,53 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     cfg, env, run_dir = job.cfg, job.env, job.run_dir
     max_steps = cfg.trainer.max_steps
     progress = Progress(step, max_steps, cfg.trainer.log_every_steps, enabled=env.is_main)
-    batches = on_device(iter(job.loader), env.device)
-    while step < max_steps:
-        started = time.perf_counter()
-        lr = job.engine.get_lr()[0]
-        keys: list[str] = []
-        loss, grad_norm = train_step(job, batches, keys)
-        step += 1
-        job.step = step
-        if job.ema is not None:
-            job.ema.update(job.model)
-        loss_value = all_reduce_mean(loss).item()
-        metrics = {
-            "train/loss": loss_value,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/samples_per_s": job.plan.global_batch_size / (time.perf_counter() - started),
-            "data/skipped": float(job.loader.stats["skipped"]),
-        }
-        evaluate = due(cfg.trainer.eval_every_steps, step, max_steps)
-        sample = due(cfg.trainer.sample_every_steps, step, max_steps)
-        save = due(cfg.checkpoint.every_steps, step, max_steps)
-        stopping = step < max_steps and stop.agreed()
-        if evaluate:
-            with job.eval_model() as model:
-                metrics.update(job.task.evaluate(model, step))
-        job.tracker.log_metrics(metrics, step=step)
-        if env.is_main:
-            append_jsonl(run_dir.metrics_file, {"step": step, **metrics})
-        if cfg.data.log_keys:
-            append_jsonl(run_dir.keys_file(env.rank), {"step": step, "keys": keys})
-        progress.update(step, metrics)
-        if save or stopping:
-            save_checkpoint(job, step)
-        if env.is_main and (save or stopping or step % cfg.trainer.log_every_steps == 0):
-            run_dir.update_info(step=step)  # run.json follows the run, not only its start and end
-        if stopping:
-            log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
-            progress.close()
-            return step, "preempted"
-        if sample:
-            with job.eval_model() as model:  # every rank: the weights may be spread over them
-                files = job.task.log_samples(model, step, run_dir.samples) if env.is_main else []
-            log_samples(job.tracker, files, step)
-    progress.close()
-    return step, "finished"
+    # Closed on the way out, whatever the way: the loader's workers end with it, not at interpreter
+    # exit (a pipeline engine keeps the last micro-batch iterator, and with it this one, alive).
+    with contextlib.closing(on_device(iter(job.loader), env.device)) as batches:
+        while step < max_steps:
+            started = time.perf_counter()
+            lr = job.engine.get_lr()[0]
+            keys: list[str] = []
+            loss, grad_norm = train_step(job, batches, keys)
+            step += 1
+            job.step = step
+            if job.ema is not None:
+                job.ema.update(job.model)
+            loss_value = all_reduce_mean(loss).item()
+            metrics = {
+                "train/loss": loss_value,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/samples_per_s": job.plan.global_batch_size / (time.perf_counter() - started),
+                "data/skipped": float(job.loader.stats["skipped"]),
+            }
+            evaluate = due(cfg.trainer.eval_every_steps, step, max_steps)
+            sample = due(cfg.trainer.sample_every_steps, step, max_steps)
+            save = due(cfg.checkpoint.every_steps, step, max_steps)
+            stopping = step < max_steps and stop.agreed()
+            if evaluate:
+                with job.eval_model() as model:
+                    metrics.update(job.task.evaluate(model, step))
+            job.tracker.log_metrics(metrics, step=step)
+            if env.is_main:
+                append_jsonl(run_dir.metrics_file, {"step": step, **metrics})
+            if cfg.data.log_keys:
+                append_jsonl(run_dir.keys_file(env.rank), {"step": step, "keys": keys})
+            progress.update(step, metrics)
+            if save or stopping:
+                save_checkpoint(job, step)
+            if env.is_main and (save or stopping or step % cfg.trainer.log_every_steps == 0):
+                run_dir.update_info(step=step)  # run.json follows the run, not only its start and end
+            if stopping:
+                log.info("stop requested (%s): saved step %d, leaving", stop.reason, step)
+                progress.close()
+                return step, "preempted"
+            if sample:
+                with job.eval_model() as model:  # every rank: the weights may be spread over them
+                    files = job.task.log_samples(model, step, run_dir.samples) if env.is_main else []
+                log_samples(job.tracker, files, step)
+        progress.close()
+        return step, "finished"
 
 
 class CheckpointError(RuntimeError):
