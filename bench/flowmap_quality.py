@@ -1,7 +1,7 @@
 """A few-step flow map against its teacher, on the digits: recognisable, close to real handwriting, varied, fast.
 
-    python bench/flowmap_quality.py MAP_RUN --teacher TEACHER_RUN [--num-samples 20] [--map-steps 1,2,4]
-                                    [--teacher-steps 1,2,4,25] [--json]
+    python -m bench.flowmap_quality MAP_RUN --teacher TEACHER_RUN [--num-samples 20] [--map-steps 1,2,4]
+                                     [--teacher-steps 1,2,4,25] [--json]
 
 One table: the flow map (a ``task: mmdit_flowmap`` run, EMA weights) at each jump count of
 ``--map-steps`` and its teacher (the mmdit run it was distilled from) at each Euler step count
