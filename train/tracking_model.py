@@ -88,6 +88,9 @@ def log_run_model(tracking_uri: str, run_id: str, run_dir: Path, step: int, regi
     """Log the EMA model of ``run_dir`` into MLflow run ``run_id`` at ``step`` (and register it as
     ``register_as``); returns the logged model's URI (``models:/<model id>``)."""
     mlflow.set_tracking_uri(tracking_uri)  # MLflow's model logging and registry read the global store
+    # A logged model belongs to the active experiment (else the Default one, whose artifacts go to
+    # ./mlruns of whatever folder the run started in): make it the run's, so the model sits with its run.
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory(prefix="flowmill-model-") as tmp:
         folder = write_model_folder(run_dir, Path(tmp) / MODEL_NAME)
         info = Model.log(

@@ -34,6 +34,10 @@ def test_a_finished_run_shows_its_name_tags_config_samples_and_registered_ema_mo
 
     [output] = run.outputs.model_outputs
     assert output.step == 4
+    # The model is the run's experiment's, stored beside the run's other artifacts.
+    logged = client.get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id
+    assert logged.artifact_location.startswith(client.get_experiment(run.info.experiment_id).artifact_location)
     [version] = [item for item in client.search_model_versions("name='tiny-mmdit'") if item.run_id == run.info.run_id]
     assert version.source == f"models:/{output.model_id}"
     registered = f"models:/tiny-mmdit/{version.version}"
