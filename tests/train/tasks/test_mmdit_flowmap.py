@@ -5,6 +5,7 @@ and samples in one jump."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -111,3 +112,15 @@ def test_data_free_lsd_on_two_processes_resumes_exactly_and_samples_in_one_jump(
     capsys.readouterr()
     assert flowmill_main(["sample", str(tmp_path / "straight"), "--steps", "0", "--prompt", "x", "--out", str(out)]) == 2
     assert "--steps: must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_psd_trains_under_zero3_on_two_processes(finished_run, digits_dir, tmp_path):
+    """PSD needs no forward-mode pass, so it keeps ZeRO-3 (which LSD cannot have)."""
+    run_dir = tmp_path / "map"
+    flowmill_ok("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{
+        "task": "mmdit_flowmap", "distill.teacher": finished_run, "distill.objective": "psd", "parallel.zero_stage": 3,
+        "trainer.max_steps": 2, "checkpoint.every_steps": 2, "eval.num_samples": 4, "sample.steps": 1}), cwd=tmp_path)
+    rows = read_jsonl(run_dir / "logs" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["train/loss"]) for row in rows)
+    assert RunDir(run_dir).info()["status"] == "finished"
