@@ -69,19 +69,25 @@ def test_finished_run_records_status_and_latest(finished_run):
     assert list((finished_run / "samples").glob("grid-*.png"))
 
 
-def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
-    """Kill rank 1 mid-run: the launcher names the rank, exits non-zero, and no worker survives."""
-    run_dir = tmp_path / "run"
+def launch_endless_run(digits_dir, run_dir, cwd) -> subprocess.Popen:
+    """``flowmill launch local --nproc 2`` of a run too long to finish, returned once it has logged a step."""
     launcher = subprocess.Popen(
         [sys.executable, "-m", "flowmill.cli", "launch", "local", "--nproc", "2", str(TINY_CONFIG),
          *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 100000, "checkpoint.every_steps": 100000})],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     metrics = run_dir / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.stat().st_size > 0):
         assert launcher.poll() is None and time.time() < deadline, "the job never started training"
         time.sleep(0.5)
+    return launcher
+
+
+def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
+    """Kill rank 1 mid-run: the launcher names the rank, exits non-zero, and no worker survives."""
+    run_dir = tmp_path / "run"
+    launcher = launch_endless_run(digits_dir, run_dir, tmp_path)
     # The launcher's direct children are the ranks; their own children are dataloader workers.
     ranks = [p for p in psutil.Process(launcher.pid).children() if "train" in " ".join(p.cmdline())]
     everything = ranks + [child for p in ranks for child in p.children(recursive=True)]
@@ -100,16 +106,7 @@ def test_workers_stop_and_record_the_run_killed_when_the_launcher_is_killed(digi
     """SIGKILL the launcher (as the OOM killer would): its workers notice, record the run as killed
     in run.json and MLflow, and leave within seconds; nothing keeps writing into the run dir."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "flowmill.cli", "launch", "local", "--nproc", "2", str(TINY_CONFIG),
-         *tiny_overrides(digits_dir, run_dir, **{"trainer.max_steps": 100000, "checkpoint.every_steps": 100000})],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    metrics = run_dir / "logs" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and metrics.stat().st_size > 0):
-        assert launcher.poll() is None and time.time() < deadline, "the job never started training"
-        time.sleep(0.5)
+    launcher = launch_endless_run(digits_dir, run_dir, tmp_path)
     everything = psutil.Process(launcher.pid).children(recursive=True)
     launcher.kill()
     _, stderr = launcher.communicate(timeout=60)
