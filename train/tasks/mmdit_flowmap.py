@@ -108,6 +108,11 @@ class PriorBatches:
         self.delivered = step
 
 
+def saved_architecture(model: dict) -> MMDiTConfig:
+    """The MMDiTConfig of a saved run config's ``model`` section (its other keys, such as ``compile``, left out)."""
+    return MMDiTConfig(**{f.name: model[f.name] for f in dataclasses.fields(MMDiTConfig) if f.name in model})
+
+
 def teacher_source(source: str, cfg: FlowMapRunConfig) -> tuple[ModelFiles, RunDir]:
     """The files of the MMDiT run (or checkpoint) ``source`` and its run dir; UsageError naming
     ``distill.teacher`` unless it is a velocity MMDiT run of this run's architecture and text encoder."""
@@ -116,7 +121,7 @@ def teacher_source(source: str, cfg: FlowMapRunConfig) -> tuple[ModelFiles, RunD
     if task != "mmdit":
         raise UsageError(f"distill.teacher: {source} is a {task} run; a flow map distils a velocity MMDiT, a run of task mmdit")
     arch = dataclasses.replace(cfg.model.architecture(), flow_map=False)
-    theirs = MMDiTConfig(**{f.name: config["model"][f.name] for f in dataclasses.fields(MMDiTConfig) if f.name in config["model"]})
+    theirs = saved_architecture(config["model"])
     differences = architecture_differences(arch, theirs)
     if differences:
         raise UsageError(f"distill.teacher: {source}'s model differs from model.* (this run vs the teacher): "
@@ -213,9 +218,7 @@ class FlowMapTask(MMDiTTask):
     def teacher(self) -> MMDiT | None:
         """The frozen teacher MMDiT in eval mode (loaded on first use), or None without one."""
         if self._teacher is None and self.teacher_files is not None:
-            model_cfg = read_yaml(self.teacher_files.config)["model"]
-            arch = MMDiTConfig(**{f.name: model_cfg[f.name] for f in dataclasses.fields(MMDiTConfig) if f.name in model_cfg})
-            teacher = MMDiT(arch)
+            teacher = MMDiT(saved_architecture(read_yaml(self.teacher_files.config)["model"]))
             teacher.load_state_dict(self.teacher_files.weights())
             self._teacher = teacher.to(self.env.device).eval().requires_grad_(False)
         return self._teacher
@@ -287,8 +290,7 @@ class FlowMapTask(MMDiTTask):
         def net(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return model(x, t, txt, vec, s)
 
-        loss, metrics = objective.flow_map_loss(cfg.distill.objective, net, x_t, times, velocity, flow_target)
-        return loss, metrics
+        return objective.flow_map_loss(cfg.distill.objective, net, x_t, times, velocity, flow_target)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict:
