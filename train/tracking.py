@@ -59,8 +59,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
-# default_tracking_uri stays importable from here, where callers have always found it.
-from flowmill.train.tracking_store import default_tracking_uri, sqlite_artifact_location, warn_if_network_store  # noqa: E402, F401
+from flowmill.train.tracking_store import sqlite_artifact_location, warn_if_network_store  # noqa: E402
 
 logger = logging.getLogger("flowmill")
 

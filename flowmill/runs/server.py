@@ -23,7 +23,7 @@ import requests
 from flowmill.errors import UsageError
 from flowmill.runs.defaults import MAX_COMPARED_RUNS, SERVER_LOG
 from flowmill.runs.store import RunSummary, list_runs, load_runs, resolve_run
-from flowmill.train import tracking
+from flowmill.train.tracking_store import default_tracking_uri
 
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 # Generous on purpose: the server imports MLflow afresh and opens the store, which on a small machine
@@ -70,7 +70,7 @@ class MlflowServer:
                 raise UsageError(f"port {self.port} on 127.0.0.1 is in use; choose another with --port")
         command = [
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1", "--backend-store-uri", tracking.default_tracking_uri(self.runs_root),
+            "--workers", "1", "--backend-store-uri", default_tracking_uri(self.runs_root),
             "--artifacts-destination", str(self.runs_root / "mlartifacts"),
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
@@ -129,7 +129,7 @@ class MlflowServer:
 def ui_runs(runs_root: Path, names: Sequence[str]) -> list[RunSummary]:
     """Runs for the compare page: the named ones, which must be tracked in the store of ``runs_root``, or else
     its newest ``MAX_COMPARED_RUNS`` runs."""
-    uri = tracking.default_tracking_uri(runs_root)
+    uri = default_tracking_uri(runs_root)
     for name in names:
         run_uri = resolve_run(name, uri)[0]
         if run_uri != uri:

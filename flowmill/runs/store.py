@@ -29,6 +29,7 @@ from flowmill.errors import UsageError
 from flowmill.run_dir import RUN_JSON, RunDir
 from flowmill.runs.defaults import MAX_LISTED_RUNS
 from flowmill.train import tracking
+from flowmill.train.tracking_store import default_tracking_uri
 
 Direction = Literal["min", "max"]
 
@@ -98,7 +99,7 @@ def summarize_metric(key: str, history: Sequence[tuple[int, float]]) -> MetricSu
 
 def default_uri() -> str:
     """The embedded store of the current folder's ``runs/``, where run ids are looked up unless --tracking-uri says."""
-    return tracking.default_tracking_uri(Path("runs"))
+    return default_tracking_uri(Path("runs"))
 
 
 def open_store(tracking_uri: str) -> MlflowClient:

@@ -21,7 +21,7 @@ import pytest
 from flowmill.runs.server import compare_url
 from flowmill.runs.store import load_runs
 from flowmill.runs.tables import differing_params
-from flowmill.train import tracking
+from flowmill.train import tracking, tracking_store
 from flowmill.train.tracking import MLflowTracker
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_compare_page_shows_both_runs_and_their_metric(
         monkeypatch.setenv(name, value)  # restored after the test, unlike MLflowTracker's setdefault
     root = tmp_path / "runs"
     # A run in the embedded store first: `flowmill ui` serves an existing store only, and lists its runs.
-    local = MLflowTracker.start(tracking.default_tracking_uri(root), "local", "local-run", system_metrics=False)
+    local = MLflowTracker.start(tracking_store.default_tracking_uri(root), "local", "local-run", system_metrics=False)
     local.log_metrics({"train/loss": 1.0}, step=1)
     local.finish()
 

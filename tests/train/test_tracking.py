@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from flowmill.train import tracking
+from flowmill.train import tracking, tracking_store
 from flowmill.train.images import image_grid
 from flowmill.train.tracking import MLflowTracker, NullTracker
 from flowmill.train.tracking_params import flatten_config
@@ -38,7 +38,7 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def uri(runs_root: Path) -> str:
-    return tracking.default_tracking_uri(runs_root)
+    return tracking_store.default_tracking_uri(runs_root)
 
 
 @pytest.fixture
@@ -55,10 +55,10 @@ def flowmill_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_default_tracking_uri_is_sqlite_under_runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    uri = tracking.default_tracking_uri(Path("runs"))
+    uri = tracking_store.default_tracking_uri(Path("runs"))
     assert uri == f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db"
-    assert tracking.sqlite_artifact_location(uri) == (tmp_path.resolve() / "runs" / "mlartifacts").as_uri()
-    assert tracking.sqlite_artifact_location("http://127.0.0.1:5000") is None
+    assert tracking_store.sqlite_artifact_location(uri) == (tmp_path.resolve() / "runs" / "mlartifacts").as_uri()
+    assert tracking_store.sqlite_artifact_location("http://127.0.0.1:5000") is None
 
 
 def test_new_run_records_params_metrics_tags_and_artifacts(uri: str, runs_root: Path, tmp_path: Path) -> None:
@@ -260,7 +260,7 @@ def start_server(runs_root: Path, artifacts: Path, port: int) -> subprocess.Pope
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", tracking.default_tracking_uri(runs_root), "--artifacts-destination", str(artifacts),
+        "--backend-store-uri", tracking_store.default_tracking_uri(runs_root), "--artifacts-destination", str(artifacts),
     ]  # fmt: skip
     server = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from flowmill.cli import main
-from flowmill.train.tracking import default_tracking_uri, sqlite_artifact_location
+from flowmill.train.tracking_store import default_tracking_uri, sqlite_artifact_location
 
 START_MS = 1_767_225_600_000  # 2026-01-01 00:00 UTC
 
