@@ -144,3 +144,31 @@ def build_engine(model: nn.Module, cfg: Config, plan: Plan, load_universal: bool
 
 def autocast_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32
+
+
+class PipelineForward:
+    """The whole pipeline's forward pass without gradient, called the same way on every stage of
+    one pipeline: ``forward(*inputs)`` returns, on every stage, the last stage's output for one
+    micro-batch of ``inputs``, an output shaped like the first input (a flow map's average velocity).
+
+    For targets made from the network's own outputs (a flow map's progressive self-distillation):
+    DeepSpeed's ``eval_batch`` runs the stages, and the last stage broadcasts what it returned.
+    """
+
+    def __init__(self, engine: Any, dtype: torch.dtype):
+        self.engine = engine
+        self.dtype = dtype
+        self.last_stage = engine.grid.stage_to_global(engine.num_stages - 1)
+        self.group = engine.grid.get_pipe_parallel_group()
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        cast = tuple(a.to(self.dtype) if torch.is_floating_point(a) else a for a in inputs)
+        no_target = torch.zeros(())  # the last stage loads a target for every micro-batch; this one is unused
+        # eval_batch adds each output to the running loss that train_batch left (a scalar) without
+        # resetting it first, as train_batch does; the next train_batch starts it afresh anyway.
+        self.engine.total_loss = None
+        _, output = self.engine.eval_batch(iter([(cast, no_target)]), return_logits=True, compute_loss=False,
+                                           reduce_output=None, bcast_loss=False, num_micro_batches=1)
+        result = output.detach().float() if self.engine.is_last_stage() else torch.empty(inputs[0].shape, device=inputs[0].device)
+        torch.distributed.broadcast(result, src=self.last_stage, group=self.group)
+        return result

@@ -49,12 +49,22 @@ class JumpTimes:
 
 
 def draw_jumps(batch: int, generator: torch.Generator, device: torch.device, diagonal_share: float,
-               boundary_prob: float = BOUNDARY_PROB, min_jump: float = MIN_JUMP) -> JumpTimes:
+               noise_start_share: float = 0.0, boundary_prob: float = BOUNDARY_PROB, min_jump: float = MIN_JUMP
+               ) -> JumpTimes:
     """The jumps of a batch: the first round(diagonal_share·B) rows empty (s = t, t uniform in
-    [0, 1]), the others drawn as FMLM draws its jumps (flowmill.train.flm_objective.sample_jumps:
-    length stratified-uniform, start uniform where the jump fits, sometimes the whole path)."""
+    [0, 1]), the next round(noise_start_share·B) starting from pure noise (t = 1), the others drawn
+    as FMLM draws its jumps (flowmill.train.flm_objective.sample_jumps: length stratified-uniform,
+    start uniform where the jump fits, sometimes the whole path).
+
+    Every sampling's first jump starts at t = 1, and one jump is the whole of a 1-step sample;
+    LSD makes X(x; 1→0) right only by training its end-time derivative along all of [0, 1] from
+    that start, which the uniform starts reach rarely."""
     start, end = sample_jumps(batch, generator, device, boundary_prob, min_jump)
-    diagonal = torch.arange(batch, device=device) < round(diagonal_share * batch)
+    row = torch.arange(batch, device=device)
+    diagonal = row < round(diagonal_share * batch)
+    from_noise = ~diagonal & (row < round(diagonal_share * batch) + round(noise_start_share * batch))
+    end = torch.where(from_noise, end + (1.0 - start), end)  # the same length, moved to start at t = 1
+    start = torch.where(from_noise, torch.ones_like(start), start)
     end = torch.where(diagonal, start, end)
     return JumpTimes(start.float(), end.float(), diagonal)
 
@@ -104,18 +114,24 @@ def psd_loss(net: AverageVelocity, x_t: torch.Tensor, times: JumpTimes, velocity
     """Scalar PSD loss and metrics: u(x_t, t, s) against the average velocity of two half jumps
     t→m→s of the network itself (without gradient); on the empty jumps against
     ``velocity(x_t, t)``, or ``flow_target`` when given."""
-    t, s = times.t, times.s
-    average = net(x_t, t, s)
+    average = net(x_t, times.t, times.s)
     with torch.no_grad():
-        middle = 0.5 * (t + s)
-        x_mid = jump(net(x_t, t, middle), x_t, t, middle)
-        x_end = jump(net(x_mid, middle, s), x_mid, middle, s)
-        length = torch.where(times.diagonal, torch.ones_like(t), s - t)  # no division by zero on the diagonal
-        target = (x_end - x_t) / per_row(length, x_t)
-        on_diagonal = flow_target if flow_target is not None else velocity(x_t, t)
-        target = torch.where(per_row(times.diagonal, target).bool(), on_diagonal, target)
+        target = psd_target(net, x_t, times, flow_target if flow_target is not None else velocity(x_t, times.t))
     per_row_loss = _row_mean(average - target)
     return per_row_loss.mean(), _metrics(per_row_loss, times.diagonal)
+
+
+@torch.no_grad()
+def psd_target(net: AverageVelocity, x_t: torch.Tensor, times: JumpTimes, on_diagonal: torch.Tensor) -> torch.Tensor:
+    """PSD's target for u(x_t, t, s): the average velocity of the two half jumps t→m→s of ``net``,
+    and ``on_diagonal`` (shaped like x_t) on the empty jumps."""
+    t, s = times.t, times.s
+    middle = 0.5 * (t + s)
+    x_mid = jump(net(x_t, t, middle), x_t, t, middle)
+    x_end = jump(net(x_mid, middle, s), x_mid, middle, s)
+    length = torch.where(times.diagonal, torch.ones_like(t), s - t)  # no division by zero on the diagonal
+    target = (x_end - x_t) / per_row(length, x_t)
+    return torch.where(per_row(times.diagonal, target).bool(), on_diagonal, target)
 
 
 LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {"lsd": lsd_loss, "psd": psd_loss}

@@ -29,7 +29,7 @@ from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream,
 from flowmill.train.config import Config, to_dict
 from flowmill.train.distributed import DistEnv, placement
 from flowmill.train.ema import EMA
-from flowmill.train.engine import build_engine, lr_lambda
+from flowmill.train.engine import PipelineForward, build_engine, lr_lambda
 from flowmill.train.plan import Plan
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
@@ -244,6 +244,8 @@ def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -
     # The parameters this rank trains: a pipeline stage holds only its share of the model.
     local = {id(p) for p in engine.module.parameters()} if pipeline else None
     forward = CastInputs(engine, next(engine.module.parameters()).dtype, env.device)
+    if pipeline:
+        task.pipeline_forward = PipelineForward(engine, forward.dtype)
     ema = EMA(model, env, cfg.ema.decay, cfg.ema.warmup, local, placement(cfg.ema.device, env.device, "ema.device")) \
         if cfg.ema.enabled else None
     replica = plan.data_rank(env.rank)

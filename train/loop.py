@@ -118,14 +118,20 @@ def on_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
                for key, value in batch.items()}
 
 
-def micro_batches(job: Job, batches: Iterator[dict], keys: list[str]) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
-    """Pipeline runs: (inputs, target) per micro-batch, as DeepSpeed's train_batch reads them."""
+def micro_batches(job: Job, batches: Iterator[dict], keys: list[str]) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """Pipeline runs: (inputs, target) of the step's micro-batches, as DeepSpeed's train_batch reads them.
+
+    Made on every stage before the schedule runs: DeepSpeed reads them on the first and last stage
+    only, and a task may run the whole pipeline to make a target (Task.pipeline_forward), which
+    every stage must join and which cannot run inside another schedule."""
     dtype = job.forward.dtype
-    while True:
+    micro = []
+    for _ in range(job.plan.grad_accum_steps):
         batch = next(batches)
         keys.extend(batch["__key__"])
         inputs, target = job.task.inputs_and_target(batch, job.noise.generator)
-        yield tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in inputs), target
+        micro.append((tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in inputs), target))
+    return micro
 
 
 def train_step(job: Job, batches: Iterator[dict], keys: list[str]) -> tuple[torch.Tensor, float]:
@@ -133,7 +139,7 @@ def train_step(job: Job, batches: Iterator[dict], keys: list[str]) -> tuple[torc
     rank and the global gradient norm before clipping."""
     engine = job.engine
     if job.pipeline:
-        loss = engine.train_batch(data_iter=micro_batches(job, batches, keys)).detach().float()
+        loss = engine.train_batch(data_iter=iter(micro_batches(job, batches, keys))).detach().float()
         return loss, grad_norm_of(engine)
     # Plain fp32 DeepSpeed (no ZeRO, no bf16 optimizer) keeps no gradient norm: measure it here.
     measure = job.cfg.parallel.zero_stage == 0 and job.cfg.trainer.precision == "fp32"

@@ -78,6 +78,10 @@ def test_the_empty_jumps_learn_the_velocity_and_a_perfect_map_has_zero_loss(obje
     times = draw_jumps(16, generator, torch.device("cpu"), diagonal_share=0.25)
     assert times.diagonal.sum() == 4 and torch.equal(times.s[times.diagonal], times.t[times.diagonal])
     assert (times.s[~times.diagonal] < times.t[~times.diagonal]).all()
+    from_noise = draw_jumps(16, torch.Generator().manual_seed(0), torch.device("cpu"), 0.25, noise_start_share=0.5)
+    assert torch.equal(from_noise.diagonal, times.diagonal) and from_noise.t[4:12].eq(1).all()
+    torch.testing.assert_close(from_noise.t - from_noise.s, times.t - times.s)  # the same lengths, moved to start at 1
+    assert torch.equal(from_noise.t[12:], times.t[12:])
     x_t = torch.randn(16, 2, generator=generator)
 
     def constant(x, t, s):  # the exact map of the constant velocity field 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +21,9 @@ class Task:
 
     config_class: ClassVar[type[Config]] = Config  # the task's config: the shared sections plus its own
     family: ClassVar[str] = ""  # model family written into checkpoints and model folders
+    # Pipeline runs: the whole model's forward pass without gradient, from any stage, the output on
+    # every stage (flowmill.train.engine.PipelineForward); None otherwise.
+    pipeline_forward: Callable[..., torch.Tensor] | None = None
 
     @classmethod
     def reads_data(cls, cfg: Config) -> bool:
@@ -77,8 +81,10 @@ class Task:
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """One micro-batch → the model's positional inputs and what ``criterion`` compares its output with.
 
-        Random draws (noise, timesteps, condition dropout) come from ``generator`` only, so a
-        pipeline's first and last stage, given the same generator state, agree.
+        Random draws (noise, timesteps, condition dropout) come from ``generator`` only, so the
+        stages of a pipeline, given the same generator state, agree. Every stage calls it for every
+        micro-batch, before the step's pipeline schedule runs, so a target may come from the whole
+        model's own output: ``self.pipeline_forward``, which the job sets on pipeline runs.
         """
         raise NotImplementedError
 

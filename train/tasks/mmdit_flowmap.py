@@ -37,7 +37,7 @@ from torch import nn
 from flowmill.errors import UsageError
 from flowmill.models.flow_map import load_velocity_weights, sample_jumps
 from flowmill.models.mmdit import MMDIT_SIZES, MMDiT, MMDiTConfig
-from flowmill.models.samplers import Guidance, build_guidance, build_sampler, cfg_velocity
+from flowmill.models.samplers import Guidance, Velocity, build_guidance, build_sampler, cfg_velocity
 from flowmill.run_dir import SOURCE_FILE, RunDir
 from flowmill.train import flowmap_objective as objective
 from flowmill.train.distributed import DistEnv
@@ -65,11 +65,26 @@ class FlowMapDistillConfig:
     teacher: str | None = None  # a trained MMDiT run dir (or one of its checkpoints/step-* folders): the start and the target velocity
     data_free: bool = False  # states from the teacher's flow integrated from noise instead of data (needs a teacher)
     diagonal_share: float = 0.25  # share of each batch with s = t, learning the velocity itself
+    noise_start_share: float = 0.0  # share of each batch whose jump starts from pure noise (t = 1), as every sampling's first
     cfg_scale: float = 1.0  # guidance distilled into the map: the teacher's guided velocity (1: none; with guidance raag its w_max)
     guidance: str = "cfg"  # cfg (constant cfg_scale) | raag (flowmill.models.samplers.RatioAwareGuidance)
     raag_alpha: float = 12.0  # RAAG's alpha, with guidance raag
     flow_steps: int = 8  # data_free: Euler steps of the teacher from noise to a jump's start
     prompts: list[str] = field(default_factory=list)  # data_free: the prompts drawn from (empty: sample.prompts)
+
+
+@dataclass(frozen=True)
+class JumpBatch:
+    """One micro-batch's jumps: start states x_t (B, C, H, W) at times.t, the conditioning, the
+    velocity the map distils, and the flow-matching target of the empty jumps (learning from data
+    alone) or None."""
+
+    x_t: torch.Tensor
+    times: objective.JumpTimes
+    txt: torch.Tensor
+    vec: torch.Tensor
+    velocity: Velocity
+    flow_target: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -149,10 +164,10 @@ class FlowMapTask(MMDiTTask):
         distill = cfg.distill
         if distill.objective not in objective.OBJECTIVES:
             raise UsageError(f"distill.objective: {distill.objective!r} is not one of {', '.join(objective.OBJECTIVES)}")
-        if cfg.parallel.pipeline_stages > 1:
-            raise UsageError("parallel.pipeline_stages: flow-map losses call the network several times per sample, on "
-                             "points made from its own outputs (and LSD differentiates it in its end time), which a "
-                             "pipeline's one pass per micro-batch cannot express; train with ZeRO 0-3 and set it to 1")
+        if distill.objective == "lsd" and cfg.parallel.pipeline_stages > 1:
+            raise UsageError("parallel.pipeline_stages: LSD differentiates the network in its end time by forward mode "
+                             "(torch.func.jvp), which does not pass between pipeline stages; use distill.objective=psd, "
+                             "or set parallel.pipeline_stages=1")
         if distill.objective == "lsd" and cfg.parallel.zero_stage == 3:
             raise UsageError("parallel.zero_stage: LSD's forward-mode derivative (torch.func.jvp) does not pass through "
                              "ZeRO-3's parameter gathering; use distill.objective=psd, or ZeRO 0-2")
@@ -160,6 +175,9 @@ class FlowMapTask(MMDiTTask):
             raise UsageError("model.compile: LSD's forward-mode derivative runs the blocks eagerly; set model.compile=false")
         if not 0.0 <= distill.diagonal_share < 1.0:
             raise UsageError(f"distill.diagonal_share: must be in [0, 1), got {distill.diagonal_share}")
+        if not 0.0 <= distill.noise_start_share <= 1.0 - distill.diagonal_share:
+            raise UsageError(f"distill.noise_start_share: must be in [0, 1 - distill.diagonal_share], got "
+                             f"{distill.noise_start_share}")
         if distill.flow_steps < 1:
             raise UsageError(f"distill.flow_steps: must be at least 1, got {distill.flow_steps}")
         try:
@@ -264,7 +282,9 @@ class FlowMapTask(MMDiTTask):
             return cfg_velocity(self.teacher, txt, vec, self.null_txt, self.null_vec, self.distill_guidance)
         return lambda x, t: forward(x, t, txt, vec, t)
 
-    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def jump_batch(self, forward, batch: dict, generator: torch.Generator) -> JumpBatch:
+        """A micro-batch's jumps, their start states and targets' ingredients; ``forward`` is the
+        network (the reference velocity without a teacher)."""
         device = self.env.device
         cfg = self.cfg
         data_free = cfg.distill.data_free
@@ -274,8 +294,8 @@ class FlowMapTask(MMDiTTask):
             x0 = self.latents.x0(batch, generator, device) if self.latents else batch["img"].to(device)
             batch_size = x0.shape[0]
         txt, vec = self.conditioning(batch, batch_size, generator)
-        times = objective.draw_jumps(batch_size, generator, device, cfg.distill.diagonal_share)
-        velocity = self.reference_velocity(model, txt, vec)
+        times = objective.draw_jumps(batch_size, generator, device, cfg.distill.diagonal_share, cfg.distill.noise_start_share)
+        velocity = self.reference_velocity(forward, txt, vec)
         shape = (batch_size, cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
         noise = torch.randn(shape, generator=generator).to(device)
         flow_target = None
@@ -286,11 +306,30 @@ class FlowMapTask(MMDiTTask):
             x_t = sample.x_t
             if self.teacher is None:
                 flow_target = sample.target  # flow matching on the empty jumps: noise - x0
+        return JumpBatch(x_t, times, txt, vec, velocity, flow_target)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        jumps = self.jump_batch(model, batch, generator)
 
         def net(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return model(x, t, txt, vec, s)
+            return model(x, t, jumps.txt, jumps.vec, s)
 
-        return objective.flow_map_loss(cfg.distill.objective, net, x_t, times, velocity, flow_target)
+        return objective.flow_map_loss(self.cfg.distill.objective, net, jumps.x_t, jumps.times, jumps.velocity,
+                                       jumps.flow_target)
+
+    def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Pipeline runs (PSD): the inputs (x_t, t, txt, vec, s) of the jump the stages train and PSD's
+        target, its two half jumps run through the whole pipeline without gradient (pipeline_forward)."""
+        forward = self.pipeline_forward
+        jumps = self.jump_batch(forward, batch, generator)
+
+        def net(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return forward(x, t, jumps.txt, jumps.vec, s)
+
+        with torch.no_grad():
+            on_diagonal = jumps.flow_target if jumps.flow_target is not None else jumps.velocity(jumps.x_t, jumps.times.t)
+        target = objective.psd_target(net, jumps.x_t, jumps.times, on_diagonal)
+        return (jumps.x_t, jumps.times.t, jumps.txt, jumps.vec, jumps.times.s), target
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, step: int) -> dict:

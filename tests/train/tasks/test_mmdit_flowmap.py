@@ -29,7 +29,8 @@ def flowmap_config(digits_dir, run_dir, **extra):
 @pytest.mark.parametrize("overrides, message", [
     ({"distill.objective": "esd"}, "distill.objective: 'esd' is not one of lsd, psd"),
     ({"parallel.zero_stage": 3}, "parallel.zero_stage: LSD's forward-mode derivative .* ZeRO-3"),
-    ({"parallel.pipeline_stages": 2}, "parallel.pipeline_stages: flow-map losses call the network several times"),
+    ({"parallel.pipeline_stages": 2}, "parallel.pipeline_stages: LSD differentiates the network in its end time"),
+    ({"distill.noise_start_share": 0.8}, r"distill.noise_start_share: must be in \[0, 1 - distill.diagonal_share\]"),
     ({"distill.data_free": "true"}, "distill.data_free: data-free states come from a teacher's flow"),
     ({"distill.cfg_scale": 3.0}, "distill.cfg_scale: guidance is distilled from a teacher's guided velocity"),
     ({"distill.guidance": "raag", "distill.cfg_scale": 0.5}, "distill.guidance: RAAG's w_max must be"),
@@ -115,12 +116,18 @@ def test_data_free_lsd_on_two_processes_resumes_exactly_and_samples_in_one_jump(
 
 
 @pytest.mark.slow
-def test_psd_trains_under_zero3_on_two_processes(finished_run, digits_dir, tmp_path):
-    """PSD needs no forward-mode pass, so it keeps ZeRO-3 (which LSD cannot have)."""
-    run_dir = tmp_path / "map"
-    flowmill_ok("launch", "local", "--nproc", "2", str(TINY_CONFIG), *tiny_overrides(digits_dir, run_dir, **{
-        "task": "mmdit_flowmap", "distill.teacher": finished_run, "distill.objective": "psd", "parallel.zero_stage": 3,
-        "trainer.max_steps": 2, "checkpoint.every_steps": 2, "eval.num_samples": 4, "sample.steps": 1}), cwd=tmp_path)
-    rows = read_jsonl(run_dir / "logs" / "metrics.jsonl")
-    assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["train/loss"]) for row in rows)
-    assert RunDir(run_dir).info()["status"] == "finished"
+def test_psd_trains_under_zero3_and_pipeline_stages(finished_run, digits_dir, tmp_path):
+    """PSD needs no forward-mode pass, so it keeps ZeRO-3 and pipeline stages (which LSD cannot have). With
+    two stages, the half jumps of its targets run through the whole pipeline: the losses are one process's."""
+    common = {"task": "mmdit_flowmap", "distill.teacher": finished_run, "distill.objective": "psd",
+              "trainer.max_steps": 2, "trainer.grad_accum_steps": 2, "checkpoint.every_steps": 2, "eval.num_samples": 4,
+              "sample.steps": 1}
+    runs = {"one": {}, "zero3": {"parallel.zero_stage": 3}, "piped": {"parallel.pipeline_stages": 2, "parallel.zero_stage": 1}}
+    for name, extra in runs.items():
+        launch = ("train",) if name == "one" else ("launch", "local", "--nproc", "2")
+        flowmill_ok(*launch, str(TINY_CONFIG), *tiny_overrides(digits_dir, tmp_path / name, **common, **extra), cwd=tmp_path)
+        rows = read_jsonl(tmp_path / name / "logs" / "metrics.jsonl")
+        assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["train/loss"]) for row in rows)
+        assert RunDir(tmp_path / name).info()["status"] == "finished"
+    one, piped = (read_jsonl(tmp_path / name / "logs" / "metrics.jsonl") for name in ("one", "piped"))
+    assert [row["train/loss"] for row in piped] == pytest.approx([row["train/loss"] for row in one], abs=1e-5)
