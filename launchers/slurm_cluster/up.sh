@@ -271,6 +271,6 @@ start_slurmd
 wait_until "sacct" sacct_works || die "sacct fails; see $LOG_DIR/slurmdbd.log and slurmctld.log"
 log "cluster up in ${SECONDS} s: partition debug, nodes ${NODES[*]}, accounting on"
 if ((SYSTEM_CONF_KEPT)); then
-    log "$SYSTEM_SLURM_CONF belongs to another SLURM installation and is left as it is;" \
+    log "$SYSTEM_SLURM_CONF is left to the SLURM installation this script did not make;" \
         "SLURM's commands reach this cluster with: export SLURM_CONF=$SLURM_CONF"
 fi
