@@ -40,6 +40,9 @@ RESERVED_SBATCH_OPTIONS = {
     "partition", "nodes", "ntasks-per-node", "time", "account", "qos", "constraint", "mem", "cpus-per-task",
     "gpus-per-node", "signal", "output", "error", "array", "job-name", "open-mode", "requeue",
 }
+# srun options (long, short) that submitit sets for the logs, or that would change the tasks the run was checked for.
+RESERVED_SRUN_OPTIONS = {"--output": "-o", "--error": "-e", "--unbuffered": "-u", "--nodes": "-N", "--ntasks": "-n",
+                         "--ntasks-per-node": None}
 
 
 # ---------------------------------------------------------------- command line
@@ -200,6 +203,28 @@ def check_slurm_options(slurm: SlurmConfig) -> None:
                 f"launcher.slurm.extra.{key}: set by flowmill; use its own launcher.slurm key or flag "
                 f"(reserved: {', '.join(sorted(RESERVED_SBATCH_OPTIONS))})"
             )
+    if slurm.python is not None and not slurm.python.strip():
+        raise UsageError("launcher.slurm.python: an empty command; leave it unset to start the tasks with this Python")
+    for argument in slurm.srun_args:
+        check_srun_argument(argument)
+
+
+def check_srun_argument(argument: str) -> None:
+    """Refuse an entry of launcher.slurm.srun_args that flowmill sets itself or that holds two arguments."""
+    option = argument.partition("=")[0]
+    words = option.split()
+    if argument.startswith("-") and len(words) > 1:
+        # submitit quotes every entry: srun would receive "--cpu-bind none" as one unknown option
+        raise UsageError(f"launcher.slurm.srun_args: {argument!r} is several arguments in one entry; give each its own "
+                         f"entry ({', '.join(words)}) or join option and value with '=' ({words[0]}={' '.join(words[1:])})")
+    short = argument[:2] if argument.startswith("-") and not argument.startswith("--") else None
+    for long_name, short_name in RESERVED_SRUN_OPTIONS.items():
+        if option == long_name or (short is not None and short == short_name):
+            raise UsageError(
+                f"launcher.slurm.srun_args: {argument!r} is set by flowmill (the logs, and the tasks of "
+                "launcher.slurm.nodes and tasks_per_node); reserved: "
+                f"{', '.join(f'{name}/{alias}' if alias else name for name, alias in RESERVED_SRUN_OPTIONS.items())}"
+            )
 
 
 def check_cluster(slurm: SlurmConfig) -> None:
@@ -238,13 +263,16 @@ def sbatch_parameters(slurm: SlurmConfig, job_name: str) -> dict[str, Any]:
         # Clusters where requeue is off by default (JobRequeue=0) still let this job requeue itself.
         "additional_parameters": {"requeue": True, **slurm.extra},
         **{key: value for key, value in optional.items() if value is not None},
+        **({"setup": list(slurm.setup)} if slurm.setup else {}),
+        **({"srun_args": list(slurm.srun_args)} if slurm.srun_args else {}),
     }
 
 
 def submit(configs: list[Config]) -> list[submitit.Job]:
     """Submit one job (or one job array for several configs); returns submitit's jobs."""
     slurm = configs[0].launcher.slurm
-    executor = submitit.SlurmExecutor(folder=slurm.folder)
+    # python=None: submitit starts the tasks with this process's interpreter.
+    executor = submitit.SlurmExecutor(folder=slurm.folder, python=slurm.python)
     executor.update_parameters(**sbatch_parameters(slurm, configs[0].run.name))
     tasks = [TrainingJob(to_dict(cfg), slurm.max_retries) for cfg in configs]
     try:

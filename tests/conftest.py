@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import summary_line
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Runs started by the tests log to stores in tmp, never to the store a developer's environment names.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -14,6 +16,20 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # What the shared finished run records in MLflow besides its config (tests/train/test_tracking_model.py reads it).
 FINISHED_RUN_TRACKING = ("tracking.tags.team=tests", "tracking.description=The shared tiny run of the tests.",
                          "tracking.register_as=tiny-mmdit")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session):
+    """After pytest's own summary: one line naming the tests skipped for what the machine lacks (tests/needs.py)
+    and the commands that set it up. Outermost (tryfirst), so that it comes after pytest's last line."""
+    result = yield
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and not hasattr(session.config, "workerinput"):  # the xdist controller reports
+        reasons = [report.longrepr[2].removeprefix("Skipped: ") for report in reporter.stats.get("skipped", [])
+                   if isinstance(report.longrepr, tuple)]
+        if line := summary_line(reasons):
+            reporter.write_line(line)
+    return result
 
 
 @pytest.fixture(scope="session")

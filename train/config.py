@@ -142,6 +142,9 @@ class SlurmConfig:
     max_retries: int = 2  # requeues after a crash before the job fails for good (preemptions and time limits do not count)
     signal_delay_s: int = 120  # seconds before the time limit at which SLURM sends USR2 (checkpoint and requeue)
     folder: str | None = None  # submitit folder (scripts, pickles, logs); default <run dir parent>/slurm/<run dir name>
+    setup: list[str] = field(default_factory=list)  # shell lines run by the batch script before srun starts the tasks
+    python: str | None = None  # shell command starting each task's Python, e.g. "apptainer exec --nv x.sif python" (None: this one)
+    srun_args: list[str] = field(default_factory=list)  # more arguments of the srun that starts the tasks, one per entry
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from flowmill.train.plan import Plan
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tasks.base import Task
 from flowmill.train.tracking import MLflowTracker, NullTracker, Tracker
-from flowmill.train.tracking_params import flatten_config, run_tags
+from flowmill.train.tracking_params import environment_tags, flatten_config, run_tags
 from flowmill.train.tracking_store import resolve_tracking_uri
 
 log = logging.getLogger("flowmill")
@@ -275,6 +275,8 @@ def build_job(cfg: Config, plan: Plan, env: DistEnv, run_info: dict[str, str]) -
             **run_info,
         )
         log.info("run dir: %s", plan.run_dir)
+        log.info("environment: %s", "; ".join(f"{name.removeprefix('flowmill.')} {value}"
+                                              for name, value in environment_tags().items()))
         if tracker.experiment_id is not None:
             log.info("MLflow: %s (experiment %s, run %s)", tracker.tracking_uri, tracker.experiment_id, tracker.run_id)
     job = Job(cfg, plan, env, task, model, engine, forward, ema, loader, noise, checkpoints, tracker, local, step)

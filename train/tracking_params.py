@@ -2,8 +2,8 @@
 
 ``flatten_config`` turns the resolved config into flat string params (``{"model.depth": "24"}``)
 within MLflow's length limit; ``run_tags`` names the code (git commit, dirty or not), the world
-size and the host. Plain Python: nothing here imports MLflow, so the values can be built and
-tested without a store.
+size, the host and the Python environment (``environment_tags``). Plain Python: nothing here
+imports MLflow, so the values can be built and tested without a store.
 """
 
 from __future__ import annotations
@@ -11,13 +11,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
+import platform
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
 MAX_PARAM_VALUE_CHARS = 6000
+# Variables that name the container image a process runs in: Apptainer's, then Singularity's (both set inside).
+CONTAINER_VARIABLES = ("APPTAINER_CONTAINER", "SINGULARITY_CONTAINER")
+# Variable that lists the loaded environment modules (`module load`, Environment Modules and Lmod alike).
+MODULES_VARIABLE = "LOADEDMODULES"
 
 
 def flatten_config(config: object) -> dict[str, str]:
@@ -76,14 +83,14 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def run_tags(world_size: int, source_dir: Path | None = None) -> dict[str, str]:
-    """Tags every run carries: git commit of the code, world size, host.
+def run_tags(world_size: int, source_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Tags every run carries: git commit of the code, world size, host, and ``environment_tags(environ)``.
 
     ``source_dir`` is the git checkout to describe (default: the one holding flowmill). When git
     cannot tell, ``flowmill.git_commit`` says why instead of holding a commit.
     """
     source_dir = Path(__file__).resolve().parents[1] if source_dir is None else source_dir
-    tags = {"flowmill.world_size": str(world_size), "flowmill.host": socket.gethostname()}
+    tags = {"flowmill.world_size": str(world_size), "flowmill.host": socket.gethostname(), **environment_tags(environ)}
     try:
         commit = _git(source_dir, "rev-parse", "HEAD")
         dirty = _git(source_dir, "status", "--porcelain", "--untracked-files=no") != ""
@@ -94,6 +101,19 @@ def run_tags(world_size: int, source_dir: Path | None = None) -> dict[str, str]:
     tags["flowmill.git_commit"] = commit
     tags["flowmill.git_dirty"] = str(dirty).lower()
     tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI beside the run
+    return tags
+
+
+def environment_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Where this Python runs: ``flowmill.python`` (the interpreter and its version), and when ``environ``
+    (default: this process's) names them, ``flowmill.container`` (the image) and ``flowmill.modules``."""
+    environ = os.environ if environ is None else environ
+    tags = {"flowmill.python": f"{sys.executable} (Python {platform.python_version()})"}
+    container = next((environ[name] for name in CONTAINER_VARIABLES if environ.get(name)), None)
+    if container:
+        tags["flowmill.container"] = container
+    if environ.get(MODULES_VARIABLE):
+        tags["flowmill.modules"] = environ[MODULES_VARIABLE]
     return tags
 
 

@@ -11,7 +11,12 @@ DB_SOCKET=$DB_RUN_DIR/mysqld.sock
 DB_PORT=3307                           # not 3306, so a system MariaDB can coexist
 DB_PASSWORD_FILE=$STATE_DIR/db-password
 LOCK_FILE=$STATE_DIR/lock
-SLURM_ETC=/etc/slurm                   # where sbatch/sinfo look for slurm.conf
+SLURM_ETC=/etc/flowmill-slurm          # slurm.conf and slurmdbd.conf of this cluster, never the system's /etc/slurm
+# Every SLURM daemon and command these scripts start reads this cluster's configuration, whatever
+# /etc/slurm holds (slurmdbd finds slurmdbd.conf beside it).
+export SLURM_CONF=$SLURM_ETC/slurm.conf
+SYSTEM_SLURM_CONF=/etc/slurm/slurm.conf  # where SLURM's commands look without SLURM_CONF
+INSTALLED_MARKER=$STATE_DIR/installed-slurm  # present when up.sh installed SLURM's packages on this machine
 CLUSTER_NAME=flowmill
 NODES=(n1 n2)
 declare -A NODE_PORT=([n1]=6818 [n2]=6828)

@@ -1,4 +1,8 @@
-"""Helpers for the tests that run `flowmill launch slurm` on the local SLURM cluster (`make slurm-up`)."""
+"""Helpers for the tests that run `flowmill launch slurm` on the local SLURM cluster (`make slurm-up`).
+
+The tests use that cluster only, never another SLURM installation of the machine: conftest.py
+points SLURM_CONF at the configuration up.sh writes, and without it they skip.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +19,32 @@ import pytest
 
 from flowmill.cli import main
 from tests.helpers import TINY_CONFIG, tiny_overrides
+from tests.needs import CLUSTER, skip_reason
 
 JOB_TIMEOUT_S = 600  # submit → end of one job; a quiet machine needs ~30-60 s, a loaded one several times that
 END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+TEST_CLUSTER_CONF = Path("/etc/flowmill-slurm/slurm.conf")  # written by launchers/slurm_cluster/up.sh (common.sh)
 
-ON_CLUSTER = [
+
+def cluster_missing() -> str | None:
+    """Why this machine has no local test cluster to submit to (a skip reason), or None."""
+    if shutil.which("sbatch") is None:
+        return skip_reason(CLUSTER, "SLURM is not installed: no sbatch")
+    if not TEST_CLUSTER_CONF.is_file():
+        return skip_reason(CLUSTER, f"no {TEST_CLUSTER_CONF}")
+    return None
+
+
+MISSING = cluster_missing()
+# On a machine with the cluster: skipped when slurmctld does not answer, failed instead when root runs them
+# (the slurm_controller fixture of conftest.py).
+NEEDS_CLUSTER = [
     pytest.mark.slurm,
-    pytest.mark.slow,
     pytest.mark.xdist_group("slurm"),  # one worker: one cluster
-    pytest.mark.skipif(shutil.which("sbatch") is None, reason="SLURM is not installed (no sbatch); run `make slurm-up`"),
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
     pytest.mark.usefixtures("slurm_controller"),
 ]
+ON_CLUSTER = [pytest.mark.slow, *NEEDS_CLUSTER]
 
 
 def on_cluster(test):

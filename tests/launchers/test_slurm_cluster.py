@@ -1,13 +1,11 @@
 """The local SLURM cluster of launchers/slurm_cluster/ (`make slurm-up`), driven by submitit.
 
-Needs the cluster running: skipped when SLURM is not installed, fails with a hint when it
-is installed but slurmctld does not answer.
+Needs the cluster running: skipped without it (see tests/launchers/cluster.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,16 +15,16 @@ import cloudpickle
 import pytest
 import submitit
 
+from tests.launchers.cluster import NEEDS_CLUSTER
+from tests.needs import ROOT, skip_reason
+
 # xdist_group: under `make test` (two xdist workers), every SLURM test runs on one worker, one
 # after another: they share one two-node cluster.
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+pytestmark = NEEDS_CLUSTER
 
 UP_SCRIPT = Path(__file__).resolve().parents[2] / "launchers" / "slurm_cluster" / "up.sh"
 JOB_TIMEOUT_S = 600  # submit → results: ~5 s on an idle cluster, minutes while other tests' jobs hold the nodes
 SACCT_TIMEOUT_S = 30  # accounting lags the queue by ~5 s
-
-if shutil.which("sbatch") is None:
-    pytest.skip("SLURM is not installed (no sbatch); run `make slurm-up`", allow_module_level=True)
 
 
 def where_am_i() -> tuple[int, int, int, str]:
@@ -36,15 +34,8 @@ def where_am_i() -> tuple[int, int, int, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cluster():
-    """Fails early, with the fix, when the controller is down; ships this module to the jobs.
-
-    The jobs cannot import this test module, so cloudpickle sends its functions by value.
-    """
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
-    if ping.returncode != 0:
-        answer = (ping.stdout or ping.stderr).strip().partition("\n")[0]
-        pytest.fail(f"SLURM is installed but slurmctld does not answer ({answer}); run `make slurm-up`")
+def by_value(slurm_controller):
+    """Ships this module to the jobs: they cannot import it, so cloudpickle sends its functions by value."""
     module = sys.modules[__name__]
     cloudpickle.register_pickle_by_value(module)
     yield
@@ -79,7 +70,7 @@ def wait_for_accounted_state(job: submitit.Job, expected: str) -> None:
 
 def test_up_is_a_quick_no_op_when_running():
     if os.geteuid() != 0:
-        pytest.skip("up.sh needs root")
+        pytest.skip(skip_reason(ROOT, "up.sh starts the daemons as root"))
     before = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     started = time.monotonic()
     run = subprocess.run([str(UP_SCRIPT)], capture_output=True, text=True, timeout=60)

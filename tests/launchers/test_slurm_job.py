@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -32,6 +34,10 @@ from tests.helpers import TINY_CONFIG, tiny_overrides
 from tests.launchers.cluster import JOB_TIMEOUT_S, launch, on_cluster, run_json, sacct_states, submit, tiny, wait_for_end
 
 PREEMPT_STEPS = 30  # long enough that the signal lands mid-run
+# The sweep runs in a prepared environment: a setup line standing in for `module load` (which exports
+# LOADEDMODULES), and as launcher.slurm.python a script standing in for `apptainer exec IMAGE python`
+# (inside, Apptainer names the image in APPTAINER_CONTAINER); srun names the training step.
+MODULES, IMAGE, STEP_NAME = "cuda/12.4:nccl/2.21", "/images/flowmill-test.sif", "train-step"
 
 # One task of a job, as submitit starts it; argv: the TrainingJob's config (JSON file), "preempt" or "continue".
 TASK = """
@@ -119,11 +125,17 @@ def jobs(digits_dir, tmp_path_factory):
     """Every fresh training job of this module, submitted at once; cancelled at the end if still there."""
     root = tmp_path_factory.mktemp("slurm-launch")
     preempt, crash, sweep_root = root / "preempt" / "run", root / "crash" / "run", root / "sweep"
+    container_python = root / "container-python"
+    container_python.write_text(f'#!/bin/sh\nexport APPTAINER_CONTAINER={IMAGE}\nexec {shlex.quote(sys.executable)} "$@"\n')
+    container_python.chmod(0o755)
+    prepared = {"launcher.slurm.setup": json.dumps([f"export LOADEDMODULES={MODULES}"]),
+                "launcher.slurm.python": str(container_python),
+                "launcher.slurm.srun_args": json.dumps([f"--job-name={STEP_NAME}"])}
     submitted = {
         # first, so that it starts first: its test signals it mid-run
         "preempt": submit(*tiny(preempt, digits_dir, **{"trainer.max_steps": PREEMPT_STEPS}),
                           "--partition", "debug", "--nodes", "2", "--tasks-per-node", "1", "--time", "10"),
-        "sweep": submit(*tiny(sweep_root, digits_dir, **{"trainer.max_steps": 4}),
+        "sweep": submit(*tiny(sweep_root, digits_dir, **{"trainer.max_steps": 4, **prepared}),
                         "--partition", "debug", "--time", "10", "--sweep", "optim.lr=1e-3,3e-4"),
         # no GPU here: every attempt dies in its first seconds
         "crash": submit(*tiny(crash, digits_dir, **{"trainer.device": "cuda"}),
@@ -203,6 +215,28 @@ def test_sweep_of_two_is_one_array_of_two_finished_runs(jobs):
     assert [run.tags["flowmill.sweep_id"] for run in runs] == [sweep_id, sweep_id]
     assert sorted(run.tags["flowmill.slurm_job_id"] for run in runs) == [f"{array_id}_0", f"{array_id}_1"]
     assert all(run_dir.name.endswith(f"{sweep_id}-{index}") for index, run_dir in enumerate(run_dirs))
+
+
+@on_cluster
+def test_sweep_runs_report_the_setup_line_and_the_python_command(jobs):
+    from mlflow import MlflowClient
+
+    array_id = jobs["ids"]["sweep"]
+    for index in (0, 1):
+        wait_for_end(f"{array_id}_{index}")
+    run_dirs = sorted(path for path in jobs["sweep"].iterdir() if (path / "run.json").is_file())
+    assert len(run_dirs) == 2, run_dirs
+    python = f"{sys.executable} (Python {platform.python_version()})"
+    for run_dir in run_dirs:
+        info = run_json(run_dir)
+        tags = MlflowClient(info["tracking_uri"]).get_run(info["run_id"]).data.tags
+        assert (tags["flowmill.python"], tags["flowmill.container"], tags["flowmill.modules"]) == (python, IMAGE, MODULES)
+        log = (run_dir / "logs" / "train.log").read_text()
+        assert f"INFO environment: python {python}; container {IMAGE}; modules {MODULES}\n" in log, log
+    steps = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,JobName", "-j", array_id], capture_output=True, text=True,
+                           timeout=60).stdout.split()
+    assert sorted(step for step in steps if step.endswith(f"|{STEP_NAME}")) == [
+        f"{array_id}_0.0|{STEP_NAME}", f"{array_id}_1.0|{STEP_NAME}"], steps
 
 
 @on_cluster

@@ -7,6 +7,7 @@ The unit tests need no cluster. The refusals run the command in-process on the l
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -105,11 +106,22 @@ def test_resume_of_a_folder_that_is_not_a_run_refused_without_the_cluster(tmp_pa
         ({"cpus_per_task": 0}, "launcher.slurm.cpus_per_task: must be at least 1, got 0"),
         ({"time_min": 2, "signal_delay_s": 120}, "launcher.slurm.signal_delay_s: the checkpoint signal 120 s"),
         ({"extra": {"job_name": "x"}}, "launcher.slurm.extra.job_name: set by flowmill"),
+        ({"python": " "}, "launcher.slurm.python: an empty command"),
+        ({"srun_args": ["--cpu-bind none"]}, "launcher.slurm.srun_args: '--cpu-bind none' is several arguments in one entry; "
+                                             "give each its own entry (--cpu-bind, none) or join option and value with '=' "
+                                             "(--cpu-bind=none)"),
+        ({"srun_args": ["--ntasks=3"]}, "launcher.slurm.srun_args: '--ntasks=3' is set by flowmill"),
+        ({"srun_args": ["-N", "2"]}, "launcher.slurm.srun_args: '-N' is set by flowmill"),
+        ({"srun_args": ["--output", "x.log"]}, "reserved: --output/-o, --error/-e, --unbuffered/-u"),
     ],
 )
 def test_slurm_options_refused(values, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=re.escape(message)):
         check_slurm_options(SlurmConfig(**values))
+
+
+def test_srun_arguments_with_spaces_in_values_accepted():
+    check_slurm_options(SlurmConfig(srun_args=["--export=ALL,NOTE=a b", "--comment", "two words", "--cpu-bind=none"]))
 
 
 def test_sbatch_parameters_leave_unset_options_to_the_cluster():
@@ -118,6 +130,10 @@ def test_sbatch_parameters_leave_unset_options_to_the_cluster():
         "job_name": "run", "time": 30, "nodes": 2, "ntasks_per_node": 4, "signal_delay_s": 120, "mem": "64G",
         "additional_parameters": {"requeue": True, "reservation": "r1"},
     }
+    prepared = SlurmConfig(setup=["module load cuda/12.4", "source /opt/env/bin/activate"], srun_args=["--cpu-bind=none"])
+    parameters = sbatch_parameters(prepared, "run")
+    assert parameters["setup"] == ["module load cuda/12.4", "source /opt/env/bin/activate"]
+    assert parameters["srun_args"] == ["--cpu-bind=none"]
 
 
 @on_cluster

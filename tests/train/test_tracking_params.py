@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import platform
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,13 @@ def test_run_tags_name_commit_world_size_and_host(tmp_path: Path) -> None:
     not_git = tmp_path / "plain"
     not_git.mkdir()
     assert tracking_params.run_tags(world_size=1, source_dir=not_git)["flowmill.git_commit"].startswith("unavailable: ")
+
+
+def test_environment_tags_name_the_python_and_the_container_and_modules_when_there_are() -> None:
+    python = f"{sys.executable} (Python {platform.python_version()})"
+    assert tracking_params.environment_tags({}) == {"flowmill.python": python}
+    inside = {"SINGULARITY_CONTAINER": "/images/old.sif", "APPTAINER_CONTAINER": "/images/flow.sif", "LOADEDMODULES": "cuda/12.4:nccl"}
+    assert tracking_params.environment_tags(inside) == {
+        "flowmill.python": python, "flowmill.container": "/images/flow.sif", "flowmill.modules": "cuda/12.4:nccl"}
+    assert tracking_params.environment_tags({"SINGULARITY_CONTAINER": "/images/old.sif"})["flowmill.container"] == "/images/old.sif"
+    assert "flowmill.container" in tracking_params.run_tags(world_size=1, environ=inside)
