@@ -1,6 +1,6 @@
 """The flow-map MMDiT task (``task: mmdit_flowmap``): teachers and settings refused before training, a
-map that starts as its teacher, and a data-free LSD run on 2 processes (ZeRO-2) that resumes exactly
-and samples in one jump."""
+map that starts as its teacher, a data-free LSD run on 2 processes (ZeRO-2) that resumes exactly
+and samples in one jump, and PSD under ZeRO-3 and pipeline stages."""
 
 from __future__ import annotations
 
