@@ -17,7 +17,7 @@ from flowmill.models.flow_lm import FlowLM, FlowLMConfig, discrete_time, paper_t
 from flowmill.train import flm_objective as flm
 
 V, L, BATCH = 8, 8, 32
-CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=32, time_freq_dim=32)
+CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=32, time_freq_dim=32, dropout=0.0)
 PATTERNS = torch.stack([torch.arange(L) % V, (3 * torch.arange(L) + 1) % V])  # (2, L), differ everywhere
 
 
