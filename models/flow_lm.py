@@ -46,10 +46,12 @@ class FlowLMConfig:
     mlp_ratio: float = 4.0  # feed-forward hidden width as a multiple of D
     cond_dim: int = 128  # C, width of the time embedding that drives adaLN (paper model.cond_dim)
     time_freq_dim: int = 256  # sinusoidal features of a time before its MLP (paper frequency_embedding_size)
-    qk_norm: bool = True  # RMSNorm on queries and keys; stands in for the paper's attention-logit softcap (50)
+    qk_norm: bool = True  # RMSNorm on queries and keys (the paper's DiT soft-caps the logits instead: attn_softcap)
     flow_map: bool = False  # take a second (end) time s: the FMLM student / corrector (paper algo.double_temb)
     learned_loss_weight: bool = False  # carry a per-time loss weight w(t): loss -> exp(-w)·loss + w (paper learnable_loss_weighting)
     rotary: bool = False  # rotary position embedding in attention (the paper's DiT); false: learned absolute positions, as runs before it
+    dropout: float = 0.1  # dropout probability on each block's attention and MLP outputs while training (the paper's 0.1)
+    attn_softcap: float = 0.0  # > 0: attention logits soft-capped as cap·tanh(logit/cap) (the paper's DiT: 50, without QK-norm); 0: off
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:
@@ -58,6 +60,10 @@ class FlowLMConfig:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.dim % self.num_heads:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attn_softcap < 0.0:
+            raise ValueError(f"attn_softcap must be >= 0 (0: off), got {self.attn_softcap}")
 
 
 FLOW_LM_SIZES: dict[str, FlowLMConfig] = {
@@ -189,6 +195,12 @@ def zero_end_time_embed(embed: FlowLMEmbed) -> None:
     nn.init.zeros_(embed.end_time_embed.mlp.linear_2.bias)
 
 
+def dit_block(config: FlowLMConfig) -> DiTBlock:
+    """One transformer block of a flow LM (or of a masked-diffusion LM, which shares the backbone)."""
+    return DiTBlock(config.dim, config.num_heads, config.cond_dim, config.mlp_ratio, config.qk_norm, rotary=config.rotary,
+                    dropout=config.dropout, attn_softcap=config.attn_softcap)
+
+
 class FlowLMBlockStage(nn.Module):
     """Pipeline stage for one block: ``(h, cond)`` → ``(h, cond)``."""
 
@@ -258,8 +270,7 @@ class FlowLM(nn.Module):
         self.seq_len = config.seq_len
         self.embed = FlowLMEmbed(config)
         self.blocks = nn.ModuleList(
-            DiTBlock(config.dim, config.num_heads, config.cond_dim, config.mlp_ratio, config.qk_norm, rotary=config.rotary)
-            for _ in range(config.depth)
+            dit_block(config) for _ in range(config.depth)
         )
         self.head = FlowLMHead(config)
         self.loss_weight = LearnedLossWeight(config) if config.learned_loss_weight else None

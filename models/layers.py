@@ -20,9 +20,22 @@ from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head attention over (B, H, L, Dh) tensors; returns (B, L, H·Dh)."""
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              softcap: float = 0.0) -> torch.Tensor:
+    """Multi-head attention over (B, H, L, Dh) tensors; returns (B, L, H·Dh).
+
+    ``softcap`` > 0 bounds the logits q·k/sqrt(Dh) to (-softcap, softcap) by ``softcap·tanh(logit/softcap)``
+    before the softmax (Gemma 2's attention-logit soft-capping); the fused kernels have no such
+    step, so that path computes the scores itself.
+    """
+    if softcap > 0.0:
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, L, L)
+        scores = softcap * torch.tanh(scores / softcap)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        out = scores.softmax(dim=-1) @ v  # (B, H, L, Dh)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, Dh)
     batch, heads, length, head_dim = out.shape
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
@@ -241,12 +254,16 @@ class DiTBlock(nn.Module):
     identity: deep stacks start stable.
     """
 
-    def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True, rotary: bool = False):
+    def __init__(self, dim: int, num_heads: int, cond_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True, rotary: bool = False,
+                 dropout: float = 0.0, attn_softcap: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.rotary = rotary  # rotary position embedding on queries and keys (after their norm)
+        self.attn_softcap = attn_softcap  # > 0: soft-cap the attention logits at this value (``attention``)
+        # On each residual branch's output before its gate, as the DiT of MDLM and FLM; off in eval mode.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         head_dim = dim // num_heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -269,5 +286,5 @@ class DiTBlock(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             q, k = apply_rotary(q), apply_rotary(k)
-        x = attn_mod.add_gated(x, self.proj(attention(q, k, v, mask)))
-        return mlp_mod.add_gated(x, self.mlp(mlp_mod.apply(self.norm2(x))))
+        x = attn_mod.add_gated(x, self.dropout(self.proj(attention(q, k, v, mask, self.attn_softcap))))
+        return mlp_mod.add_gated(x, self.dropout(self.mlp(mlp_mod.apply(self.norm2(x)))))

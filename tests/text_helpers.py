@@ -9,6 +9,7 @@ from tests.helpers import REPO
 
 FLM_TINY = REPO / "configs" / "flm_tiny.yaml"
 FMLM_TINY = REPO / "configs" / "fmlm_tiny.yaml"
+MDLM_TINY = REPO / "configs" / "mdlm_tiny.yaml"
 SEQ_LEN = 16
 # 6 steps on one LR curve, evaluated and sampled at 3 and 6: a stopped run resumes at step 3.
 SIX_STEPS = {
@@ -51,7 +52,7 @@ def pack_tiny_text(root: Path, chars: int = 40_000, vocab_size: int = 64, seq_le
 
 
 def flm_overrides(data: TinyText, run_dir: Path, **extra) -> list[str]:
-    """Overrides pointing configs/flm_tiny.yaml (or fmlm_tiny.yaml) at ``data`` and ``run_dir``."""
+    """Overrides pointing configs/flm_tiny.yaml (or fmlm_tiny.yaml, mdlm_tiny.yaml) at ``data`` and ``run_dir``."""
     values = {
         "data.path": str(data.train),
         "eval.path": str(data.val),
@@ -62,5 +63,5 @@ def flm_overrides(data: TinyText, run_dir: Path, **extra) -> list[str]:
 
 
 def flm_model_overrides(data: TinyText) -> dict:
-    """The FLM-only overrides: tokenizer and the model's vocabulary and length."""
+    """The overrides of a run that trains its own text model (FLM, MDLM): tokenizer and the model's vocabulary and length."""
     return {"text.tokenizer": str(data.tokenizer), "model.vocab_size": data.vocab_size, "model.seq_len": SEQ_LEN}

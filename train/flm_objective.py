@@ -76,6 +76,32 @@ def corrupt(tokens: torch.Tensor, t: torch.Tensor, vocab_size: int, generator: N
     return (1 - _col(t)) * x0 + _col(t) * noise, x0
 
 
+def teacher_flow_states(teacher: nn.Module, noise: torch.Tensor, clock: torch.Tensor, steps: int) -> torch.Tensor:
+    """States x_t (B, L, V) on the teacher's own flow at clock values ``clock`` (B,) float64: ``steps`` Euler
+    steps of its implied velocity from ``noise`` (B, L, V) at t = 1, each row on its own grid evenly spaced
+    in the clock from 1 to its value (the data-free distillation's states; the image flow maps' are
+    ``flowmap_objective.flow_states``, evenly spaced in t)."""
+    x = noise
+    vocab_size = noise.shape[-1]
+    for index in range(steps):
+        start = continuous_time(1 - (1 - clock) * index / steps, vocab_size).float()
+        end = continuous_time(1 - (1 - clock) * (index + 1) / steps, vocab_size).float()
+        x = x + _col(end - start) * implied_velocity(teacher(x, start), x, start)
+    return x
+
+
+def start_states(teacher: nn.Module, tokens: torch.Tensor, clock: torch.Tensor, t: torch.Tensor, generator: Noise,
+                 flow_steps: int) -> torch.Tensor:
+    """x_t (B, L, V) where a distillation jump starts: the tokens (B, L) noised to times t (B,) or, with
+    ``flow_steps`` > 0 (data-free), ``teacher_flow_states`` at their clock values ``clock`` (B,) from fresh
+    noise, of which ``tokens`` gives only the shape."""
+    if flow_steps <= 0:
+        return corrupt(tokens, t, teacher.vocab_size, generator)[0]
+    noise = _normal((*tokens.shape, teacher.vocab_size), generator, tokens.device)
+    with torch.no_grad():
+        return teacher_flow_states(teacher, noise, clock, flow_steps)
+
+
 def implied_velocity(logits: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Velocity dx/dt (B, L, V) implied by predicted clean logits (B, L, V) at x_t (B, L, V), t (B,).
 
@@ -186,6 +212,7 @@ def fmlm_corrector_loss(
     tokens: torch.Tensor,
     generator: torch.Generator,
     boundary_prob: float = CORRECTOR_BOUNDARY_PROB,
+    flow_steps: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """Stage-1 FMLM loss (paper ``FLM_distill.loss``): one corrected jump t→s against two, t→u→s.
 
@@ -194,10 +221,11 @@ def fmlm_corrector_loss(
     m = ((u - t)·m_tu + (s - u)·m_us) / (s - t), x0_target = x_t - t·m. Prediction, with gradient
     through g_ts only: x0_pred = x_t - t·m_ts. Loss per token: ||x0_target - x0_pred||² summed over
     V, averaged, under the corrector's learned weight w(t) if it has one. Both are the clean-data
-    estimates the mean velocities imply, so a zero error makes the map a semigroup.
+    estimates the mean velocities imply, so a zero error makes the map a semigroup. x_t is the noised
+    tokens, or with ``flow_steps`` > 0 a state of the teacher's own flow (``start_states``).
     """
     clock_t, clock_s = sample_jumps(tokens.shape[0], generator, tokens.device, boundary_prob, CORRECTOR_MIN_JUMP)
-    return corrector_jump_loss(corrector, teacher, tokens, clock_t, clock_s, generator)
+    return corrector_jump_loss(corrector, teacher, tokens, clock_t, clock_s, generator, flow_steps)
 
 
 def corrector_jump_loss(
@@ -207,6 +235,7 @@ def corrector_jump_loss(
     clock_t: torch.Tensor,
     clock_s: torch.Tensor,
     generator: Noise,
+    flow_steps: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """``fmlm_corrector_loss`` of given jumps, clock values ``clock_t`` → ``clock_s`` (B,) float64;
     ``generator`` draws only the noise of x_t."""
@@ -214,7 +243,7 @@ def corrector_jump_loss(
     times = continuous_time(torch.stack([clock_t, 0.5 * (clock_t + clock_s), clock_s]), vocab_size)  # (3, B) float64
     first_share = (times[1] - times[0]) / (times[2] - times[0])  # (u - t) / (s - t), in float64
     t, u, s = times.float()
-    x_t, _ = corrupt(tokens, t, vocab_size, generator)
+    x_t = start_states(teacher, tokens, clock_t, t, generator, flow_steps)
     with torch.no_grad():
         v_t = implied_velocity(teacher(x_t, t), x_t, t)
         mean_tu = v_t + 0.5 * _col(u - t) * corrector(x_t, t, u).float()
@@ -241,14 +270,16 @@ def fmlm_distill_loss(
     tokens: torch.Tensor,
     generator: torch.Generator,
     boundary_prob: float = STUDENT_BOUNDARY_PROB,
+    flow_steps: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """Stage-2 FMLM loss (paper ``FLM_distill_double.loss``): the student's map against the corrected map.
 
     ||X_student(x_t; t→s) - X_corrected(x_t; t→s)||² summed over V, averaged over tokens; the
-    teacher and corrector run without gradient. The paper applies no learned weight here.
+    teacher and corrector run without gradient. The paper applies no learned weight here. x_t as in
+    ``fmlm_corrector_loss``.
     """
     clock_t, clock_s = sample_jumps(tokens.shape[0], generator, tokens.device, boundary_prob, STUDENT_MIN_JUMP)
-    return student_jump_loss(student, teacher, corrector, tokens, clock_t, clock_s, generator)
+    return student_jump_loss(student, teacher, corrector, tokens, clock_t, clock_s, generator, flow_steps)
 
 
 def student_jump_loss(
@@ -259,12 +290,13 @@ def student_jump_loss(
     clock_t: torch.Tensor,
     clock_s: torch.Tensor,
     generator: Noise,
+    flow_steps: int = 0,
 ) -> tuple[torch.Tensor, dict]:
     """``fmlm_distill_loss`` of given jumps, clock values ``clock_t`` → ``clock_s`` (B,) float64;
     ``generator`` draws only the noise of x_t."""
     vocab_size = student.vocab_size
     t, s = continuous_time(torch.stack([clock_t, clock_s]), vocab_size).float()
-    x_t, _ = corrupt(tokens, t, vocab_size, generator)
+    x_t = start_states(teacher, tokens, clock_t, t, generator, flow_steps)
     with torch.no_grad():
         target = corrected_flow_map(teacher, corrector, x_t, t, s)
     per_token = (target - student_flow_map(student, x_t, t, s)).pow(2).sum(dim=-1)  # (B, L)

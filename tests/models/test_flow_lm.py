@@ -18,7 +18,7 @@ from flowmill.models.flow_lm import (
 )
 
 V, L = 8, 6
-CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=16, time_freq_dim=16)
+CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=16, time_freq_dim=16, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread
@@ -141,3 +141,13 @@ def test_rotary_positions_replace_learned_ones():
     swap = [1, 0, *range(2, L)]
     with torch.no_grad():
         assert not torch.allclose(rotary(x_t[:, swap], t), rotary(x_t, t)[:, swap], atol=1e-4)
+
+
+def test_dropout_and_attention_softcap_reach_every_block():
+    model = FlowLM(dataclasses.replace(CONFIG, dropout=0.2, attn_softcap=30.0))
+    assert all(block.dropout.p == 0.2 and block.attn_softcap == 30.0 for block in model.blocks)
+    assert FlowLMConfig().dropout == 0.1  # the paper's
+    with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\)"):
+        dataclasses.replace(CONFIG, dropout=1.0)
+    with pytest.raises(ValueError, match="attn_softcap must be >= 0"):
+        dataclasses.replace(CONFIG, attn_softcap=-1.0)

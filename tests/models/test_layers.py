@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowmill.models.layers import RMSNorm, apply_rotary, gelu_tanh
+from flowmill.models.layers import DiTBlock, RMSNorm, apply_rotary, attention, gelu_tanh
 
 
 def grad_of(fn, x: torch.Tensor, weights: torch.Tensor, *params: torch.Tensor):
@@ -71,3 +71,33 @@ def test_rotary_scores_depend_on_the_distance_only():
     torch.testing.assert_close(scores[..., 1:, 1:], scores[..., :-1, :-1])
     assert not torch.allclose(scores[..., 0, 0], scores[..., 0, 3])
     torch.testing.assert_close(apply_rotary(q)[..., 0, :], q[..., 0, :])
+
+
+def test_attention_softcap_bounds_the_logits_with_tanh():
+    """A soft-capped attention is the softmax of cap·tanh(q·k/sqrt(Dh) / cap); no cap is PyTorch's attention."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (8 * torch.randn(2, 3, 5, 4, generator=generator) for _ in range(3))  # logits far beyond the cap
+    logits = q @ k.transpose(-1, -2) / 2.0  # sqrt(Dh) = 2
+    assert logits.abs().max() > 20
+    expected = (5.0 * torch.tanh(logits / 5.0)).softmax(-1) @ v  # (B, H, L, Dh)
+    torch.testing.assert_close(attention(q, k, v, softcap=5.0), expected.transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(attention(q, k, v), (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(attention(q, k, v, softcap=1e6), attention(q, k, v), atol=1e-4, rtol=1e-4)  # a far cap is none
+
+
+def test_dit_block_dropout_acts_only_in_training_and_softcap_changes_the_output():
+    torch.manual_seed(0)
+    plain = DiTBlock(16, 2, 8, dropout=0.0)
+    dropped = DiTBlock(16, 2, 8, dropout=0.5)
+    capped = DiTBlock(16, 2, 8, attn_softcap=0.5)
+    with torch.no_grad():
+        for param in plain.parameters():
+            param.normal_(0.0, 0.5)  # a live modulation, so both residual branches reach the output
+    dropped.load_state_dict(plain.state_dict())
+    capped.load_state_dict(plain.state_dict())
+    x, cond = torch.randn(2, 5, 16), torch.randn(2, 8)
+    torch.testing.assert_close(dropped.eval()(x, cond), plain(x, cond))
+    dropped.train()
+    first, second = dropped(x, cond), dropped(x, cond)
+    assert not torch.allclose(first, second) and not torch.allclose(first, plain(x, cond))
+    assert not torch.allclose(capped(x, cond), plain(x, cond), atol=1e-3)

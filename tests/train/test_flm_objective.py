@@ -13,11 +13,11 @@ import math
 import pytest
 import torch
 
-from flowmill.models.flow_lm import FlowLM, FlowLMConfig, discrete_time, paper_time_to_flowmill
+from flowmill.models.flow_lm import FlowLM, FlowLMConfig, continuous_time, discrete_time, paper_time_to_flowmill
 from flowmill.train import flm_objective as flm
 
 V, L, BATCH = 8, 8, 32
-CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=32, time_freq_dim=32)
+CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=32, time_freq_dim=32, dropout=0.0)
 PATTERNS = torch.stack([torch.arange(L) % V, (3 * torch.arange(L) + 1) % V])  # (2, L), differ everywhere
 
 
@@ -192,3 +192,24 @@ def test_student_distills_the_corrected_map(teacher, corrector):
         samples = flm.sample_fmlm(student, 128, steps, torch.Generator().manual_seed(1))
         assert samples.shape == (128, L)
         assert pattern_rate(samples) > teacher_one_step + 0.1
+
+
+def test_data_free_states_lie_on_the_teachers_flow(teacher, corrector):
+    """distill.data_free: a jump's start is the teacher's Euler flow from noise, whatever the batch's tokens."""
+    teacher_model = teacher[0]
+    noise = torch.randn(64, L, V, generator=torch.Generator().manual_seed(4))
+    clock = torch.full((64,), 0.5, dtype=torch.float64)
+    assert torch.equal(flm.teacher_flow_states(teacher_model, noise, torch.ones(64, dtype=torch.float64), 4), noise)
+    t = continuous_time(clock, V).float()
+    one = flm.teacher_flow_states(teacher_model, noise, clock, 1)
+    torch.testing.assert_close(one, noise + (t - 1)[:, None, None] * flm.implied_velocity(teacher_model(noise, torch.ones(64)), noise, torch.ones(64)))
+    # Near data, a 16-step flow's states are the teacher's samples: it reads whole patterns off them.
+    near = torch.full((64,), 0.05, dtype=torch.float64)
+    near_data = flm.teacher_flow_states(teacher_model, noise, near, 16)
+    assert pattern_rate(teacher_model(near_data, continuous_time(near, V).float()).argmax(-1)) > 0.85
+    starts = [flm.start_states(teacher_model, tokens, clock, t, torch.Generator().manual_seed(4), flow_steps=4)
+              for tokens in (PATTERNS.repeat(32, 1), torch.zeros(64, L, dtype=torch.long))]
+    torch.testing.assert_close(starts[0], starts[1])  # no data is read
+    torch.testing.assert_close(starts[0], flm.teacher_flow_states(teacher_model, noise, clock, 4))
+    loss, _ = flm.fmlm_corrector_loss(corrector[0], teacher_model, PATTERNS.repeat(4, 1), torch.Generator().manual_seed(0), flow_steps=2)
+    assert torch.isfinite(loss)

@@ -14,6 +14,7 @@ TASKS = {
     "mmdit": "flowmill.train.tasks.mmdit:MMDiTTask",
     "flm": "flowmill.train.tasks.flm:FLMTask",
     "fmlm": "flowmill.train.tasks.fmlm:FMLMTask",
+    "mdlm": "flowmill.train.tasks.mdlm:MDLMTask",
     "mmdit_flowmap": "flowmill.train.tasks.mmdit_flowmap:FlowMapTask",
     "video_tokenizer": "flowmill.train.tasks.video_tokenizer:VideoTokenizerTask",
     "autoencoder": "flowmill.train.tasks.autoencoder:AutoencoderTask",

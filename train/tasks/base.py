@@ -113,3 +113,32 @@ class Task:
         """Evaluation metrics of ``model`` (the EMA weights); called on every rank, each scoring its
         share of the held-out set (flowmill.train.evaluation); every rank returns the reduced figures."""
         return {}
+
+
+class PriorBatches:
+    """Data-free training batches: ``batch_size`` keys per batch and nothing else (the task draws its
+    noise, and its prompts where it has any). A loader for the loop: ``stats``, and a position that checkpoints restore."""
+
+    def __init__(self, replica: int, batch_size: int):
+        self.replica = replica
+        self.batch_size = batch_size
+        self.delivered = 0
+
+    @property
+    def stats(self) -> dict:
+        return {"delivered": self.delivered * self.batch_size, "skipped": 0}
+
+    def __iter__(self):
+        while True:
+            keys = [f"prior-{self.replica}-{self.delivered}-{row}" for row in range(self.batch_size)]
+            self.delivered += 1
+            yield {"__key__": keys}
+
+    def state_dict(self) -> dict:
+        return {"delivered": self.delivered}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delivered = state["delivered"]
+
+    def load_resharded(self, states: list[dict], step: int) -> None:
+        self.delivered = step

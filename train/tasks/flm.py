@@ -150,6 +150,7 @@ class TextFlowTask(Task):
 
     family = FAMILY
     model_key = "model.seq_len"  # the config key of the model's sequence length, for error messages
+    sampling = "Euler jumps on the clock grid"  # how its samplers step (the one value of sample.sampler, euler, means this)
 
     cfg: TextFlowRunConfig
 
@@ -169,7 +170,7 @@ class TextFlowTask(Task):
         if cfg.sample.prompts:
             raise UsageError(f"sample.prompts: {cfg.task} models are unconditional; remove the prompts")
         if cfg.sample.sampler != "euler":
-            raise UsageError(f"sample.sampler: {cfg.task} samples with Euler jumps on the clock grid; {cfg.sample.sampler!r} is not available, use euler")
+            raise UsageError(f"sample.sampler: {cfg.task} samples with {cls.sampling}; {cfg.sample.sampler!r} is not available, use euler")
         for key, value in (("sample.steps", cfg.sample.steps), ("sample.num_per_prompt", cfg.sample.num_per_prompt)):
             if value < 1:
                 raise UsageError(f"{key}: must be at least 1, got {value}")
@@ -178,6 +179,11 @@ class TextFlowTask(Task):
         clock = cfg.lm_eval.val_clock
         if not clock or not all(0.0 <= tau <= 1.0 for tau in clock):
             raise UsageError(f"lm_eval.val_clock: need at least one clock value in [0, 1], got {clock}")
+
+    def prepare_run_dir(self) -> None:
+        """Keep a copy of the text tokenizer in the run dir."""
+        if self.text_tokenizer_path != self.run_dir.text_tokenizer:
+            copy_atomic(self.text_tokenizer_path, self.run_dir.text_tokenizer)
 
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
@@ -285,7 +291,7 @@ class TextFlowTask(Task):
         if args.prompt:
             raise UsageError(f"--prompt: {self.cfg.task} runs generate unconditionally; drop --prompt")
         if args.sampler != "euler":
-            raise UsageError(f"--sampler: {self.cfg.task} runs sample with Euler jumps; {args.sampler!r} is not available")
+            raise UsageError(f"--sampler: {self.cfg.task} runs sample with {self.sampling}; {args.sampler!r} is not available")
         out = Path(args.out)
         if out.suffix != ".jsonl":
             raise UsageError(f"--out: a text run writes a .jsonl file (one {{\"text\": ...}} per line), got {out}")
@@ -298,6 +304,25 @@ class TextFlowTask(Task):
         return 0
 
 
+def own_text_tokenizer(cfg: FLMRunConfig, run_dir: RunDir) -> tuple[Path, TextTokenizer]:
+    """(path, tokenizer) of a run that trains its own text model: the run dir's copy once there, else
+    text.tokenizer; UsageError unless it exists and has model.vocab_size pieces."""
+    own = run_dir.text_tokenizer
+    path = own if own.is_file() else Path(cfg.text.tokenizer)
+    if not path.is_file():
+        raise UsageError(
+            f"text.tokenizer: {path} does not exist; train one with "
+            "`flowmill data tokenizer PREFIX --text FILE --vocab-size N --newlines` and pack the text with it"
+        )
+    tokenizer = TextTokenizer.load(path)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise UsageError(
+            f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {path} has "
+            f"{tokenizer.vocab_size} pieces; set model.vocab_size={tokenizer.vocab_size}"
+        )
+    return path, tokenizer
+
+
 class FLMTask(TextFlowTask):
     """``task: flm``: a flow language model trained with cross-entropy on the clean tokens."""
 
@@ -306,24 +331,8 @@ class FLMTask(TextFlowTask):
 
     def __init__(self, cfg: FLMRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
-        own = self.run_dir.text_tokenizer
-        self.text_tokenizer_path = own if own.is_file() else Path(cfg.text.tokenizer)
-        if not self.text_tokenizer_path.is_file():
-            raise UsageError(
-                f"text.tokenizer: {self.text_tokenizer_path} does not exist; train one with "
-                "`flowmill data tokenizer PREFIX --text FILE --vocab-size N --newlines` and pack the text with it"
-            )
-        self.text_tokenizer = TextTokenizer.load(self.text_tokenizer_path)
-        if self.text_tokenizer.vocab_size != cfg.model.vocab_size:
-            raise UsageError(
-                f"model.vocab_size: {cfg.model.vocab_size}, but the tokenizer {self.text_tokenizer_path} has "
-                f"{self.text_tokenizer.vocab_size} pieces; set model.vocab_size={self.text_tokenizer.vocab_size}"
-            )
+        self.text_tokenizer_path, self.text_tokenizer = own_text_tokenizer(cfg, self.run_dir)
         self.model_config = cfg.model.architecture()
-
-    def prepare_run_dir(self) -> None:
-        if self.text_tokenizer_path != self.run_dir.text_tokenizer:
-            copy_atomic(self.text_tokenizer_path, self.run_dir.text_tokenizer)
 
     def build_model(self) -> nn.Module:
         self.live = FlowLM(self.model_config)

@@ -9,6 +9,10 @@ different trainable networks, and one run trains one:
 2. ``student``: one flow-map network, initialised from the teacher, regresses the corrected map
    of stage 1 (``flm_objective.fmlm_distill_loss``); it samples in 1, 2 or 4 network calls.
 
+The jumps start on the teacher's training distribution, the tokens of data.path noised to a time,
+or with ``distill.data_free: true`` on the teacher's own flow, ``distill.flow_steps`` Euler steps of
+it from noise (no data is read; only the validation text of eval.path), where the samplers' states lie.
+
 ``distill.teacher`` names the FLM run (its latest checkpoint's EMA weights; a checkpoint folder
 picks another) and stage 2 ``distill.corrector`` the stage-1 run. A run copies both into its run
 dir (``teacher/``, ``corrector/``: config.yaml, ema.safetensors, source.json) with the tokenizer,
@@ -40,6 +44,7 @@ from flowmill.run_dir import CONFIG_FILE, EMA_FILE, SOURCE_FILE, Checkpoint, Run
 from flowmill.train import flm_objective as objective
 from flowmill.train.distributed import DistEnv
 from flowmill.train.evaluation import ItemStreams, Totals, eval_chunks
+from flowmill.train.tasks.base import PriorBatches
 from flowmill.train.tasks.flm import (
     EVAL_CHUNK,
     FAMILY,
@@ -61,6 +66,8 @@ class DistillConfig:
     stage: str = "corrector"  # corrector (stage 1: learns the teacher map's second-order term) | student (stage 2: one network, 1-4 steps)
     teacher: str | None = None  # the FLM run dir (or one of its checkpoints/step-* folders) to distil
     corrector: str | None = None  # stage student only: the finished corrector run distilled from the same teacher
+    data_free: bool = False  # start the jumps on the teacher's own flow from noise instead of on noised data (no data read)
+    flow_steps: int = 8  # data_free: teacher Euler steps (evenly spaced in the clock) from noise to a jump's start
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,12 @@ class FMLMTask(TextFlowTask):
             raise UsageError("distill.corrector: the student stage needs the corrector run of stage 1, e.g. distill.corrector=runs/fmlm-corrector")
         if distill.stage == "corrector" and distill.corrector:
             raise UsageError("distill.corrector: only distill.stage=student takes a corrector; remove it or set distill.stage=student")
+        if distill.data_free and distill.flow_steps < 1:
+            raise UsageError(f"distill.flow_steps: data-free states need at least 1 teacher step, got {distill.flow_steps}")
+
+    @classmethod
+    def reads_data(cls, cfg: FMLMRunConfig) -> bool:
+        return not cfg.distill.data_free
 
     def __init__(self, cfg: FMLMRunConfig, env: DistEnv, run_dir: RunDir):
         super().__init__(cfg, env, run_dir)
@@ -144,12 +157,22 @@ class FMLMTask(TextFlowTask):
         self.live.init_from_teacher(self.teacher, zero_head=self.stage == "corrector")
         return self.live
 
+    def build_loader(self, replica: int, replicas: int, batch_size: int):
+        if self.cfg.distill.data_free:
+            return PriorBatches(replica, batch_size)
+        return super().build_loader(replica, replicas, batch_size)
+
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        tokens = batch["tokens"].to(self.env.device)
+        distill = self.cfg.distill
+        if distill.data_free:  # the teacher's flow makes the states; only the batch's shape is read
+            tokens = torch.zeros((len(batch["__key__"]), self.model_config.seq_len), dtype=torch.long, device=self.env.device)
+        else:
+            tokens = batch["tokens"].to(self.env.device)
+        flow_steps = distill.flow_steps if distill.data_free else 0
         trainee = Trainee(model, self.live)
         if self.stage == "corrector":
-            return objective.fmlm_corrector_loss(trainee, self.teacher, tokens, generator)
-        return objective.fmlm_distill_loss(trainee, self.teacher, self.corrector, tokens, generator)
+            return objective.fmlm_corrector_loss(trainee, self.teacher, tokens, generator, flow_steps=flow_steps)
+        return objective.fmlm_distill_loss(trainee, self.teacher, self.corrector, tokens, generator, flow_steps=flow_steps)
 
     def sample_tokens(self, model: nn.Module, num_samples: int, steps: int, generator: objective.Noise) -> torch.Tensor:
         if self.stage == "corrector":

@@ -42,6 +42,7 @@ from flowmill.run_dir import SOURCE_FILE, RunDir
 from flowmill.train import flowmap_objective as objective
 from flowmill.train.distributed import DistEnv
 from flowmill.train.evaluation import Totals, eval_chunks
+from flowmill.train.tasks.base import PriorBatches
 from flowmill.train.tasks.fmlm import ModelFiles, open_source, read_yaml, refuse_changed_distill
 from flowmill.train.tasks.mmdit import MMDiTModelConfig, MMDiTRunConfig, MMDiTTask, architecture_differences
 
@@ -92,35 +93,6 @@ class FlowMapRunConfig(MMDiTRunConfig):
     task: str = "mmdit_flowmap"
     model: FlowMapModelConfig = field(default_factory=FlowMapModelConfig)
     distill: FlowMapDistillConfig = field(default_factory=FlowMapDistillConfig)
-
-
-class PriorBatches:
-    """Data-free training batches: ``batch_size`` keys per batch and nothing else (the task draws noise
-    and prompts). A loader for the loop: ``stats``, and a position that checkpoints restore."""
-
-    def __init__(self, replica: int, batch_size: int):
-        self.replica = replica
-        self.batch_size = batch_size
-        self.delivered = 0
-
-    @property
-    def stats(self) -> dict:
-        return {"delivered": self.delivered * self.batch_size, "skipped": 0}
-
-    def __iter__(self):
-        while True:
-            keys = [f"prior-{self.replica}-{self.delivered}-{row}" for row in range(self.batch_size)]
-            self.delivered += 1
-            yield {"__key__": keys}
-
-    def state_dict(self) -> dict:
-        return {"delivered": self.delivered}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.delivered = state["delivered"]
-
-    def load_resharded(self, states: list[dict], step: int) -> None:
-        self.delivered = step
 
 
 def saved_architecture(model: dict) -> MMDiTConfig:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from flowmill.cli import main as flowmill_main
 from flowmill.errors import UsageError
 from flowmill.run_dir import Checkpoint, RunDir
-from flowmill.train.config import load_config
+from flowmill.train.config import check_data_source, load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.tasks.fmlm import FMLMTask
 from flowmill.weights import read_ema, weights_sha256
@@ -62,7 +62,24 @@ def test_fmlm_distills_in_two_stages(corrector_run, flm_run, text, judges, tmp_p
         FMLMTask(cfg, CPU, RunDir(tmp_path / "x"))
 
 
+def test_data_free_distillation_starts_on_the_teachers_flow_and_reads_no_data(flm_run, text, tmp_path):
+    overrides = {"distill.teacher": flm_run, "distill.data_free": True, "distill.flow_steps": 2, "data.path": tmp_path / "none"}
+    cfg = load_config(FMLM_TINY, flm_overrides(text, tmp_path / "d", **overrides))
+    assert not FMLMTask.reads_data(cfg)
+    check_data_source(cfg)  # data.path does not exist, and need not
+    task = FMLMTask(cfg, CPU, RunDir(tmp_path / "d"))
+    model = task.build_model()
+    batch = next(iter(task.build_loader(0, 1, 4)))
+    assert set(batch) == {"__key__"}
+    loss, metrics = task.loss(model, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and metrics["distill_error"] >= 0
+
+
 def test_bad_inputs_are_refused_before_training(text, tmp_path):
+    with pytest.raises(UsageError, match="distill.flow_steps: data-free states need at least 1 teacher step, got 0"):
+        load_config(FMLM_TINY, flm_overrides(text, tmp_path / "run", **{
+            "distill.teacher": "x", "distill.data_free": True, "distill.flow_steps": 0}))
     with pytest.raises(UsageError, match="parallel.pipeline_stages: fmlm trains without pipeline stages"):
         load_config(FMLM_TINY, flm_overrides(text, tmp_path / "run", **{"parallel.pipeline_stages": 2, "distill.teacher": "x"}))
 

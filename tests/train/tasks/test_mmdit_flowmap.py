@@ -16,7 +16,8 @@ from flowmill.run_dir import RunDir
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.sample import load_task_and_model
-from flowmill.train.tasks.mmdit_flowmap import FlowMapTask, PriorBatches
+from flowmill.train.tasks.base import PriorBatches
+from flowmill.train.tasks.mmdit_flowmap import FlowMapTask
 from tests.helpers import TINY_CONFIG, fake_run, flowmill_ok, read_jsonl, rewound_copy, tiny_overrides
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
