@@ -193,13 +193,14 @@ def test_train_step_reports_the_engines_norm_when_deepspeed_keeps_one(tmp_path, 
     assert train_step(job, iter(job.loader), [])[1] == 2.5
 
 
-def test_pipeline_micro_batches_cast_floating_inputs_and_record_keys(tmp_path):
-    job = stand_in_job(tmp_path)
+def test_pipeline_micro_batches_are_the_steps_cast_floating_inputs_and_record_keys(tmp_path):
+    job = stand_in_job(tmp_path, "trainer.grad_accum_steps=2")
     job.forward = CastInputs(job.engine, torch.bfloat16, ALONE.device)
     keys = []
-    stream = micro_batches(job, iter(job.loader), keys)
-    (x, ids), target = next(stream)
-    (_, ids_again), _ = next(stream)
+    batches = iter(job.loader)
+    step = micro_batches(job, batches, keys)
+    assert len(step) == 2  # one step's micro-batches, made before its schedule runs
+    ((x, ids), target), ((_, ids_again), _) = step
     assert (x.dtype, ids.dtype, target.dtype) == (torch.bfloat16, torch.int64, torch.float32)
     assert ids.tolist() == [0, 0] and ids_again.tolist() == [1, 1]
     assert keys == ["k0-0", "k0-1", "k1-0", "k1-1"]
