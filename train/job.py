@@ -182,7 +182,8 @@ def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -
 
     The MLflow run is named after the run dir (unique: timestamped, or a sweep element's index) and
     carries the user's ``tracking.tags`` under flowmill's own, its description, its params and its
-    config as the ``config.yaml`` artifact."""
+    config as the ``config.yaml`` artifact. Calls MLflow cannot take by the end of the run are kept
+    in the run dir for ``flowmill runs sync``."""
     if not env.is_main:
         return NullTracker()
     run_dir = plan.run_dir
@@ -199,6 +200,8 @@ def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -
         description=cfg.tracking.description,
         system_metrics=cfg.tracking.system_metrics,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+        retry_after_s=cfg.tracking.retry_after_s,
+        run_dir=run_dir,
     )
     tracker.log_params({**flatten_config(to_dict(cfg)), **plan.params()})
     tracker.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_FILE)
