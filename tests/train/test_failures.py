@@ -102,25 +102,33 @@ def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
 
 
-def test_workers_stop_and_record_the_run_killed_when_the_launcher_is_killed(digits_dir, tmp_path):
-    """SIGKILL the launcher (as the OOM killer would): its workers notice, record the run as killed
-    in run.json and MLflow, and leave within seconds; nothing keeps writing into the run dir."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_a_launcher_stopped_by_a_signal_leaves_no_worker_and_records_the_run_killed(digits_dir, tmp_path, signum):
+    """SIGTERM or Ctrl-C (SIGINT) to the launcher stops the job cleanly: one line, no traceback, exit
+    128 + N. SIGKILL (as the OOM killer sends it) cannot be handled by the launcher: its workers
+    notice it is gone and stop by themselves. Either way every worker leaves within seconds and the
+    run is recorded as killed in run.json and MLflow; nothing keeps writing into the run dir."""
     run_dir = tmp_path / "run"
     launcher = launch_endless_run(digits_dir, run_dir, tmp_path)
     everything = psutil.Process(launcher.pid).children(recursive=True)
-    launcher.kill()
+    launcher.send_signal(signum)
     _, stderr = launcher.communicate(timeout=60)
     deadline = time.time() + 30
     while [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
         assert time.time() < deadline, "workers outlived their launcher"
         time.sleep(0.2)
-    assert stderr.count("stopped: its launcher is gone") == 2, stderr[-3000:]
+    reason = "its launcher is gone" if signum == signal.SIGKILL else f"received {signum.name}"
+    assert stderr.count(f"stopped: {reason}") == 2, stderr[-3000:]
+    if signum != signal.SIGKILL:
+        assert launcher.returncode == 128 + signum
+        assert f"flowmill: stopped by {signum.name}; the workers were stopped; run dir: {run_dir}" in stderr
+        assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "killed" and info["step"] >= 1
     with sqlite3.connect(tmp_path / "mlflow.db") as store:
         assert store.execute("select status from runs where run_uuid = ?", (info["run_id"],)).fetchone() == ("KILLED",)
     assert not list(run_dir.glob(".*.tmp-*"))
-    assert "Stopped: its launcher is gone" in (run_dir / "logs" / "train.log").read_text()
+    assert f"Stopped: {reason}" in (run_dir / "logs" / "train.log").read_text()
 
 
 def test_unreachable_tracking_server_does_not_stop_training(digits_dir, tmp_path):
