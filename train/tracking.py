@@ -430,6 +430,31 @@ class MLflowTracker:
             )  # fmt: skip
 
 
+def end_run(run_dir: RunDir, status: RunStatus) -> bool:
+    """End the MLflow run that ``run_dir``'s run.json names with ``status`` (a launcher's word on how
+    the job ended, which its stopped workers could not know). When the store does not answer, or calls
+    of the run still wait for ``flowmill runs sync``, the status joins them, last. Returns whether it
+    was delivered."""
+    _check_status(status)
+    info = run_dir.info()
+    uri, run_id = info.get("tracking_uri"), info.get("run_id")
+    if not uri or not run_id:
+        return False
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    record = {"call": "finish", "status": status, "end_time": int(time.time() * 1000)}
+    calls = UndeliveredCalls(run_dir)
+    if not calls.exists():
+        try:
+            deliver(MlflowClient(tracking_uri=uri), run_id, record, run_dir)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the store being down is why calls are kept
+            logger.debug("MLflow did not take status %s: %s", status, _describe(exc))
+    calls.append([(record, None)])
+    return False
+
+
 def log_samples(tracker: Tracker, files: list[Path], step: int) -> None:
     """Sample files of ``step``: each PNG as an MLflow image of the series its name gives
     (``grid-00000010.png`` → ``grid``), every other file (GIF, text) as an artifact under ``samples/``."""

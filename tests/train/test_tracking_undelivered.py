@@ -23,7 +23,7 @@ from flowmill.train.distributed import free_port
 from flowmill.train.job import start_tracker
 from flowmill.train.loop import run_job
 from flowmill.train.preemption import StopRequest
-from flowmill.train.tracking import MLflowTracker
+from flowmill.train.tracking import MLflowTracker, end_run
 from flowmill.train.tracking_store import default_tracking_uri
 from flowmill.train.tracking_undelivered import UndeliveredCalls, send
 from tests.train.test_loop import ALONE, Batches, stand_in_job
@@ -228,3 +228,14 @@ def test_the_oldest_queued_call_goes_to_the_run_dir_when_the_queue_is_full(store
     assert (tracker.dropped, tracker.undelivered) == (0, 4)
     assert [record["call"] for record in UndeliveredCalls(run_dir).read()] == ["log_metrics"] * 3 + ["finish"]
     assert client.real.get_run(run.info.run_id).data.metrics == {}
+
+
+def test_a_launchers_final_status_waits_with_the_undelivered_calls_when_the_store_is_down(
+    tmp_path: Path, clean_http_env: None
+) -> None:
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run_dir.update_info(status="failed", tracking_uri="http://127.0.0.1:9", run_id="0" * 32)
+    assert end_run(run_dir, "FAILED") is False
+    [record] = UndeliveredCalls(run_dir).read()
+    assert (record["call"], record["status"]) == ("finish", "FAILED")
