@@ -154,8 +154,11 @@ def test_a_leader_named_loopback_on_a_job_of_several_nodes_listens_everywhere_an
     port = free_port()
     store = job_store(Place(0, 0, 4, 2, "localhost", port, "mpirun"), {}, STORE_TIMEOUT)
     assert reachable(address, port)
-    [warning] = [record.getMessage() for record in caplog.records if record.name == "flowmill"]
-    assert warning.startswith("the job's leader localhost resolves to 127.0.0.1 on its own node")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert {warning for warning in warnings if "resolves to" in warning} == {
+        "the job's leader localhost resolves to 127.0.0.1 on its own node, which the other nodes cannot reach there; "
+        "its rendezvous store listens on every interface instead (make localhost resolve to the address the other "
+        "nodes reach, or give that address as MASTER_ADDR where the launcher reads it)"}
     del store
 
 
