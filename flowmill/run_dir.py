@@ -8,6 +8,7 @@ Layout of ``RUN_DIR``:
     checkpoints/step-N/        one checkpoint; ``flowmill.json`` inside, written last, marks it complete
     samples/                   sample grids written during training
     logs/                      train.log, metrics.jsonl, keys-rank-R.jsonl
+    tracking/                  undelivered.jsonl (and images/): MLflow calls not yet delivered (``flowmill runs sync``)
     text_tokenizer.model       the text tokenizer the run's text side uses (image and text runs)
     text_encoder.safetensors   the text encoder's weights (image runs with a random-weight encoder)
     teacher/, corrector/       copies of the runs a distillation depends on (config.yaml, ema.safetensors)
@@ -139,6 +140,11 @@ class RunDir:
     def metrics_file(self) -> Path:
         """One JSON line per step: ``{"step": N, metric: value, ...}``."""
         return self.logs / "metrics.jsonl"
+
+    @property
+    def undelivered_file(self) -> Path:
+        """The MLflow calls the run could not deliver, one JSON line each, in order (``flowmill runs sync`` sends them)."""
+        return self.path / "tracking" / "undelivered.jsonl"
 
     def keys_file(self, rank: int) -> Path:
         """The sample keys rank ``rank`` trained on, one JSON line per step (``data.log_keys``)."""

@@ -23,7 +23,7 @@ from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRen
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from flowmill.errors import UsageError
+from flowmill.errors import UsageError, one_line
 from flowmill.run_dir import RunDir
 from flowmill.train.config import Config, check_data_source, load_config, to_dict, validate
 from flowmill.train.distributed import LOOPBACK, choose_device, free_port, loopback_interface, loopback_store, placement
@@ -98,12 +98,22 @@ def loopback_rendezvous(params: RendezvousParameters) -> LoopbackRendezvous:
 
 def mark_failed(run_dir: RunDir, status: str = "failed") -> None:
     """A worker killed outright cannot record its end; the launcher does it for the run. A rank
-    failed: the ranks the agent then stopped said ``killed``, but the run ``failed``."""
+    failed: the ranks the agent then stopped said ``killed``, but the run ``failed``, in run.json
+    and in MLflow."""
     try:
-        if run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed"):
-            run_dir.update_info(status=status)
+        if not (run_dir.info_file.is_file() and run_dir.info().get("status") in ("running", "killed")):
+            return
+        run_dir.update_info(status=status)
     except OSError as error:  # a full disk may be what ended the run
         print(f"flowmill: could not record status {status} in {run_dir.info_file}: {error}", file=sys.stderr)
+        return
+    if status == "failed":
+        # Deliberately lazy: MLflow's import costs seconds that a launcher whose job went well never pays.
+        from flowmill.train.tracking import end_run
+
+        if not end_run(run_dir, "FAILED") and run_dir.undelivered_file.is_file():
+            print(f"flowmill: MLflow did not take the run's status FAILED; send it with: flowmill runs sync {run_dir}",
+                  file=sys.stderr)
 
 
 def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
@@ -136,8 +146,7 @@ def run_workers(cli_args: list[str], nproc: int, run_dir: RunDir) -> int:
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         message = failure.message if isinstance(failure.message, str) else failure.message.get("message", "")
-        first_line = (message or "").strip().splitlines()
-        detail = first_line[0] if first_line else f"exit code {failure.exitcode}"
+        detail = one_line(message or "") or f"exit code {failure.exitcode}"
         print(f"flowmill: rank {rank} failed (exit code {failure.exitcode}): {detail}", file=sys.stderr)
         mark_failed(run_dir)
         print(f"flowmill: the job was stopped; run dir: {run_dir}", file=sys.stderr)

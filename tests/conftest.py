@@ -62,6 +62,15 @@ def finished_run(digits_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture
+def clean_http_env(monkeypatch) -> None:
+    """Unset MLflow's HTTP variables and restore them after the test, whatever a tracker's start sets."""
+    from flowmill.train.tracking import HTTP_ENV_DEFAULTS
+
+    for name in HTTP_ENV_DEFAULTS:
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
+
 
 @pytest.fixture
 def one_thread():

@@ -10,12 +10,13 @@ import os
 import sys
 
 import torch
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
 from flowmill.errors import UsageError
 from flowmill.models.loading import is_model_folder
 from flowmill.train import model_io
 from flowmill.train.config import load_config
+from flowmill.train.job import traceback_file
 from flowmill.train.judge import judge_dir, load_or_train_judge
 from flowmill.train.loop import run_from_cli
 from flowmill.train.sample import load_task_and_model, sample_model_folder, sample_run
@@ -38,6 +39,13 @@ def train(args: argparse.Namespace) -> int:
     except Stopped as stop:  # the run recorded its end (killed); one line, no traceback
         print(f"[flowmill rank {os.environ.get('RANK', '0')}] stopped: {stop.reason}", file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except Exception as error:
+        if traceback_file(error) is None:
+            raise  # the traceback has nowhere else to go
+        # The run said why in one line and put the traceback into its log; a launcher that started
+        # this process names the failing rank from this error file.
+        ErrorHandler().record_exception(error)
+        return 1
     return 0
 
 

@@ -96,6 +96,7 @@ class TrackingConfig:
     register_as: str | None = None  # at the end, register the logged EMA model in MLflow's model registry under this name
     system_metrics: bool = True  # log CPU/memory/GPU usage through MLflow's system metrics
     system_metrics_interval_s: float = 10.0  # seconds between system-metric samples
+    retry_after_s: float = 60.0  # seconds calls wait in memory after the store failed before they are sent again
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "trainer.sample_every_steps": cfg.trainer.sample_every_steps,
         "trainer.eval_every_steps": cfg.trainer.eval_every_steps,
         "trainer.num_threads": cfg.trainer.num_threads,
+        "tracking.retry_after_s": cfg.tracking.retry_after_s,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -8,11 +8,19 @@ A process learns its place in the job from whichever launcher started it (``plac
   finds it without talking first;
 - ``mpirun`` (Open MPI) sets OMPI_COMM_WORLD_*; the leader's address comes from MASTER_ADDR.
 A process with none of them is alone (world size 1).
+
+Where the job meets. Torch's TCPStore, the unauthenticated key-value store the ranks meet in,
+listens on every interface whatever host it is given. So flowmill makes it itself (``job_store``):
+rank 0 listens on the address the leader's name resolves to (MASTER_ADDR, the first node of an
+``srun`` step), a lone process on 127.0.0.1. Processes of torchrun and ``flowmill launch local``
+meet in the store their agent hosts (on loopback for ``flowmill launch local``).
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Mapping
@@ -31,6 +39,9 @@ MASTER_PORT_BASE = 20000  # rendezvous ports are MASTER_PORT_BASE + job id % MAS
 MASTER_PORT_SPAN = 10000  # below Linux's ephemeral range (32768+), so no client socket holds the port
 DEFAULT_MASTER_PORT = 29500  # torchrun's default, for mpirun jobs that name no port
 LOOPBACK = "127.0.0.1"  # where a job that runs on this machine alone listens
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"  # "True" when a torch elastic agent hosts the job's store
+
+log = logging.getLogger("flowmill")
 
 
 @dataclass(frozen=True)
@@ -142,22 +153,22 @@ def init_distributed(requested_device: str, timeout_min: float | None = None) ->
     import deepspeed  # deliberately lazy (start-up time): sampling uses this module's device choice without DeepSpeed
 
     place = place_of(os.environ)
+    timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
     store = None
+    if not dist.is_initialized():
+        # DeepSpeed always wants a process group, so a lone process makes one too.
+        store = job_store(place, os.environ, timeout or distributed_c10d.default_pg_timeout)
     if place.launcher == "alone":
-        # DeepSpeed always wants a process group; a lone process makes one on a store of its own on
-        # loopback (the store torch would make listens on every interface).
-        store = None if dist.is_initialized() else loopback_store()
         place = Place(0, 0, 1, 1, LOOPBACK, store.port if store is not None else free_port(), "alone")
     os.environ.update(place.process_group_env())
     device = choose_device(requested_device, place.local_rank)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
         if timeout:
             # DeepSpeed makes process groups of its own (data parallel, pipeline stages) without a
             # timeout, and torch gives such groups its module defaults: make those ours too.
             distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
         if store is not None:  # DeepSpeed takes a group that exists as it is
-            dist.init_process_group(backend_for(device), store=store, rank=0, world_size=1,
+            dist.init_process_group(backend_for(device), store=store, rank=place.rank, world_size=place.world_size,
                                     **({"timeout": timeout} if timeout else {}))
         deepspeed.init_distributed(dist_backend=backend_for(device), verbose=False,
                                    **({"timeout": timeout} if timeout else {}))
@@ -187,21 +198,52 @@ def loopback_interface() -> str | None:
 
 
 def loopback_store(port: int = 0, timeout_s: float = 300.0) -> dist.TCPStore:
-    """A TCPStore server reachable from this machine only. Torch's TCPStore listens on every
+    """A TCPStore server reachable from this machine only (``listening_store`` on 127.0.0.1).
+    ``port`` 0: any free port (the store's ``port`` says which)."""
+    return listening_store(LOOPBACK, port, datetime.timedelta(seconds=timeout_s))
+
+
+def listening_store(address: str, port: int, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A TCPStore server listening on the IP ``address`` only. Torch's TCPStore listens on every
     interface whatever host it is given, and it answers anyone unauthenticated; handed a socket
-    that already listens on 127.0.0.1, it listens there instead. ``port`` 0: any free port
-    (the store's ``port`` says which)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    that already listens on one address, it listens there instead."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((LOOPBACK, port))
+        sock.bind((address, port))
         sock.listen(socket.SOMAXCONN)
         port = sock.getsockname()[1]
         # The store owns the socket from here on (and closes it).
-        return dist.TCPStore(LOOPBACK, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
-                             wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
+        return dist.TCPStore(address, port, is_master=True, multi_tenant=True, master_listen_fd=sock.detach(),
+                             wait_for_workers=False, timeout=timeout)
     finally:
         sock.close()
+
+
+def job_store(place: Place, environ: Mapping[str, str], timeout: datetime.timedelta) -> dist.TCPStore | None:
+    """The store the processes of the job meet in, listening only where it must (see the module
+    docstring); None when torch's own rendezvous is to join the store a torch elastic agent hosts.
+
+    Rank 0 listens on the address the leader's name resolves to. When that is a loopback address
+    although the job spans several nodes (a node whose /etc/hosts maps its own name to 127.0.1.1),
+    the other nodes could not reach it there: it listens on every interface, as torch would, and
+    says so. The other ranks connect to it."""
+    if place.launcher == "alone":
+        return loopback_store(0, timeout.total_seconds())
+    if environ.get(AGENT_STORE_ENV) == "True":
+        return None
+    if place.rank != 0:
+        return dist.TCPStore(place.master_addr, place.master_port, is_master=False, timeout=timeout)
+    address = socket.getaddrinfo(place.master_addr, place.master_port, type=socket.SOCK_STREAM)[0][4][0]
+    if ipaddress.ip_address(address).is_loopback and place.world_size > place.local_world_size:
+        log.warning("the job's leader %s resolves to %s on its own node, which the other nodes cannot reach there; its "
+                    "rendezvous store listens on every interface instead (make %s resolve to the address the other "
+                    "nodes reach, or give that address as MASTER_ADDR where the launcher reads it)",
+                    place.master_addr, address, place.master_addr)
+        return dist.TCPStore(place.master_addr, place.master_port, is_master=True, multi_tenant=True,
+                             wait_for_workers=False, timeout=timeout)
+    return listening_store(address, place.master_port, timeout)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from flowmill.arguments import LOG_LEVEL_ENV
 from flowmill.data.loader import StreamingLoader
-from flowmill.errors import UsageError
+from flowmill.errors import UsageError, one_line
 from flowmill.run_dir import CONFIG_FILE, RunDir
 from flowmill.train.checkpoint import CheckpointManager, GlobalRNG, NoiseStream, needs_universal
 from flowmill.train.config import Config, to_dict
@@ -110,18 +111,28 @@ def setup_logging(env: DistEnv, run_dir: RunDir | None = None) -> None:
         log.addHandler(file_handler)
 
 
+TRACEBACK_FILE = "flowmill_traceback_file"  # attribute of an error whose traceback record_death wrote into a log
+
+
 def record_death(run_dir: RunDir, env: DistEnv, error: BaseException, status: str) -> None:
     """Append why this rank stopped, with the traceback, to logs/train.log (one write, so ranks
-    do not interleave); rank 0 also ends a run.json that still says ``running`` with ``status``."""
+    do not interleave) and note that log on ``error`` (``traceback_file``); rank 0 also ends a
+    run.json that still says ``running`` with ``status``."""
     trace = "".join(traceback.format_exception(error))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     try:
         with open(run_dir.train_log, "a") as handle:
-            handle.write(f"{stamp} ERROR rank {env.rank}: the run stopped ({status}): {type(error).__name__}: {error}\n{trace}")
+            handle.write(f"{stamp} ERROR rank {env.rank}: the run stopped ({status}): {one_line(f'{type(error).__name__}: {error}')}\n{trace}")
+        setattr(error, TRACEBACK_FILE, run_dir.train_log)
         if env.is_main and run_dir.info_file.is_file() and run_dir.info().get("status") == "running":
             run_dir.update_info(status=status)
     except OSError as exn:  # a full disk may be why the run died: the error itself must still reach the user
         print(f"[flowmill rank {env.rank}] could not record the failure in {run_dir}: {exn}", file=sys.stderr, flush=True)
+
+
+def traceback_file(error: BaseException) -> Path | None:
+    """The log ``record_death`` wrote ``error``'s traceback into, if it did."""
+    return getattr(error, TRACEBACK_FILE, None)
 
 
 def agree(env: DistEnv, value: Any) -> Any:
@@ -182,7 +193,8 @@ def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -
 
     The MLflow run is named after the run dir (unique: timestamped, or a sweep element's index) and
     carries the user's ``tracking.tags`` under flowmill's own, its description, its params and its
-    config as the ``config.yaml`` artifact."""
+    config as the ``config.yaml`` artifact. Calls MLflow cannot take by the end of the run are kept
+    in the run dir for ``flowmill runs sync``."""
     if not env.is_main:
         return NullTracker()
     run_dir = plan.run_dir
@@ -199,6 +211,8 @@ def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -
         description=cfg.tracking.description,
         system_metrics=cfg.tracking.system_metrics,
         system_metrics_interval_s=cfg.tracking.system_metrics_interval_s,
+        retry_after_s=cfg.tracking.retry_after_s,
+        run_dir=run_dir,
     )
     tracker.log_params({**flatten_config(to_dict(cfg)), **plan.params()})
     tracker.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_FILE)

@@ -19,14 +19,25 @@ from typing import Any
 
 import torch
 
-from flowmill.errors import UsageError
+from flowmill.errors import UsageError, one_line
 from flowmill.run_dir import RunDir, step_tag
 from flowmill.train.config import Config, check_data_source, load_config, validate
 from flowmill.train.distributed import all_reduce_mean, init_distributed, shutdown
-from flowmill.train.job import Job, agree, build_job, make_plan, open_run_dir, record_death, setup_logging
+from flowmill.train.job import (
+    TRACEBACK_FILE,
+    Job,
+    agree,
+    build_job,
+    make_plan,
+    open_run_dir,
+    record_death,
+    setup_logging,
+    traceback_file,
+)
 from flowmill.train.liveness import Heartbeat, is_timeout, timeout_message
 from flowmill.train.preemption import StopRequest
 from flowmill.train.progress import Progress
+from flowmill.train.signals import stop_requested
 from flowmill.train.tasks import get_task_class
 from flowmill.train.tracking import log_samples
 
@@ -61,15 +72,22 @@ def train(cfg: Config, run_dir: RunDir | None = None, resume: bool = False, stop
         clean = True
         return run_dir, outcome
     except BaseException as error:
+        stop = stop_requested()
+        if stop is not None and error is not stop:
+            error = stop  # what failed after a stop signal failed because of it (a collective whose peer stopped)
         if opened is not None:
             record_death(opened, env, error, "killed" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "failed")
         if is_timeout(error):
             message = timeout_message(env, cfg.parallel.timeout_min, heartbeat.silent_ranks())
             print(f"[flowmill rank {env.rank}] fatal: {message}", file=sys.stderr, flush=True)
-            raise RuntimeError(message) from error
+            failure = RuntimeError(message)
+            setattr(failure, TRACEBACK_FILE, traceback_file(error))
+            raise failure from error
         if not isinstance(error, (UsageError, KeyboardInterrupt, SystemExit)):
-            print(f"[flowmill rank {env.rank}] fatal: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        raise
+            where = traceback_file(error)
+            print(f"[flowmill rank {env.rank}] fatal: {one_line(f'{type(error).__name__}: {error}')}"
+                  + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
+        raise error
     finally:
         heartbeat.stop()
         shutdown(clean)
@@ -178,6 +196,8 @@ def run_steps(job: Job, step: int, stop: StopRequest) -> tuple[int, str]:
     # exit (a pipeline engine keeps the last micro-batch iterator, and with it this one, alive).
     with contextlib.closing(on_device(iter(job.loader), env.device)) as batches:
         while step < max_steps:
+            if stop_requested() is not None:  # its raise was dropped where Python could not propagate it
+                raise stop_requested()
             started = time.perf_counter()
             lr = job.engine.get_lr()[0]
             keys: list[str] = []

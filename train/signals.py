@@ -3,7 +3,10 @@
 SIGTERM and SIGINT raise ``Stopped`` in the main thread, so the run records its end (``killed``
 in run.json and MLflow) on the way out and ``flowmill train`` exits with 128 + the signal's
 number instead of a traceback. A process stuck where Python cannot raise (inside a collective
-whose peer is gone) is ended ``EXIT_AFTER_S`` after the signal all the same.
+whose peer is gone) is ended ``EXIT_AFTER_S`` after the signal all the same. Python drops an
+exception raised where it cannot propagate (a garbage collector's callback that the signal
+happened to interrupt), so the stop is also remembered (``stop_requested``): the loop raises it
+at the next step, and an error that follows the signal is the stop's doing, not a failure.
 
 A worker of ``flowmill launch local`` learns its launcher's pid from ``PARENT_PID_ENV``; if the
 launcher dies (even by SIGKILL, e.g. the OOM killer), a watcher thread sees the worker's parent
@@ -25,6 +28,7 @@ EXIT_AFTER_S = 20.0  # after a stop signal, the longest a process may take to re
 WATCH_INTERVAL_S = 0.5  # how often a worker checks that its launcher is alive
 
 _orphaned = threading.Event()  # set by the watcher when this process's launcher is gone
+_requested: list[Stopped] = []  # the stop a signal asked for, once one did
 
 
 class Stopped(KeyboardInterrupt):
@@ -49,7 +53,13 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     _exit_later(128 + signum)
-    raise Stopped(signum, reason)
+    _requested.append(Stopped(signum, reason))
+    raise _requested[0]
+
+
+def stop_requested() -> Stopped | None:
+    """The stop a signal asked for inside ``stopping_on_signals``, if one did (even where its raise was dropped)."""
+    return _requested[0] if _requested else None
 
 
 def _watch_parent(parent: int, done: threading.Event) -> None:
@@ -70,6 +80,7 @@ def stopping_on_signals() -> Iterator[None]:
         raise Stopped(signal.SIGTERM, "its launcher is gone")
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     _orphaned.clear()
+    _requested.clear()
     watched = threading.Event()
     if parent is not None:
         threading.Thread(target=_watch_parent, args=(int(parent), watched), name="flowmill-parent-watch", daemon=True).start()
@@ -77,5 +88,6 @@ def stopping_on_signals() -> Iterator[None]:
         yield
     finally:
         watched.set()
+        _requested.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

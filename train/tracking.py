@@ -33,6 +33,13 @@ call and the ones after it are queued in memory (bounded) and sent again, in ord
 timeout per ``retry_after_s``, not one per step. A call the store rejects (4xx, a missing local
 file) is dropped; the first rejection prints one warning. Later failures are only counted
 (``failures``, ``dropped``).
+
+Nothing undelivered is lost. A tracker started with a run dir writes the calls it cannot deliver
+into the run dir instead of dropping them (``flowmill.train.tracking_undelivered``): the oldest
+queued call when the queue is full, and at ``finish`` every call still queued, the final status
+last. The run then ends with one warning saying how many and that ``flowmill runs sync RUN_DIR``
+sends them once the store answers again. A resumed run sends its earlier attempts' calls itself
+when it starts.
 """
 
 from __future__ import annotations
@@ -42,12 +49,11 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
-import requests
 from PIL import Image
 
 # MLflow starts its telemetry client when it is imported, so telemetry is turned off here, after
@@ -55,11 +61,14 @@ from PIL import Image
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
+from mlflow.tracking.multimedia import convert_to_pil_image  # noqa: E402
 
+from flowmill.run_dir import RunDir  # noqa: E402
 from flowmill.train.tracking_store import sqlite_artifact_location, warn_if_network_store  # noqa: E402
+from flowmill.train.tracking_undelivered import UndeliveredCalls, deliver, is_transient, send  # noqa: E402
 
 logger = logging.getLogger("flowmill")
 
@@ -149,7 +158,8 @@ class MLflowTracker:
 
     Build it with ``MLflowTracker.start``. Attributes: ``run_id``, ``experiment_id``,
     ``tracking_uri``; ``resumed_through_step`` (last step logged before this process, 0 for a
-    new run); ``failures`` (failed store calls) and ``dropped`` (calls given up).
+    new run); ``failures`` (failed store calls), ``dropped`` (calls given up) and
+    ``undelivered`` (calls written to the run dir for ``flowmill runs sync``).
     """
 
     def __init__(
@@ -163,6 +173,7 @@ class MLflowTracker:
         monitor: SystemMetricsMonitor | None,
         retry_after_s: float,
         max_queued_calls: int,
+        run_dir: RunDir | None = None,
     ) -> None:
         self._client = client
         self.run_id = run_id
@@ -172,13 +183,17 @@ class MLflowTracker:
         self._logged_params = logged_params
         self._monitor = monitor
         self._retry_after_s = retry_after_s
-        self._queue: collections.deque[tuple[str, Callable[[], object]]] = collections.deque(maxlen=max_queued_calls)
+        # Calls as records (flowmill.train.tracking_undelivered), each with its image if it logs one.
+        self._queue: collections.deque[tuple[dict, Image.Image | None]] = collections.deque(maxlen=max_queued_calls)
+        self._run_dir = run_dir
+        self._undelivered_calls = UndeliveredCalls(run_dir) if run_dir is not None else None
         self._retry_at: float | None = None  # set while the store is unreachable
         self._warned_unreachable = False
         self._warned_rejected = False
         self._finished = False
         self.failures = 0
         self.dropped = 0
+        self.undelivered = 0
 
     @classmethod
     def start(
@@ -193,6 +208,7 @@ class MLflowTracker:
         system_metrics_interval_s: float = 10.0,
         retry_after_s: float = 60.0,
         max_queued_calls: int = 10_000,
+        run_dir: RunDir | None = None,
     ) -> Tracker:
         """Start a new run, or continue ``run_id``, in experiment ``experiment_name`` of store ``uri``.
 
@@ -203,7 +219,8 @@ class MLflowTracker:
         samples CPU, memory, disk, network (and GPU where present) every
         ``system_metrics_interval_s`` seconds into ``system/*``.
         ``retry_after_s`` is how long calls wait in memory (at most ``max_queued_calls``) after the
-        store failed before they are sent again.
+        store failed before they are sent again. ``run_dir``: where calls that cannot be delivered
+        are kept (None: they are dropped); a resumed run first sends the ones its run dir holds.
         """
         if uri.startswith(("http://", "https://")):
             for name, value in HTTP_ENV_DEFAULTS.items():
@@ -213,7 +230,7 @@ class MLflowTracker:
         try:
             return cls._connect(
                 uri, experiment_name, run_name, run_id, tags, system_metrics,
-                system_metrics_interval_s, retry_after_s, max_queued_calls,
+                system_metrics_interval_s, retry_after_s, max_queued_calls, run_dir,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
             logger.warning(
@@ -233,6 +250,7 @@ class MLflowTracker:
         system_metrics_interval_s: float,
         retry_after_s: float,
         max_queued_calls: int,
+        run_dir: RunDir | None,
     ) -> MLflowTracker:
         artifact_location = sqlite_artifact_location(uri)
         if artifact_location is not None:
@@ -254,6 +272,8 @@ class MLflowTracker:
         else:
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+            if run_dir is not None:
+                _send_earlier_attempts(client, run_id, UndeliveredCalls(run_dir))
             resumed_through_step = _last_logged_step(client, run_id, "train/loss")
             logger.info(
                 "Continuing MLflow run %s; steps up to %d are already logged and are not logged again.",
@@ -267,7 +287,7 @@ class MLflowTracker:
             monitor.start()
         return cls(
             client, run.info.run_id, run.info.experiment_id, uri, resumed_through_step, dict(run.data.params), monitor,
-            retry_after_s, max_queued_calls,
+            retry_after_s, max_queued_calls, run_dir,
         )  # fmt: skip
 
     def last_logged_step(self, metric: str = "train/loss") -> int:
@@ -279,93 +299,116 @@ class MLflowTracker:
 
     def log_params(self, flat: Mapping[str, str]) -> None:
         """Log params once; on a resumed run, values that changed go to ``resume.changed_param.<key>`` tags."""
-        params, tags = [], []
+        params, tags = {}, {}
         for key, value in flat.items():
             value = str(value)
             if key not in self._logged_params:
-                params.append(Param(key, value))
+                params[key] = value
             elif self._logged_params[key] != value:
-                tags.append(RunTag(f"resume.changed_param.{key}", value))
+                tags[f"resume.changed_param.{key}"] = value
             self._logged_params[key] = value
         if params or tags:
-            self._call("log_params", lambda: self._client.log_batch(self.run_id, params=params, tags=tags))
+            self._call({"call": "log_params", "params": params, "tags": tags})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log ``metrics`` at optimizer ``step`` in one ``log_batch``; steps already logged before a resume are skipped."""
         if step <= self.resumed_through_step:
             return
-        timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=batch))
+        metrics = {key: float(value) for key, value in metrics.items()}
+        self._call({"call": "log_metrics", "step": step, "timestamp": int(time.time() * 1000), "metrics": metrics})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload the file or folder ``path`` under ``artifact_path`` (None: the run's artifact root)."""
-        self._call("log_artifact", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+        self._call({"call": "log_artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store ``text`` as the artifact ``artifact_file`` (e.g. ``config.yaml``)."""
-        self._call("log_text", lambda: self._client.log_text(self.run_id, text, artifact_file))
+        self._call({"call": "log_text", "text": text, "artifact_file": artifact_file})
 
     def log_image(self, image: Image.Image | np.ndarray, key: str, step: int) -> None:
         """Store ``image`` as a PNG artifact of the image series ``key`` at ``step`` (the UI shows it per step)."""
-        self._call("log_image", lambda: self._client.log_image(self.run_id, image, key=key, step=step))
+        if isinstance(image, np.ndarray):
+            image = convert_to_pil_image(image)  # as MLflow converts it, so that a kept image is a PNG like the others
+        self._call({"call": "log_image", "key": key, "step": step}, image)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) run tags."""
-        batch = [RunTag(key, str(value)) for key, value in tags.items()]
-        self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=batch))
+        self._call({"call": "set_tags", "tags": {key: str(value) for key, value in tags.items()}})
 
     def log_model(self, run_dir: Path, step: int, register_as: str | None = None) -> None:
         """Log the EMA weights of ``run_dir``'s latest checkpoint as this run's MLflow model at ``step``,
         registered as ``register_as`` when given; a run whose model cannot be logged says why (info)."""
         # Deliberately lazy: reading weights needs torch, which `flowmill runs` (it reads stores through
         # this module) must not pay for at start-up.
-        from flowmill.train.tracking_model import log_run_model, not_loggable
+        from flowmill.train.tracking_model import not_loggable
 
         reason = not_loggable(run_dir)
         if reason is not None:
             logger.info("No MLflow model logged: %s.", reason)
             return
-        self._call("log_model", lambda: log_run_model(self.tracking_uri, self.run_id, run_dir, step, register_as))
+        self._call({"call": "log_model", "step": step, "register_as": register_as, "run_dir": str(Path(run_dir).resolve())})
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
-        """Stop system metrics, send queued calls (ignoring the retry delay) and end the run with ``status``."""
+        """Stop system metrics, send queued calls (ignoring the retry delay) and end the run with ``status``.
+
+        Calls that still cannot be delivered go into the run dir, and one warning says how to send them."""
         _check_status(status)
         if self._finished:
             return
         self._finished = True
         if self._monitor is not None:
             self._monitor.finish()
-        self._call("finish", lambda: self._client.set_terminated(self.run_id, status), ignore_retry_delay=True)
+        self._call({"call": "finish", "status": status, "end_time": int(time.time() * 1000)}, ignore_retry_delay=True)
+        if self._queue:  # the store still does not answer
+            self._keep(list(self._queue))
+            self._queue.clear()
         if self.failures or self.dropped:
             logger.info(
                 "MLflow run %s ended with %d failed calls and %d dropped calls.", self.run_id, self.failures, self.dropped
             )
+        if self.undelivered:
+            logger.warning(
+                "%d tracking calls could not be delivered to MLflow; send them with: flowmill runs sync %s",
+                self.undelivered, self._run_dir,
+            )  # fmt: skip
 
-    def _call(self, what: str, operation: Callable[[], object], ignore_retry_delay: bool = False) -> None:
-        """Queue ``operation`` and send the queue in order unless the store failed less than ``retry_after_s`` ago."""
+    def _call(self, record: dict, image: Image.Image | None = None, ignore_retry_delay: bool = False) -> None:
+        """Queue the call ``record`` (``flowmill.train.tracking_undelivered``) and send the queue in order
+        unless the store failed less than ``retry_after_s`` ago."""
         if len(self._queue) == self._queue.maxlen:
-            self.dropped += 1  # the deque evicts the oldest call
-        self._queue.append((what, operation))
+            self._keep([self._queue.popleft()])
+        self._queue.append((record, image))
         if self._retry_at is not None and not ignore_retry_delay and time.monotonic() < self._retry_at:
             return
         while self._queue:
-            queued_what, queued_operation = self._queue[0]
+            queued, queued_image = self._queue[0]
             try:
-                queued_operation()
+                deliver(self._client, self.run_id, queued, self._run_dir, queued_image)
             except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
                 self.failures += 1
-                if _is_transient(exc):
+                if is_transient(exc):
                     self._on_unreachable(exc)
                     return
                 self._queue.popleft()
                 self.dropped += 1
-                self._on_rejected(queued_what, exc)
+                self._on_rejected(queued["call"], exc)
                 continue
             self._queue.popleft()
         if self._retry_at is not None:
             self._retry_at = None
             logger.info("MLflow tracking at %s is reachable again; queued calls were sent.", self.tracking_uri)
+
+    def _keep(self, calls: list[tuple[dict, Image.Image | None]]) -> None:
+        """Write undeliverable calls into the run dir for ``flowmill runs sync``; without a run dir
+        (or when the run dir cannot be written) they are dropped."""
+        if self._undelivered_calls is not None:
+            try:
+                self.undelivered += self._undelivered_calls.append(calls)
+                return
+            except OSError as exc:
+                logger.warning("could not keep %d undelivered MLflow calls in %s (%s); they are dropped",
+                               len(calls), self._undelivered_calls.path, _describe(exc))
+        self.dropped += len(calls)
 
     def _on_unreachable(self, exc: BaseException) -> None:
         self._retry_at = time.monotonic() + self._retry_after_s
@@ -385,6 +428,31 @@ class MLflowTracker:
                 "Further rejected calls are counted silently.",
                 what, _describe(exc),
             )  # fmt: skip
+
+
+def end_run(run_dir: RunDir, status: RunStatus) -> bool:
+    """End the MLflow run that ``run_dir``'s run.json names with ``status`` (a launcher's word on how
+    the job ended, which its stopped workers could not know). When the store does not answer, or calls
+    of the run still wait for ``flowmill runs sync``, the status joins them, last. Returns whether it
+    was delivered."""
+    _check_status(status)
+    info = run_dir.info()
+    uri, run_id = info.get("tracking_uri"), info.get("run_id")
+    if not uri or not run_id:
+        return False
+    if uri.startswith(("http://", "https://")):
+        for name, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    record = {"call": "finish", "status": status, "end_time": int(time.time() * 1000)}
+    calls = UndeliveredCalls(run_dir)
+    if not calls.exists():
+        try:
+            deliver(MlflowClient(tracking_uri=uri), run_id, record, run_dir)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the store being down is why calls are kept
+            logger.debug("MLflow did not take status %s: %s", status, _describe(exc))
+    calls.append([(record, None)])
+    return False
 
 
 def log_samples(tracker: Tracker, files: list[Path], step: int) -> None:
@@ -415,15 +483,17 @@ def _last_logged_step(client: MlflowClient, run_id: str, metric: str) -> int:
     return max((point.step for point in client.get_metric_history(run_id, metric)), default=0)
 
 
-def _is_transient(exc: BaseException) -> bool:
-    """True for failures worth retrying: store unreachable, timed out, overloaded (5xx, 429) or locked."""
-    if isinstance(exc, MlflowException):
-        status = exc.get_http_status_code()
-    elif isinstance(exc, requests.RequestException):
-        status = exc.response.status_code if exc.response is not None else 503
+def _send_earlier_attempts(client: MlflowClient, run_id: str, calls: UndeliveredCalls) -> None:
+    """A resumed run first sends what its earlier attempts could not (their final statuses left out: the run
+    goes on), so that the steps it then skips as already logged are the ones MLflow holds."""
+    if not calls.exists():
+        return
+    result = send(client, run_id, calls, statuses=False)
+    if result.remaining:
+        logger.warning("%d tracking calls of an earlier attempt of this run could not be delivered; they stay in %s",
+                       result.remaining, calls.path)
     else:
-        return False
-    return status == 429 or status >= 500
+        logger.info("sent %d tracking calls an earlier attempt of this run could not deliver", result.sent)
 
 
 def _describe(exc: BaseException) -> str:

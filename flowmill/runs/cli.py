@@ -1,5 +1,5 @@
 """Parsers of the commands that read runs back: ``runs list``, ``runs compare``, ``runs logs``
-and ``ui``."""
+and ``ui``; and of ``runs sync``, which sends a run's undelivered tracking calls."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "runs",
         help="list and compare runs tracked in MLflow",
         description="Inspect runs: `runs list` tables an experiment's runs, `runs compare` puts some runs side by "
-        "side, `runs logs` shows a run's SLURM output.",
+        "side, `runs logs` shows a run's SLURM output, `runs sync` sends what a run could not deliver to MLflow.",
     )
     runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
     _add_list_and_compare(runs_commands)
     _add_logs(runs_commands)
+    _add_sync(runs_commands)
     _add_ui(commands)
 
 
@@ -84,3 +85,18 @@ def _add_logs(runs_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run", metavar="RUN", help="a run directory launched with `flowmill launch slurm`")
     parser.add_argument("--rank", type=int, default=0, help="global rank of the process (default 0)")
     set_handler(parser, "flowmill.runs.logs:logs_command")
+
+
+def _add_sync(runs_subparsers: argparse._SubParsersAction) -> None:
+    parser = runs_subparsers.add_parser(
+        "sync",
+        help="send the tracking calls a run could not deliver to MLflow",
+        description="Send the MLflow calls RUN could not deliver (its metrics, params, tags, artifacts, images, model "
+        "and final status, kept in RUN/tracking/undelivered.jsonl when the tracking server stopped answering) to "
+        "RUN's MLflow run in the store its run.json names. Metric steps MLflow already holds are skipped, never "
+        "logged twice; the final status is set last. If the server stops answering part-way, the calls not yet "
+        "sent stay, and running the command again continues.",
+        epilog="example: flowmill runs sync runs/mmdit-digits-20260101-120000",
+    )
+    parser.add_argument("run", metavar="RUN_DIR", help="the run dir")
+    set_handler(parser, f"{COMMANDS}:sync_command")

@@ -1,9 +1,11 @@
-"""Handlers of ``flowmill runs list``, ``flowmill runs compare`` and ``flowmill ui`` (parsers in
-``flowmill.runs.cli``). A failing MLflow store becomes a UsageError naming what failed."""
+"""Handlers of ``flowmill runs list``, ``flowmill runs compare``, ``flowmill runs sync`` and
+``flowmill ui`` (parsers in ``flowmill.runs.cli``). A failing MLflow store becomes a UsageError
+naming what failed."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +13,11 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from flowmill.errors import UsageError
+from flowmill.run_dir import RunDir
 from flowmill.runs.server import serve_ui
-from flowmill.runs.store import default_uri, list_runs, load_runs
+from flowmill.runs.store import default_uri, list_runs, load_runs, open_store, resolve_run
 from flowmill.runs.tables import compare_table, list_table, print_table
+from flowmill.train.tracking_undelivered import UndeliveredCalls, send
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -49,6 +53,33 @@ def compare_command(args: argparse.Namespace) -> int:
     """``flowmill runs compare``: the named runs side by side."""
     print_table(compare_table(load_runs(args.runs, args.tracking_uri or default_uri(), args.metric)))
     return 0
+
+
+def sync_command(args: argparse.Namespace) -> int:
+    """``flowmill runs sync``: send a run dir's undelivered tracking calls to its MLflow run."""
+    run_dir = RunDir(args.run)
+    run_dir.info()  # a folder that holds no run is an error, not "nothing to send"
+    calls = UndeliveredCalls(run_dir)
+    if not calls.exists():
+        print(f"nothing to send: {args.run} holds no undelivered tracking calls")
+        return 0
+    uri, run_id, _ = resolve_run(args.run, default_uri())
+    waiting = len(calls.read())
+    try:
+        result = send(open_store(uri), run_id, calls)
+    except (MlflowException, requests.RequestException) as error:
+        raise UsageError(f"MLflow at {uri} did not take run {run_id}'s calls ({' '.join(str(error).split())[:300]}); "
+                         f"the {waiting} calls stay in {calls.path}; run `flowmill runs sync {args.run}` again once "
+                         "it answers") from None
+    status = f"; status {result.status}" if result.status else ""
+    print(f"sent {result.sent} of {waiting} tracking calls to MLflow run {run_id} at {uri} ({result.already_held} metric "
+          f"values MLflow already held were skipped){status}")
+    for rejected in result.rejected:
+        print(f"flowmill: MLflow refused {rejected}", file=sys.stderr)
+    if result.remaining:
+        raise UsageError(f"MLflow at {uri} stopped answering; {result.remaining} calls stay in {calls.path}; run "
+                         f"`flowmill runs sync {args.run}` again once it answers")
+    return 1 if result.rejected else 0
 
 
 @_store_errors

@@ -36,6 +36,7 @@ COMMANDS = {
     "runs list": "flowmill.runs.commands:list_command",
     "runs compare": "flowmill.runs.commands:compare_command",
     "runs logs": "flowmill.runs.logs:logs_command",
+    "runs sync": "flowmill.runs.commands:sync_command",
     "ui": "flowmill.runs.commands:ui_command",
     "config show": "flowmill.config_commands:show_command",
     "config list": "flowmill.config_commands:list_command",

@@ -1,8 +1,12 @@
 """flowmill.train.distributed: where a process sits in the job (read from whichever launcher started
-it), the device choice, the backend, and the collectives that are no-ops when alone."""
+it), where the job's store listens, the device choice, the backend, and the collectives that are
+no-ops when alone."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import logging
 import socket
 
 import pytest
@@ -11,6 +15,7 @@ from torch.distributed import TCPStore
 
 from flowmill.errors import UsageError
 from flowmill.train.distributed import (
+    AGENT_STORE_ENV,
     MASTER_PORT_BASE,
     MASTER_PORT_SPAN,
     Place,
@@ -19,6 +24,7 @@ from flowmill.train.distributed import (
     barrier,
     choose_device,
     free_port,
+    job_store,
     loopback_store,
     place_of,
     placement,
@@ -118,3 +124,47 @@ def test_state_beside_the_weights_goes_where_asked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UsageError, match="ema.device: cuda, but no CUDA device is visible; use ema.device=cpu or auto"):
         placement("cuda", cpu, "ema.device")
+
+
+STORE_TIMEOUT = datetime.timedelta(seconds=30)
+
+
+def test_rank_0_of_a_job_listens_on_the_leaders_address_only_and_the_other_ranks_meet_it_there():
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    # Two nodes led by the first one's address; one node that keeps to loopback (MASTER_ADDR=127.0.0.1).
+    for leader, elsewhere, per_node in ((address, "127.0.0.1", 1), ("127.0.0.1", address, 2)):
+        port = free_port()
+        place = Place(0, 0, 2, per_node, leader, port, "srun")
+        store = job_store(place, {}, STORE_TIMEOUT)
+        assert reachable(leader, port) and not reachable(elsewhere, port), leader
+        client = job_store(dataclasses.replace(place, rank=1, local_rank=0), {}, STORE_TIMEOUT)
+        client.set("key", leader)
+        assert store.get("key") == leader.encode()
+        del client, store
+
+
+def test_a_leader_named_loopback_on_a_job_of_several_nodes_listens_everywhere_and_says_so(monkeypatch, caplog):
+    """Its own /etc/hosts may map a node's name to 127.0.1.1, where the other nodes cannot reach it."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    monkeypatch.setattr(logging.getLogger("flowmill"), "propagate", True)
+    port = free_port()
+    store = job_store(Place(0, 0, 4, 2, "localhost", port, "mpirun"), {}, STORE_TIMEOUT)
+    assert reachable(address, port)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert {warning for warning in warnings if "resolves to" in warning} == {
+        "the job's leader localhost resolves to 127.0.0.1 on its own node, which the other nodes cannot reach there; "
+        "its rendezvous store listens on every interface instead (make localhost resolve to the address the other "
+        "nodes reach, or give that address as MASTER_ADDR where the launcher reads it)"}
+    del store
+
+
+def test_the_processes_of_an_elastic_agent_meet_in_the_store_it_hosts_and_a_lone_process_on_loopback():
+    assert job_store(Place(1, 1, 2, 2, "127.0.0.1", free_port(), "torchrun"), {AGENT_STORE_ENV: "True"},
+                     STORE_TIMEOUT) is None
+    address = non_loopback_address()
+    store = job_store(Place(0, 0, 1, 1, "127.0.0.1", 0, "alone"), {}, STORE_TIMEOUT)
+    assert reachable("127.0.0.1", store.port) and (address is None or not reachable(address, store.port))

@@ -4,6 +4,7 @@ Bad input is refused before any worker starts, so those cases run the CLI in thi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -11,11 +12,15 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from flowmill.cli import main
+from flowmill.data.shards import dataset_shards
+from flowmill.data.streams import StreamPlan
+from flowmill.train.config import load_config
 from tests.helpers import TINY_CONFIG, flowmill, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -84,43 +89,90 @@ def launch_endless_run(digits_dir, run_dir, cwd) -> subprocess.Popen:
     return launcher
 
 
-def test_a_dying_rank_stops_the_job(digits_dir, tmp_path):
-    """Kill rank 1 mid-run: the launcher names the rank, exits non-zero, and no worker survives."""
+def damage_the_first_shard_of(rank: int, data: Path, world_size: int) -> Path:
+    """Change the last byte of the shard ``rank`` reads first (trailing tar padding: every sample still reads,
+    but the shard no longer matches its manifest's sha256, which the rank finds when it has read it all)."""
+    cfg = load_config(TINY_CONFIG, [f"data.path={data}"])
+    plan = StreamPlan(dataset_shards(data), rank, world_size, max(1, cfg.data.num_workers), cfg.trainer.seed,
+                      cfg.data.shuffle_buffer, verify=True)
+    shard = Path(plan.shards_for(epoch=0, worker=0)[0].url)
+    damaged = bytearray(shard.read_bytes())
+    damaged[-1] ^= 0xFF
+    shard.write_bytes(damaged)
+    return shard
+
+
+def test_a_rank_that_fails_ends_the_job_naming_itself_and_the_cause_first(digits_dir, tmp_path):
+    """A data error on rank 1 only: its one line comes first, before anything another rank or the
+    launcher says; no traceback reaches the terminal (it is in logs/train.log); the launcher names
+    the rank and the cause, exits non-zero, no worker survives; run.json and MLflow say failed."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shard = damage_the_first_shard_of(1, data, world_size=2)
     run_dir = tmp_path / "run"
-    launcher = launch_endless_run(digits_dir, run_dir, tmp_path)
-    # The launcher's direct children are the ranks; their own children are dataloader workers.
-    ranks = [p for p in psutil.Process(launcher.pid).children() if "train" in " ".join(p.cmdline())]
-    everything = ranks + [child for p in ranks for child in p.children(recursive=True)]
-    rank1 = [p for p in ranks if p.environ().get("RANK") == "1"]
-    assert len(ranks) == 2 and len(rank1) == 1
-    rank1[0].send_signal(signal.SIGKILL)
-    _, stderr = launcher.communicate(timeout=120)
-    assert launcher.returncode != 0
-    assert "rank 1 failed" in stderr
+    with open(tmp_path / "stderr", "w") as stderr_file:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "flowmill.cli", "launch", "local", "--nproc", "2", str(TINY_CONFIG),
+             *tiny_overrides(digits_dir, run_dir, **{"data.path": data, "trainer.max_steps": 1000,
+                                                    "checkpoint.every_steps": 1000})],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr_file, text=True,
+        )
+        everything = {}  # every process the job started (ranks, their data workers), by pid
+        deadline = time.time() + 600
+        while launcher.poll() is None:
+            assert time.time() < deadline, "the job did not end"
+            with contextlib.suppress(psutil.NoSuchProcess):
+                everything.update({p.pid: p for p in psutil.Process(launcher.pid).children(recursive=True)})
+            time.sleep(0.2)
+    stderr = (tmp_path / "stderr").read_text()
+    assert launcher.returncode == 1, stderr[-3000:]
+    cause = f"ShardChecksumError: shard {shard} does not match its manifest"
+    # Before the failure: rank 0's log of a run going well (run dir, MLflow, steps), MLflow making its store.
+    going_well = [line.startswith("[flowmill rank 0] ") and " fatal: " not in line and " stopped: " not in line
+                  or " INFO mlflow." in line for line in stderr.splitlines()]
+    said = [line for line, well in zip(stderr.splitlines(), going_well) if not well]
+    assert said[0].startswith(f"[flowmill rank 1] fatal: {cause}"), stderr[-3000:]
+    assert said[0].endswith(f"(traceback in {run_dir / 'logs' / 'train.log'})")
+    assert f"flowmill: rank 1 failed (exit code 1): {cause}" in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     time.sleep(1)
-    assert not [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert json.loads((run_dir / "run.json").read_text())["status"] != "finished"
+    assert len(everything) >= 2 and not [p for p in everything.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    log = (run_dir / "logs" / "train.log").read_text()
+    assert f"ERROR rank 1: the run stopped (failed): {cause}" in log and "Traceback" in log
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and info["step"] >= 1
+    with sqlite3.connect(tmp_path / "mlflow.db") as store:
+        assert store.execute("select status from runs where run_uuid = ?", (info["run_id"],)).fetchone() == ("FAILED",)
+    assert not list(run_dir.glob(".*.tmp-*"))
 
 
-def test_workers_stop_and_record_the_run_killed_when_the_launcher_is_killed(digits_dir, tmp_path):
-    """SIGKILL the launcher (as the OOM killer would): its workers notice, record the run as killed
-    in run.json and MLflow, and leave within seconds; nothing keeps writing into the run dir."""
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_a_launcher_stopped_by_a_signal_leaves_no_worker_and_records_the_run_killed(digits_dir, tmp_path, signum):
+    """SIGTERM or Ctrl-C (SIGINT) to the launcher stops the job cleanly: one line, no traceback, exit
+    128 + N. SIGKILL (as the OOM killer sends it) cannot be handled by the launcher: its workers
+    notice it is gone and stop by themselves. Either way every worker leaves within seconds and the
+    run is recorded as killed in run.json and MLflow; nothing keeps writing into the run dir."""
     run_dir = tmp_path / "run"
     launcher = launch_endless_run(digits_dir, run_dir, tmp_path)
     everything = psutil.Process(launcher.pid).children(recursive=True)
-    launcher.kill()
+    launcher.send_signal(signum)
     _, stderr = launcher.communicate(timeout=60)
     deadline = time.time() + 30
     while [p for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
         assert time.time() < deadline, "workers outlived their launcher"
         time.sleep(0.2)
-    assert stderr.count("stopped: its launcher is gone") == 2, stderr[-3000:]
+    reason = "its launcher is gone" if signum == signal.SIGKILL else f"received {signum.name}"
+    assert stderr.count(f"stopped: {reason}") == 2, stderr[-3000:]
+    if signum != signal.SIGKILL:
+        assert launcher.returncode == 128 + signum
+        assert f"flowmill: stopped by {signum.name}; the workers were stopped; run dir: {run_dir}" in stderr
+        assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "killed" and info["step"] >= 1
     with sqlite3.connect(tmp_path / "mlflow.db") as store:
         assert store.execute("select status from runs where run_uuid = ?", (info["run_id"],)).fetchone() == ("KILLED",)
     assert not list(run_dir.glob(".*.tmp-*"))
-    assert "Stopped: its launcher is gone" in (run_dir / "logs" / "train.log").read_text()
+    assert f"Stopped: {reason}" in (run_dir / "logs" / "train.log").read_text()
 
 
 def test_unreachable_tracking_server_does_not_stop_training(digits_dir, tmp_path):

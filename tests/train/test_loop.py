@@ -4,11 +4,14 @@ records its end, and the step logs cut back on resume."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import itertools
 import json
 import math
+import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +24,7 @@ from torch import nn
 from flowmill.data.pack import write_shards
 from flowmill.errors import UsageError
 from flowmill.run_dir import RunDir
-from flowmill.train import loop
+from flowmill.train import loop, signals
 from flowmill.train.config import load_config
 from flowmill.train.distributed import DistEnv
 from flowmill.train.job import CastInputs, Job
@@ -361,7 +364,7 @@ def lone_train(monkeypatch):
     return builds
 
 
-def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_path, lone_train):
+def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_path, lone_train, capsys):
     write_shards([{"__key__": f"k{i}", "txt": "x"} for i in range(4)], tmp_path / "data", source="test", args={},
                  shard_samples=2, progress=False)
     run = tmp_path / "run"
@@ -373,9 +376,12 @@ def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_
             loop.train(load_config(TINY_CONFIG, [f"data.path={data}", f"run.dir={run}"]))
         assert not run.exists()  # refused before the run dir is made
     cfg = load_config(TINY_CONFIG, [f"data.path={tmp_path / 'data'}", f"run.dir={run}"])
+    capsys.readouterr()
     for _ in range(2):  # the same command again: the half-made run dir is taken, not refused
         with pytest.raises(RuntimeError, match="the model does not fit"):
             loop.train(cfg)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"[flowmill rank 0] fatal: RuntimeError: the model does not fit (traceback in {run / 'logs' / 'train.log'})")
     with pytest.raises(RuntimeError, match="the model does not fit"):
         run_from_cli(None, [], str(run))  # flowmill resume: nothing to continue, so it starts again
     assert lone_train == [False, False, False]
@@ -383,3 +389,24 @@ def test_a_failed_start_leaves_a_run_dir_the_same_command_and_resume_accept(tmp_
     assert log.count("ERROR rank 0: the run stopped (failed): RuntimeError: the model does not fit") == 3
     assert "Traceback (most recent call last)" in log and "failing_build" in log
     assert RunDir(run).failed_start() and (run / "config.yaml").is_file()
+
+
+def test_an_error_after_a_stop_signal_ends_the_run_stopped_not_failed(tmp_path, lone_train, monkeypatch, capsys):
+    """Python drops an exception raised where it cannot propagate (a garbage collector's callback the
+    signal interrupted); what fails next (a collective whose peer stopped) is the stop's doing."""
+    monkeypatch.setattr(signals, "EXIT_AFTER_S", 1e6)  # the hard exit a stuck process gets must not end pytest
+
+    def stopped_then_failing(cfg, plan, env, run_info):
+        with contextlib.suppress(signals.Stopped):  # as where Python drops it
+            signal.raise_signal(signal.SIGTERM)  # to this thread: the handler runs before the next line
+            time.sleep(5)
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(loop, "build_job", stopped_then_failing)
+    write_shards([{"__key__": f"k{i}", "txt": "x"} for i in range(4)], tmp_path / "data", source="test", args={},
+                 shard_samples=2, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(signals.Stopped, match="received SIGTERM"), signals.stopping_on_signals():
+        loop.train(load_config(TINY_CONFIG, [f"data.path={tmp_path / 'data'}", f"run.dir={run}"]))
+    assert "fatal" not in capsys.readouterr().err
+    assert "ERROR rank 0: the run stopped (killed): Stopped: received SIGTERM" in (run / "logs" / "train.log").read_text()
