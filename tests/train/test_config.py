@@ -40,6 +40,8 @@ def test_yaml_and_overrides_load_into_typed_sections():
         ("sample.raag_alpha=-1", "sample.raag_alpha"),
         ("sample.raag_alpha=nan", "sample.raag_alpha"),
         ("tracking.tags.a.b=x", "tracking.tags.a"),
+        ("data.retries=-1", "data.retries"),
+        ("data.storage_options=s3", "data.storage_options"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
