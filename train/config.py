@@ -92,6 +92,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else the SQLite store shared by the runs under runs/
+    artifact_location: str | None = None  # artifact root of an experiment flowmill creates, e.g. s3://bucket/mlflow (default: the store's)
     experiment: str = "flowmill"  # MLflow experiment name
     tags: dict[str, str] = field(default_factory=dict)  # user tags on the MLflow run, e.g. {team: vision, ablation: lr}
     description: str | None = None  # the MLflow run's description (Markdown; the mlflow.note.content tag)
