@@ -6,6 +6,7 @@
 - ``images``, ``text``, ``video``: pack a folder of captioned images, text files as token
   sequences, videos (.mp4 or frame folders) as clips.
 - ``shards``: name a dataset (manifest, folder, brace pattern, glob, pipe:, fsspec URL).
+- ``remote``: shards and manifests on s3://, gs://, http(s)://: credentials, retries, one-line errors.
 - ``tario``: read a tar shard as samples with webdataset, checking its manifest sha256.
 - ``streams``: which raw samples each rank and worker reads per epoch; re-sharding.
 - ``batches``: one worker's raw samples → decoded, collated batches, each with its stream position.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flowmill.data.decode import GenericDecoder
 from flowmill.data.loader import StreamingLoader
+from flowmill.data.remote import Storage
 
 
 def _rank_audit(loader: StreamingLoader, epoch: int, resampled: bool) -> dict[str, list[dict]]:
@@ -42,6 +43,7 @@ def inspect_epoch(
     resampled: bool = False,
     verify: bool = True,
     decode: Callable[[dict], dict] | None = None,
+    storage: Storage | None = None,
 ) -> dict:
     """What each of ``world_size`` ranks reads in ``epoch``.
 
@@ -50,7 +52,8 @@ def inspect_epoch(
     is a shard whose rest could not be read, with ``"lost"``: the samples it lost (None
     when no manifest gives the shard's count). ``resampled=True`` follows the infinite
     training stream from its start (batches run across epoch ends); otherwise one
-    non-resampled pass of ``epoch`` is read. ``decode`` defaults to ``GenericDecoder``.
+    non-resampled pass of ``epoch`` is read. ``decode`` defaults to ``GenericDecoder``; ``storage``
+    says how remote shards are reached (``flowmill.data.remote``).
     """
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
@@ -59,7 +62,7 @@ def inspect_epoch(
         loader = StreamingLoader(
             source, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers, seed=seed,
             decode=decode or GenericDecoder(), shuffle_buffer=shuffle_buffer, resampled=resampled, drop_last=drop_last,
-            verify=verify, max_skip_fraction=1.0, audit=True,
+            verify=verify, max_skip_fraction=1.0, audit=True, storage=storage,
         )
         audit = _rank_audit(loader, epoch, resampled)
         result["ranks"].append({"rank": rank, "keys": [entry["key"] for entry in audit["delivered"]]})

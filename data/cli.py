@@ -16,6 +16,7 @@ from typing import Any
 
 from flowmill.arguments import set_handler
 from flowmill.data.constants import (
+    DEFAULT_RETRIES,
     DEFAULT_SHARD_SAMPLES,
     DIGIT_CAPTIONS,
     DIGITS_SOURCE,
@@ -189,7 +190,8 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
             "as training would skip them."
         ),
     )
-    inspect.add_argument("dataset", metavar="DATASET", help="folder with manifest.json, manifest, brace pattern, glob or URL")
+    inspect.add_argument("dataset", metavar="DATASET",
+                         help="folder with manifest.json, manifest, brace pattern, glob or URL (s3://, gs://, http(s)://)")
     inspect.add_argument("--world-size", type=int, required=True, help="data-parallel ranks to simulate")
     inspect.add_argument("--num-workers", type=int, required=True, help="dataloader workers per rank")
     inspect.add_argument("--epoch", type=int, default=0, help="epoch to show (default 0)")
@@ -202,6 +204,16 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
         help="follow the infinite training stream from its start, where batches run across epoch ends",
     )
     inspect.add_argument("--no-verify", action="store_true", help="do not check shards against the manifest's sha256")
+    inspect.add_argument(
+        "--storage-option", dest="storage_options", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
+        help="a keyword of the fsspec filesystem of remote shards, as data.storage_options in a config, e.g. "
+        "endpoint_url=http://127.0.0.1:9000 (repeatable; VALUE read as JSON when it parses). Without them, credentials "
+        "and endpoint come from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...",
+    )
+    inspect.add_argument(
+        "--retries", type=int, default=DEFAULT_RETRIES,
+        help=f"retries of a remote read that failed transiently, with backoff, data.retries (default {DEFAULT_RETRIES})",
+    )
     inspect.add_argument("--json", action="store_true", help='print {"ranks": [...], "skipped": [...], "dropped": [...]}')
     set_handler(inspect, "flowmill.data.commands:inspect_command")
 

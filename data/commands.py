@@ -38,6 +38,7 @@ from flowmill.data.encode import encode_dataset, load_encoder
 from flowmill.data.images import pack_images
 from flowmill.data.latents import DEFAULT_KEEP, LATENTS_SECTION, VAE_ENCODER, first_image
 from flowmill.data.pack import PackOptions
+from flowmill.data.remote import Storage, StorageError
 from flowmill.data.text import pack_text
 from flowmill.data.text_tokenizer import train_text_tokenizer
 from flowmill.data.video import ClipSpec, pack_videos
@@ -190,13 +191,16 @@ def _print_inspection(result: dict) -> None:
 
 def inspect_command(args: argparse.Namespace) -> int:
     """``flowmill data inspect``: print (or ``--json``) which keys each simulated rank reads."""
+    if args.retries < 0:
+        raise UsageError(f"--retries: must be >= 0, got {args.retries}")
     try:
         result = inspect_epoch(
             args.dataset, world_size=args.world_size, num_workers=args.num_workers, epoch=args.epoch, seed=args.seed,
             batch_size=args.batch_size, shuffle_buffer=args.shuffle_buffer, drop_last=args.drop_last,
             resampled=args.resampled, verify=not args.no_verify,
+            storage=Storage(dict(args.storage_options), retries=args.retries),
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as exn:  # RuntimeError: checksum mismatch, nothing decodable
+    except (FileNotFoundError, StorageError, ValueError, RuntimeError) as exn:  # RuntimeError: checksum mismatch, nothing decodable
         raise UsageError(str(exn)) from None
     if args.json:
         print(json.dumps(result))

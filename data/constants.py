@@ -26,3 +26,6 @@ DIGIT_CAPTIONS = "builtin:digit-captions"  # the 10 captions of builtin:digits
 MOVING_DIGITS_CAPTIONS = "builtin:moving-digits-captions"  # every phrase of the builtin:moving-digits captions
 
 MODEL_TYPES = ("unigram", "bpe")  # sentencepiece algorithms a text tokenizer is trained with
+
+# Attempts after a transient failure of remote storage (data.retries, ``flowmill data inspect --retries``).
+DEFAULT_RETRIES = 3

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from flowmill.data.decode import IMAGE_FIELDS, field, image_uint8
+from flowmill.data.remote import Storage
 from flowmill.data.shards import dataset_shards, read_manifest
 from flowmill.data.tario import read_samples
 from flowmill.models.loading import load_vae
@@ -120,9 +121,9 @@ def first_image(source: str) -> tuple[str, int, list[str]]:
     raise ValueError(f"{source} holds no square image in a field {', '.join(IMAGE_FIELDS)}")
 
 
-def latents_section(source: str) -> dict | None:
-    """The ``latents`` section of a dataset's manifest; None for a dataset of something else."""
-    return read_manifest(source).get(LATENTS_SECTION)
+def latents_section(source: str, storage: Storage | None = None) -> dict | None:
+    """The ``latents`` section of a dataset's manifest (remote: read with ``storage``); None for a dataset of something else."""
+    return read_manifest(source, storage).get(LATENTS_SECTION)
 
 
 def latent_space(section: dict, vae: str | None = None) -> LatentSpace:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from flowmill.data.batches import BatchPlan, Envelope, worker_stream
 from flowmill.data.handoff import MainBlocks, Packed, WorkerBlocks
+from flowmill.data.remote import Storage
 from flowmill.data.shards import dataset_shards
 from flowmill.data.streams import Position, StreamPlan, reshard, resharded_from
 
@@ -138,6 +139,7 @@ class StreamingLoader:
         max_skip_fraction: float = 0.1,
         skip_check_after: int = 100,
         audit: bool = False,
+        storage: Storage | None = None,
     ):
         """``source``: manifest, folder with manifest.json, brace pattern, glob or list of shard URLs.
         ``decode``: raw sample ``{"__key__", ext: bytes}`` → dict of tensors/values; raise to reject.
@@ -148,6 +150,8 @@ class StreamingLoader:
         samples read so far were skipped, checked once ``skip_check_after`` samples were read.
         ``audit``: keep every delivered key, skip and drop with its epoch in ``self.audit``
         (``flowmill data inspect``; memory grows with the samples read).
+        ``storage``: how remote shards are reached, options and retries (``flowmill.data.remote``;
+        default: the environment's credentials and endpoint, 3 retries).
         """
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -161,7 +165,8 @@ class StreamingLoader:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
         if skip_check_after < 1:
             raise ValueError(f"skip_check_after must be >= 1 sample, got {skip_check_after}")
-        shards = dataset_shards(source)
+        storage = storage or Storage()
+        shards = dataset_shards(source, storage)
         workers = max(1, num_workers)
         if len(shards) < world_size * workers:
             raise ValueError(
@@ -174,7 +179,7 @@ class StreamingLoader:
         self.max_skip_fraction = max_skip_fraction
         self.skip_check_after = skip_check_after
         self._plan = BatchPlan(
-            StreamPlan(shards, rank, world_size, workers, seed, shuffle_buffer, verify),
+            StreamPlan(shards, rank, world_size, workers, seed, shuffle_buffer, verify, storage=storage),
             resampled, batch_size, drop_last, decode,
         )
         self._config = {
@@ -311,7 +316,7 @@ class StreamingLoader:
         self._next_worker = state["next_worker"]
         self._stats = dict(state["stats"])
         stream = self._plan.stream
-        stream.resharded = resharded_from(state.get("resharded"), stream.shards, stream.verify)
+        stream.resharded = resharded_from(state.get("resharded"), stream.shards, stream.verify, stream.storage)
 
     def load_resharded(self, states: list[dict], step: int = 0) -> None:
         """Continue a run saved on another world size: ``states[r]`` is the ``state_dict`` of old rank r.
@@ -344,7 +349,7 @@ class StreamingLoader:
                     f"now {self._config[name]}"
                 )
         stream = self._plan.stream
-        self.epoch, stream.resharded = reshard(states, stream.shards, stream.verify)
+        self.epoch, stream.resharded = reshard(states, stream.shards, stream.verify, stream.storage)
         self._positions = [Position(self.epoch, 0) for _ in self._positions]
         self._next_worker = 0
         totals = {name: sum(state["stats"][name] for state in states) for name in self._stats}

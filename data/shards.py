@@ -7,20 +7,23 @@ A source is one of:
 - a glob, ``/data/*.tar`` or ``s3://bucket/data/*.tar`` (fsspec globs remote stores);
 - a single ``.tar`` path or URL, or a list of shard paths/URLs.
 
-URLs are local paths, ``file://``/``s3://``/... URLs opened with fsspec, or ``pipe:COMMAND``
-(the shard is the command's standard output).
+URLs are local paths, ``s3://``/``gs://``/``http(s)://``/... URLs opened with fsspec
+(``flowmill.data.remote``: credentials, endpoint, retries), or ``pipe:COMMAND`` (the shard is the
+command's standard output). Naming a dataset checks that its first remote shard can be reached,
+so a wrong endpoint, credentials or bucket is one line at start-up, not a failure mid-run.
 """
 
 from __future__ import annotations
 
-import glob
+import glob as local_glob
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import webdataset as wds
+
+from flowmill.data.remote import Storage, check_exists, describe, glob, is_remote, read_text
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "flowmill-shards/1"
@@ -63,16 +66,16 @@ def _parse_manifest(text: str, where: str) -> dict:
     return manifest
 
 
-def read_manifest(path: str | Path) -> dict:
-    """Load a manifest written by ``flowmill.data.pack``; ``path`` is the file, its folder or an fsspec URL."""
+def read_manifest(path: str | Path, storage: Storage | None = None) -> dict:
+    """Load a manifest written by ``flowmill.data.pack``; ``path`` is the file, its folder or a URL
+    (read with ``storage``: options and retries, see ``flowmill.data.remote``)."""
     text = str(path)
-    if not is_local(text):
+    if is_remote(text):
         url = text if text.endswith(MANIFEST_NAME) else text.rstrip("/") + "/" + MANIFEST_NAME
         try:
-            with fsspec.open(url, "rt") as stream:
-                return _parse_manifest(stream.read(), url)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no dataset manifest at {url}") from None
+            return _parse_manifest(read_text(url, storage or Storage()), url)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"no dataset manifest at {url} ({describe(error)})") from None
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -87,7 +90,7 @@ def _names_manifest(text: str) -> bool:
     return not text.startswith("pipe:") and (text.endswith("/" + MANIFEST_NAME) or text.endswith("/"))
 
 
-def _manifest_shards(text: str) -> list[Shard]:
+def _manifest_shards(text: str, storage: Storage | None) -> list[Shard]:
     if is_local(text):
         path = Path(text)
         if path.is_dir() and not (path / MANIFEST_NAME).is_file():
@@ -98,37 +101,35 @@ def _manifest_shards(text: str) -> list[Shard]:
         folder = str(path if path.is_dir() else path.parent) + "/"
     else:
         folder = text if text.endswith("/") else text.rsplit("/", 1)[0] + "/"
-    manifest = read_manifest(text)
+    manifest = read_manifest(text, storage)
     return [Shard(folder + shard["name"], shard["sha256"], shard["samples"]) for shard in manifest["shards"]]
 
 
-def _glob(text: str) -> list[str]:
-    if is_local(text):
-        urls = sorted(glob.glob(text))
-    else:
-        filesystem, _, _ = fsspec.get_fs_token_paths(text)
-        protocol = text.split("://", 1)[0]
-        urls = sorted(f"{protocol}://{path.split('://', 1)[-1]}" for path in filesystem.glob(text))
+def _glob(text: str, storage: Storage | None) -> list[str]:
+    urls = sorted(local_glob.glob(text)) if is_local(text) else glob(text, storage or Storage())
     if not urls:
         raise FileNotFoundError(f"the glob {text} matches no files")
     return urls
 
 
-def dataset_shards(source: str | Path | list[str]) -> list[Shard]:
-    """The shards named by ``source`` (see module docstring), in a fixed order.
+def dataset_shards(source: str | Path | list[str], storage: Storage | None = None) -> list[Shard]:
+    """The shards named by ``source`` (see module docstring), in a fixed order; remote manifests,
+    listings and shards are reached with ``storage`` (default: the environment's credentials).
 
     Shards listed by a manifest carry its sha256 and sample count. Raises
-    FileNotFoundError naming the path when nothing is there or a local shard is missing,
-    ValueError when the source names no shards.
+    FileNotFoundError naming the path when nothing is there, a local shard or the first remote
+    shard is missing, ValueError when the source names no shards, ``StorageError`` naming the
+    URL when a remote store cannot be used (backend not installed, unreachable after the
+    retries, credentials refused).
     """
     if isinstance(source, list):
         shards = [Shard(str(url)) for url in source]
     else:
         text = str(source)
         if _names_manifest(text):
-            shards = _manifest_shards(text)
+            shards = _manifest_shards(text, storage)
         elif not text.startswith("pipe:") and any(char in text for char in "*?["):
-            shards = [Shard(url) for url in _glob(text)]
+            shards = [Shard(url) for url in _glob(text, storage)]
         else:
             shards = [Shard(url) for url in wds.shardlists.expand_urls(text)]
     if not shards:
@@ -136,9 +137,12 @@ def dataset_shards(source: str | Path | list[str]) -> list[Shard]:
     missing = [shard.url for shard in shards if is_local(shard.url) and not Path(shard.url).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards of {source} do not exist, first: {missing[0]}")
+    remote = [shard.url for shard in shards if is_remote(shard.url)]
+    if remote:  # one request: the endpoint answers, takes the credentials and holds the bucket
+        check_exists(remote[0], storage or Storage())
     return shards
 
 
-def resolve_shards(source: str | Path | list[str]) -> list[str]:
+def resolve_shards(source: str | Path | list[str], storage: Storage | None = None) -> list[str]:
     """Shard URLs named by ``source`` (see ``dataset_shards``), in a fixed order."""
-    return [shard.url for shard in dataset_shards(source)]
+    return [shard.url for shard in dataset_shards(source, storage)]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import webdataset as wds
 
+from flowmill.data.remote import Storage
 from flowmill.data.shards import Shard
 from flowmill.data.tario import read_samples
 
@@ -60,7 +61,7 @@ class Exclusion:
         for url in other.keys.keys() & urls:
             self.keys.setdefault(url, set()).update(other.keys[url])
 
-    def read(self, shard: Shard, reports: list[dict], verify: bool) -> Iterator[dict]:
+    def read(self, shard: Shard, reports: list[dict], verify: bool, storage: Storage) -> Iterator[dict]:
         """Raw samples of ``shard`` not consumed before; reports of consumed samples and of
         read errors already reported are withheld."""
         if shard.url in self.shards:
@@ -76,7 +77,7 @@ class Exclusion:
             )
             local.clear()
 
-        for raw in read_samples(shard, local, verify=verify):
+        for raw in read_samples(shard, local, verify=verify, storage=storage):
             forward()
             if raw["__key__"] not in consumed:
                 yield raw
@@ -95,6 +96,7 @@ class StreamPlan:
     shuffle_buffer: int  # samples held for shuffling; 0 or 1 reads in file order
     verify: bool  # check each shard against its manifest sha256 on first read
     resharded: Resharded | None = None  # epochs continued from a run on another world size
+    storage: Storage = field(default_factory=Storage)  # how remote shards are reached (options, retries)
 
     def shards_for(self, epoch: int, worker: int) -> list[Shard]:
         """This rank's and worker's shards in ``epoch``, in reading order."""
@@ -120,9 +122,9 @@ class StreamPlan:
         def read() -> Iterator[dict]:
             for shard in self.shards_for(epoch, worker):
                 if exclusion is None:
-                    yield from read_samples(shard, reports, verify=self.verify)
+                    yield from read_samples(shard, reports, verify=self.verify, storage=self.storage)
                 else:
-                    yield from exclusion.read(shard, reports, self.verify)
+                    yield from exclusion.read(shard, reports, self.verify, self.storage)
 
         samples = read()
         if self.shuffle_buffer > 1:
@@ -190,24 +192,24 @@ class Resharded:
         return result
 
 
-def _old_plan(state: dict, shards: list[Shard], verify: bool) -> tuple[StreamPlan, list[Position]]:
+def _old_plan(state: dict, shards: list[Shard], verify: bool, storage: Storage) -> tuple[StreamPlan, list[Position]]:
     config = state["config"]
     plan = StreamPlan(
         shards, config["rank"], config["world_size"], max(1, config["num_workers"]), config["seed"],
-        config["shuffle_buffer"], verify, resharded_from(state.get("resharded"), shards, verify),
+        config["shuffle_buffer"], verify, resharded_from(state.get("resharded"), shards, verify, storage), storage,
     )
     return plan, [Position(**position) for position in state["positions"]]
 
 
-def resharded_from(description: dict | None, shards: list[Shard], verify: bool) -> Resharded | None:
+def resharded_from(description: dict | None, shards: list[Shard], verify: bool, storage: Storage) -> Resharded | None:
     """Rebuild the ``Resharded`` that ``description`` (from ``reshard``, kept in a loader state) describes."""
     if description is None:
         return None
-    sources = [_old_plan(state, shards, verify) for state in description["ranks"]]
+    sources = [_old_plan(state, shards, verify, storage) for state in description["ranks"]]
     return Resharded(description["first_epoch"], description["last_epoch"], sources, description)
 
 
-def reshard(states: list[dict], shards: list[Shard], verify: bool) -> tuple[int, Resharded | None]:
+def reshard(states: list[dict], shards: list[Shard], verify: bool, storage: Storage) -> tuple[int, Resharded | None]:
     """From the loader states of every old rank (``states[r]`` of rank r): the epoch the new
     ranks start in and what they leave out (None when the old ranks stopped at epoch ends)."""
     positions = [Position(**position) for state in states for position in state["positions"]]
@@ -228,4 +230,4 @@ def reshard(states: list[dict], shards: list[Shard], verify: bool) -> tuple[int,
             for state in states
         ],
     }
-    return first, resharded_from(description, shards, verify)
+    return first, resharded_from(description, shards, verify, storage)

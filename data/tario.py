@@ -3,9 +3,10 @@
 The grouping of members into samples is webdataset's (``group_by_keys``):
 ``dir/key.field.ext`` gives key ``dir/key`` and field ``field.ext`` (lower-cased), and members
 webdataset treats as metadata (``__name__``) are no sample. Samples are dicts
-``{"__key__", "__url__", field: bytes}``. Shards are opened with webdataset's ``gopen``
-(``pipe:COMMAND``, ``http(s)://``, ``gs://``, ...), local paths with ``open`` and the schemes
-``gopen`` has no handler for (``s3://``, ...) with fsspec.
+``{"__key__", "__url__", field: bytes}``. Local paths are opened with ``open``, URLs
+(``s3://``, ``gs://``, ``http(s)://``, ...) with fsspec through ``flowmill.data.remote``, which
+retries transient failures and continues a dropped read at its byte, and ``pipe:COMMAND`` (and
+the schemes only webdataset knows) with webdataset's ``gopen``.
 
 The standard library's ``tarfile`` parses every tar header either way. A local uncompressed
 shard is opened in its random-access mode and each member's bytes are read at the offset
@@ -34,6 +35,7 @@ import fsspec
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from flowmill.data.remote import RemoteFile, Storage
 from flowmill.data.shards import Shard, is_local
 
 _READ_BYTES = 1 << 20
@@ -54,13 +56,15 @@ class ShardChecksumError(RuntimeError):
     """A shard's bytes do not match the sha256 its manifest records."""
 
 
-def open_shard(url: str) -> BinaryIO:
-    """Open a shard for reading: local path, ``pipe:COMMAND``, a URL ``gopen`` handles, or any fsspec URL."""
+def open_shard(url: str, storage: Storage | None = None) -> BinaryIO:
+    """Open a shard for reading: a local path, ``pipe:COMMAND``, a URL fsspec knows (read with
+    ``storage``'s options and retries), or one of the other schemes webdataset's ``gopen`` handles."""
     if is_local(url):
         return open(url, "rb", buffering=_READ_BYTES)
-    if url.startswith("pipe:") or urlparse(url).scheme in gopen_schemes:
+    scheme = urlparse(url).scheme
+    if url.startswith("pipe:") or (scheme not in fsspec.available_protocols() and scheme in gopen_schemes):
         return gopen(url, "rb")
-    return fsspec.open(url, "rb").open()
+    return RemoteFile(url, storage or Storage())
 
 
 class _Source:
@@ -178,15 +182,17 @@ def _exception_text(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
 
 
-def read_samples(shard: Shard, reports: list[dict], verify: bool = True) -> Iterator[dict]:
+def read_samples(shard: Shard, reports: list[dict], verify: bool = True, storage: Storage | None = None) -> Iterator[dict]:
     """Raw samples of ``shard`` in file order; problems go to ``reports`` (see module docstring).
+    A remote shard is read with ``storage`` (options, retries); a transient failure that outlasts
+    the retries makes the rest of the shard unreadable, reported like a damaged tar.
 
     With ``verify`` and a manifest sha256, the shard's bytes are hashed on this process's
     first read of it and ``ShardChecksumError`` is raised after its last sample if they differ.
     """
     identity = _identity(shard) if verify and shard.sha256 is not None else None
     check = identity is not None and identity not in _verified
-    stream = open_shard(shard.url)
+    stream = open_shard(shard.url, storage)
     try:
         yield from _samples(shard, _open_tar(stream, shard.url, hashing=check), reports)
     finally:

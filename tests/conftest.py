@@ -72,6 +72,31 @@ def clean_http_env(monkeypatch) -> None:
         monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session")
+def s3_digits(digits_dir):
+    """moto's S3 server on 127.0.0.1 (``tests.remote_helpers.S3Server``) holding ``digits_dir`` under
+    ``s3://flowmill-test/digits/``. Tests using it join ``xdist_group(STORE_GROUP)``."""
+    from tests.remote_helpers import start_s3
+
+    s3 = start_s3()
+    s3.upload(digits_dir, "digits")
+    yield s3
+    s3.server.stop()
+
+
+@pytest.fixture(scope="session")
+def http_digits(digits_dir, tmp_path_factory):
+    """A plain HTTP server on 127.0.0.1 (``tests.remote_helpers.HTTPShardServer``) serving a folder
+    that holds ``digits_dir`` as ``/digits/``. Tests using it join ``xdist_group(STORE_GROUP)``."""
+    from tests.remote_helpers import start_http
+
+    root = tmp_path_factory.mktemp("www")
+    (root / "digits").symlink_to(digits_dir)
+    server = start_http(root)
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def one_thread():
     """torch on one intra-op thread for the test (steady timing of small models), restored after."""

@@ -118,7 +118,7 @@ def test_the_wheel_ships_the_configs_and_states_ranges_and_extras(wheel: Path):
         if req.marker is not None:
             extra = next(extra for extra in EXTRAS if req.marker.evaluate({"extra": extra}))
             extras.setdefault(extra, set()).add(req.name)
-    assert extras == {"s3": {"s3fs"}, "gcs": {"gcsfs"}, "gpu": {"nvidia-ml-py"},
+    assert extras == {"s3": {"s3fs", "boto3"}, "gcs": {"gcsfs"}, "gpu": {"nvidia-ml-py"},
                       "test": {"pytest", "pytest-xdist", "moto", "flowmill"}}
     # The lock (what make installs: the runtime and test dependencies) is one solution inside the ranges.
     locked = dict(line.lower().split("==") for line in (REPO / "requirements.lock").read_text().split())

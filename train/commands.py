@@ -81,7 +81,7 @@ def judge(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: task {cfg.task} has no judge section; give an flm or fmlm config")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
-    _, record = load_or_train_judge(cfg.data.path, cfg.judge, val_path=cfg.eval.path)
+    _, record = load_or_train_judge(cfg.data.path, cfg.judge, val_path=cfg.eval.path, storage=cfg.data.storage())
     print(json.dumps(record, indent=1))
-    print(f"judge: {judge_dir(cfg.data.path, cfg.judge)}")
+    print(f"judge: {judge_dir(cfg.data.path, cfg.judge, cfg.data.storage())}")
     return 0

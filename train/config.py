@@ -24,6 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flowmill.config_files import apply_overrides, omegaconf_message, read_config
+from flowmill.data.constants import DEFAULT_RETRIES
+from flowmill.data.remote import Storage, StorageError
 from flowmill.data.shards import resolve_shards
 from flowmill.errors import UsageError
 from flowmill.train.tasks import get_task_class
@@ -90,6 +92,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else the SQLite store shared by the runs under runs/
+    artifact_location: str | None = None  # artifact root of an experiment flowmill creates, e.g. s3://bucket/mlflow (default: the store's)
     experiment: str = "flowmill"  # MLflow experiment name
     tags: dict[str, str] = field(default_factory=dict)  # user tags on the MLflow run, e.g. {team: vision, ablation: lr}
     description: str | None = None  # the MLflow run's description (Markdown; the mlflow.note.content tag)
@@ -101,12 +104,18 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "datasets/digits"  # dataset: a folder with manifest.json, a manifest, a brace pattern or a glob
+    path: str = "datasets/digits"  # dataset: a folder with manifest.json, a manifest, a brace pattern or a glob; local or s3://, gs://, http(s)://
     num_workers: int = 1  # dataloader worker processes per rank
     shuffle_buffer: int = 256  # samples in the shuffle buffer (0: no sample shuffle)
     log_keys: bool = False  # write each step's sample keys to logs/keys-rank-R.jsonl (to audit the data order)
     max_skip_fraction: float = 0.1  # stop the run when more than this fraction of samples read is bad
     verify_shards: bool = True  # check each shard against the manifest's sha256 before reading it
+    storage_options: dict[str, Any] = field(default_factory=dict)  # keywords of the fsspec filesystem of remote shards, e.g. {endpoint_url: http://HOST:9000}; default: the environment's credentials
+    retries: int = DEFAULT_RETRIES  # retries of a remote open or read that failed transiently, with backoff from 1 s, before the shard counts as failed
+
+    def storage(self) -> Storage:
+        """How remote shards, manifests and eval data are reached (``flowmill.data.remote``)."""
+        return Storage(dict(self.storage_options), retries=self.retries)
 
 
 @dataclass(frozen=True)
@@ -227,13 +236,14 @@ def _failing_section(merged: Any) -> str:
 
 
 def check_data_source(cfg: Config) -> None:
-    """The dataset ``data.path`` names exists and lists its shards (a manifest that reads), for a
-    task that reads one."""
+    """The dataset ``data.path`` names exists and lists its shards (a manifest that reads), and a
+    remote one can be reached (endpoint, credentials, bucket; after ``data.retries``), for a task
+    that reads one."""
     if not get_task_class(cfg.task).reads_data(cfg):
         return
     try:
-        resolve_shards(cfg.data.path)
-    except (FileNotFoundError, ValueError) as error:
+        resolve_shards(cfg.data.path, cfg.data.storage())
+    except (FileNotFoundError, StorageError, ValueError) as error:
         raise UsageError(f"data.path: {error}") from None
 
 
@@ -267,6 +277,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "data.num_workers": cfg.data.num_workers,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.retries": cfg.data.retries,
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.decay_steps": cfg.optim.decay_steps,
         "trainer.sample_every_steps": cfg.trainer.sample_every_steps,

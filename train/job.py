@@ -205,6 +205,7 @@ def start_tracker(cfg: Config, plan: Plan, env: DistEnv, tags: dict[str, str]) -
     tracker = MLflowTracker.start(
         uri,
         experiment_name=cfg.tracking.experiment,
+        artifact_location=cfg.tracking.artifact_location,
         run_name=run_dir.path.resolve().name,
         run_id=previous.get("run_id"),
         tags={**cfg.tracking.tags, **own_tags},

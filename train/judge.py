@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from flowmill.data.decode import TokenDecoder
 from flowmill.data.loader import StreamingLoader
+from flowmill.data.remote import Storage
 from flowmill.data.shards import read_manifest
 from flowmill.errors import UsageError
 from flowmill.models.causal_lm import CausalLM, CausalLMConfig
@@ -71,9 +72,10 @@ class TextDataInfo:
     shards_sha256: list[str]  # sha256 of every shard, in manifest order
 
 
-def text_data_info(path: str | Path) -> TextDataInfo:
-    """The manifest facts of a dataset packed by ``flowmill data pack text``; ValueError for anything else."""
-    manifest = read_manifest(path)
+def text_data_info(path: str | Path, storage: Storage | None = None) -> TextDataInfo:
+    """The manifest facts of a dataset packed by ``flowmill data pack text`` (remote: read with
+    ``storage``); ValueError for anything else."""
+    manifest = read_manifest(path, storage)
     params = manifest["made"]["params"]
     if params["source"] != "text":
         raise ValueError(f"{path} holds {params['source']!r} samples, not packed text (make it with `flowmill data pack text`)")
@@ -99,11 +101,11 @@ def model_config(info: TextDataInfo, config: JudgeConfig) -> CausalLMConfig:
     )
 
 
-def judge_dir(data_path: str | Path, config: JudgeConfig) -> Path:
+def judge_dir(data_path: str | Path, config: JudgeConfig, storage: Storage | None = None) -> Path:
     """The cache folder of the judge of ``data_path`` (it may not exist yet)."""
     if config.cache_dir is None:
         raise ValueError("judge.cache_dir is not set; give a folder for cached judges")
-    return Path(config.cache_dir) / f"judge-{judge_key(text_data_info(data_path), config)[:16]}"
+    return Path(config.cache_dir) / f"judge-{judge_key(text_data_info(data_path, storage), config)[:16]}"
 
 
 def load_judge(folder: Path) -> tuple[CausalLM, dict]:
@@ -114,13 +116,16 @@ def load_judge(folder: Path) -> tuple[CausalLM, dict]:
     return model.eval(), record
 
 
-def load_or_train_judge(data_path: str | Path, config: JudgeConfig, val_path: str | Path | None = None) -> tuple[CausalLM, dict]:
+def load_or_train_judge(
+    data_path: str | Path, config: JudgeConfig, val_path: str | Path | None = None, storage: Storage | None = None
+) -> tuple[CausalLM, dict]:
     """The judge of the training split ``data_path``: loaded from the cache, or trained and cached first.
 
     ``val_path`` (held-out text packed with the same tokenizer) is scored once after training;
-    its perplexity lands in the record as ``val_ppl``. Returns the model (eval mode, CPU) and its record.
+    its perplexity lands in the record as ``val_ppl``. Remote data is read with ``storage``.
+    Returns the model (eval mode, CPU) and its record.
     """
-    folder = judge_dir(data_path, config)
+    folder = judge_dir(data_path, config, storage)
     if (folder / JUDGE_FILE).is_file():
         return load_judge(folder)
     log.info("training the judge for %s (%d steps; cached in %s)", data_path, config.steps, folder)
@@ -128,50 +133,52 @@ def load_or_train_judge(data_path: str | Path, config: JudgeConfig, val_path: st
     # The caller's global RNG stream stays as it was; evaluations run under no_grad.
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(config.seed)
-        model, train_ppl = train_judge(data_path, config)
-    info = text_data_info(data_path)
+        model, train_ppl = train_judge(data_path, config, storage)
+    info = text_data_info(data_path, storage)
     record = {
         "key": judge_key(info, config), "settings": asdict(config), "model": asdict(model_config(info, config)),
         "data": str(data_path), "train_ppl": train_ppl, "train_seconds": time.perf_counter() - started,
     }
     if val_path is not None:
-        record.update(val_data=str(val_path), val_ppl=math.exp(mean_nll(model, held_out_tokens(val_path, info))))
+        record.update(val_data=str(val_path), val_ppl=math.exp(mean_nll(model, held_out_tokens(val_path, info, storage))))
     save_judge(model, record, folder)
     return model, record
 
 
-def judge_of_job(data_path: str | Path, config: JudgeConfig, env: DistEnv, val_path: str | Path | None = None) -> tuple[CausalLM, dict]:
+def judge_of_job(
+    data_path: str | Path, config: JudgeConfig, env: DistEnv, val_path: str | Path | None = None, storage: Storage | None = None
+) -> tuple[CausalLM, dict]:
     """``load_or_train_judge`` for every rank of a job (collective): rank 0 loads or trains it while the
     others wait, then they load its cached copy. judge.cache_dir must be a folder every rank sees."""
     if env.is_main:
-        judge = load_or_train_judge(data_path, config, val_path)
+        judge = load_or_train_judge(data_path, config, val_path, storage)
     if env.world_size > 1:
         dist.barrier()
     if env.is_main:
         return judge
-    folder = judge_dir(data_path, config)
+    folder = judge_dir(data_path, config, storage)
     if not (folder / JUDGE_FILE).is_file():
         raise UsageError(f"judge.cache_dir: rank {env.rank} does not see the judge rank 0 cached in {folder}; "
                          "put judge.cache_dir on a filesystem every node shares")
     return load_judge(folder)
 
 
-def held_out_tokens(val_path: str | Path, info: TextDataInfo) -> torch.Tensor:
+def held_out_tokens(val_path: str | Path, info: TextDataInfo, storage: Storage | None = None) -> torch.Tensor:
     """Every sequence of ``val_path`` (N, L) long; ValueError if it was packed with another tokenizer or length."""
-    val = text_data_info(val_path)
+    val = text_data_info(val_path, storage)
     if (val.text_tokenizer_sha256, val.seq_len) != (info.text_tokenizer_sha256, info.seq_len):
         raise ValueError(f"{val_path} was packed with another tokenizer or sequence length than the judge's training data")
     loader = StreamingLoader(
         val_path, rank=0, world_size=1, batch_size=256, num_workers=0, seed=0,
-        decode=TokenDecoder(info.seq_len, info.vocab_size), shuffle_buffer=0, resampled=False,
+        decode=TokenDecoder(info.seq_len, info.vocab_size), shuffle_buffer=0, resampled=False, storage=storage,
     )
     return torch.cat([batch["tokens"] for batch in loader])
 
 
-def train_judge(data_path: str | Path, config: JudgeConfig) -> tuple[CausalLM, float]:
-    """A ``CausalLM`` trained with next-token cross-entropy on ``data_path``; returns it (eval mode) and
-    the perplexity of its last 5% of training batches."""
-    info = text_data_info(data_path)
+def train_judge(data_path: str | Path, config: JudgeConfig, storage: Storage | None = None) -> tuple[CausalLM, float]:
+    """A ``CausalLM`` trained with next-token cross-entropy on ``data_path`` (remote: read with ``storage``);
+    returns it (eval mode) and the perplexity of its last 5% of training batches."""
+    info = text_data_info(data_path, storage)
     model = CausalLM(model_config(info, config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
@@ -184,7 +191,7 @@ def train_judge(data_path: str | Path, config: JudgeConfig) -> tuple[CausalLM, f
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loader = StreamingLoader(
         data_path, rank=0, world_size=1, batch_size=config.batch_size, num_workers=0, seed=config.seed,
-        decode=TokenDecoder(info.seq_len, info.vocab_size), shuffle_buffer=1024, resampled=True,
+        decode=TokenDecoder(info.seq_len, info.vocab_size), shuffle_buffer=1024, resampled=True, storage=storage,
     )
     batches = iter(loader)
     tail = []

@@ -7,7 +7,10 @@ Store. By default all runs under one ``runs/`` folder share one embedded store
 (``default_tracking_uri``): a SQLite file ``runs/mlflow.db`` plus the artifact folder
 ``runs/mlartifacts``, so nothing has to be started and runs can be compared in ``mlflow ui``.
 Any other URI (an ``http(s)://`` MLflow server; ``$MLFLOW_TRACKING_URI``) replaces it
-(``flowmill.train.tracking_store``). The params and tags a run logs are built by
+(``flowmill.train.tracking_store``). An experiment flowmill creates may keep its artifacts in
+object storage instead (``artifact_location``, e.g. ``s3://bucket/mlflow``): MLflow's clients
+upload them there with boto3, which reads the standard AWS variables (``AWS_ENDPOINT_URL``, or
+MLflow's ``MLFLOW_S3_ENDPOINT_URL``, for an S3-compatible server). The params and tags a run logs are built by
 ``flowmill.train.tracking_params``.
 
 What a run shows. Its name is its run dir's name (unique: timestamped, or a sweep element's
@@ -209,6 +212,7 @@ class MLflowTracker:
         retry_after_s: float = 60.0,
         max_queued_calls: int = 10_000,
         run_dir: RunDir | None = None,
+        artifact_location: str | None = None,
     ) -> Tracker:
         """Start a new run, or continue ``run_id``, in experiment ``experiment_name`` of store ``uri``.
 
@@ -221,6 +225,9 @@ class MLflowTracker:
         ``retry_after_s`` is how long calls wait in memory (at most ``max_queued_calls``) after the
         store failed before they are sent again. ``run_dir``: where calls that cannot be delivered
         are kept (None: they are dropped); a resumed run first sends the ones its run dir holds.
+        ``artifact_location`` (e.g. ``s3://bucket/mlflow``) is the artifact root of an experiment
+        this call creates (default: ``mlartifacts`` beside a SQLite store, the server's own root for
+        a server); an existing experiment keeps its own.
         """
         if uri.startswith(("http://", "https://")):
             for name, value in HTTP_ENV_DEFAULTS.items():
@@ -230,7 +237,7 @@ class MLflowTracker:
         try:
             return cls._connect(
                 uri, experiment_name, run_name, run_id, tags, system_metrics,
-                system_metrics_interval_s, retry_after_s, max_queued_calls, run_dir,
+                system_metrics_interval_s, retry_after_s, max_queued_calls, run_dir, artifact_location,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
             logger.warning(
@@ -251,10 +258,11 @@ class MLflowTracker:
         retry_after_s: float,
         max_queued_calls: int,
         run_dir: RunDir | None,
+        artifact_location: str | None,
     ) -> MLflowTracker:
-        artifact_location = sqlite_artifact_location(uri)
-        if artifact_location is not None:
+        if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = artifact_location or sqlite_artifact_location(uri)
         client = MlflowClient(tracking_uri=uri)
         run = None
         if run_id is not None:

@@ -41,6 +41,8 @@ def test_yaml_and_overrides_load_into_typed_sections():
         ("sample.raag_alpha=nan", "sample.raag_alpha"),
         ("tracking.tags.a.b=x", "tracking.tags.a"),
         ("tracking.retry_after_s=-1", "tracking.retry_after_s"),
+        ("data.retries=-1", "data.retries"),
+        ("data.storage_options=s3", "data.storage_options"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

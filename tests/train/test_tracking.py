@@ -17,6 +17,7 @@ from flowmill.train import tracking, tracking_store
 from flowmill.train.images import image_grid
 from flowmill.train.tracking import MLflowTracker, NullTracker
 from flowmill.train.tracking_params import flatten_config
+from tests.remote_helpers import BUCKET, STORE_GROUP
 from tests.train.test_tracking_params import Config
 
 STEP_METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s")
@@ -254,3 +255,20 @@ def test_a_description_and_sample_files_show_in_the_ui(uri: str, runs_root: Path
     assert [path.name.split("+")[:3] for path in (artifact_dir / "images").glob("*.png")] == [["grid", "step", "10"]]
     assert (artifact_dir / "samples" / "text-00000010.txt").read_text() == "a sample"
     assert not (artifact_dir / "samples" / grid.name).exists()
+
+
+@pytest.mark.xdist_group(STORE_GROUP)
+def test_artifacts_go_to_an_s3_server(s3_digits, uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in s3_digits.env.items():  # boto3 in MLflow finds the server through the standard variables
+        monkeypatch.setenv(name, value)
+    tracker = MLflowTracker.start(uri, "on-s3", "r", system_metrics=False, artifact_location=f"s3://{BUCKET}/mlflow")
+    assert isinstance(tracker, MLflowTracker)
+    tracker.log_text("a: 1\n", "config.yaml")
+    tracker.log_image(image_grid(torch.zeros(4, 3, 8, 8)), key="grid", step=1)
+    tracker.finish()
+    stored = s3_digits.keys(f"mlflow/{tracker.run_id}/artifacts/")
+    assert f"mlflow/{tracker.run_id}/artifacts/config.yaml" in stored
+    assert any(key.startswith(f"mlflow/{tracker.run_id}/artifacts/images/grid") for key in stored), stored
+    assert MlflowClient(uri).get_run(tracker.run_id).info.artifact_uri == f"s3://{BUCKET}/mlflow/{tracker.run_id}/artifacts"
+    config = MlflowClient(uri).download_artifacts(tracker.run_id, "config.yaml", str(tmp_path))
+    assert Path(config).read_text() == "a: 1\n"

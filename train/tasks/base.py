@@ -53,7 +53,7 @@ class Task:
         """The first ``count`` samples of ``source`` in shard order, decoded by this task, as one
         batch: the fixed held-out data of evaluations and benches."""
         loader = StreamingLoader(source, rank=0, world_size=1, batch_size=count, num_workers=0, seed=0,
-                                 decode=self.decoder(), shuffle_buffer=0, resampled=False)
+                                 decode=self.decoder(), shuffle_buffer=0, resampled=False, storage=self.cfg.data.storage())
         try:
             return next(iter(loader))
         except StopIteration:
@@ -76,6 +76,7 @@ class Task:
             resampled=True,
             verify=cfg.data.verify_shards,
             max_skip_fraction=cfg.data.max_skip_fraction,
+            storage=cfg.data.storage(),
         )
 
     def inputs_and_target(self, batch: dict, generator: torch.Generator) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:

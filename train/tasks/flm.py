@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowmill.data.decode import TokenDecoder
+from flowmill.data.remote import Storage
 from flowmill.data.shards import sha256_file
 from flowmill.data.text_tokenizer import TextTokenizer
 from flowmill.errors import UsageError
@@ -112,7 +113,10 @@ class Trainee:
         return self._forward(*args)
 
 
-def check_text_data(path: str, key: str, text_tokenizer_path: Path, tokenizer: TextTokenizer, model: FlowLMConfig, model_key: str) -> TextDataInfo:
+def check_text_data(
+    path: str, key: str, text_tokenizer_path: Path, tokenizer: TextTokenizer, model: FlowLMConfig, model_key: str,
+    storage: Storage | None = None,
+) -> TextDataInfo:
     """The manifest facts of packed text at ``path``; UsageError (naming ``key``) unless it fits the model.
 
     The data must have been packed with this very tokenizer (sha256 in its manifest) and hold
@@ -120,7 +124,7 @@ def check_text_data(path: str, key: str, text_tokenizer_path: Path, tokenizer: T
     ones would train positions the sampler never fills.
     """
     try:
-        info = text_data_info(path)
+        info = text_data_info(path, storage)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise UsageError(f"{key}: {error}; flow LMs read token sequences packed by `flowmill data pack text`") from None
     if info.text_tokenizer_sha256 != sha256_file(text_tokenizer_path):
@@ -188,7 +192,8 @@ class TextFlowTask(Task):
     def checked_data(self, path: str, key: str) -> TextDataInfo:
         """``check_text_data`` once per path."""
         if path not in self._checked:
-            self._checked[path] = check_text_data(path, key, self.text_tokenizer_path, self.text_tokenizer, self.model_config, self.model_key)
+            self._checked[path] = check_text_data(path, key, self.text_tokenizer_path, self.text_tokenizer, self.model_config,
+                                                  self.model_key, self.cfg.data.storage())
         return self._checked[path]
 
     def decoder(self) -> TokenDecoder:
@@ -217,7 +222,8 @@ class TextFlowTask(Task):
             return None
         if self._judge is None:
             self.checked_data(self.cfg.data.path, "data.path")
-            model, _ = judge_of_job(self.cfg.data.path, self.cfg.judge, self.env, val_path=self.cfg.eval.path)
+            model, _ = judge_of_job(self.cfg.data.path, self.cfg.judge, self.env, val_path=self.cfg.eval.path,
+                                    storage=self.cfg.data.storage())
             self._judge = model.to(self.env.device)
         return self._judge
 

@@ -23,6 +23,7 @@ import torch
 from flowmill.data import decode
 from flowmill.data.decode import class_id, npy_array
 from flowmill.data.latents import MEAN_FIELD, STD_FIELD, latent_space, latents_section
+from flowmill.data.remote import Storage
 from flowmill.errors import UsageError
 from flowmill.models.vae import LatentSpace
 from flowmill.run_dir import RunDir
@@ -83,9 +84,9 @@ class Latents:
         return self.space.decode(latents).float().clamp(-1, 1)
 
 
-def _section(source: str) -> dict | None:
+def _section(source: str, storage: Storage) -> dict | None:
     try:
-        return latents_section(source)
+        return latents_section(source, storage)
     except (FileNotFoundError, ValueError):  # a glob or pattern without a manifest: not a latent dataset
         return None
 
@@ -99,7 +100,7 @@ def run_latents(cfg, run_dir: RunDir, device: torch.device) -> Latents | None:
     manifest's. A run whose dataset is gone samples with its saved copy of the section.
     """
     path = str(cfg.data.path)
-    section = _section(path)
+    section = _section(path, cfg.data.storage())
     if section is None and not Path(path).exists() and run_dir.latents.is_file():
         section = json.loads(run_dir.latents.read_text())
     if section is None:
@@ -116,7 +117,7 @@ def run_latents(cfg, run_dir: RunDir, device: torch.device) -> Latents | None:
         if value != wanted:
             raise UsageError(f"{key}: is {value}, but the latents of {where} are {channels}x{height}x{width}; set {key}={wanted}")
     if cfg.eval.path and str(cfg.eval.path) != path:
-        held_out = _section(str(cfg.eval.path))
+        held_out = _section(str(cfg.eval.path), cfg.data.storage())
         if held_out is None or held_out["vae_sha256"] != section["vae_sha256"]:
             raise UsageError(f"eval.path: {cfg.eval.path} is not encoded by the VAE of {where} ({section['vae']}); "
                              "encode the held-out images with the same --vae")
@@ -127,8 +128,8 @@ def run_latents(cfg, run_dir: RunDir, device: torch.device) -> Latents | None:
     return Latents(space, cfg.flow.latents).to(device)
 
 
-def save_section(source: str, run_dir: RunDir) -> None:
-    """Keep the dataset's ``latents`` section in the run dir (rank 0, once per run)."""
-    section = _section(source)
+def save_section(source: str, run_dir: RunDir, storage: Storage) -> None:
+    """Keep the dataset's ``latents`` section in the run dir (rank 0, once per run); a remote dataset is read with ``storage``."""
+    section = _section(source, storage)
     if section is not None and not run_dir.latents.exists():
         run_dir.latents.write_text(json.dumps(section, indent=1) + "\n")

@@ -180,7 +180,7 @@ class MMDiTTask(Task):
         if cfg.flow.token_decoder is not None:
             self.token_decoder = TokenVideoDecoder(cfg.flow.token_decoder, env.device)
             for source in {cfg.data.path, cfg.eval.path or cfg.data.path}:
-                self.token_decoder.check(source)
+                self.token_decoder.check(source, cfg.data.storage())
         self.latents: Latents | None = None if self.token_decoder is not None else run_latents(cfg, run_dir, env.device)
         self.path = FlowPath()
         self.timesteps = build_timestep_sampler(cfg.flow.timesteps, **timestep_kwargs(cfg.flow))
@@ -205,7 +205,7 @@ class MMDiTTask(Task):
     def check_cached(self, source: str) -> None:
         """Refuse cached embeddings that are missing or were made by another text encoder."""
         try:
-            manifest = read_manifest(source)
+            manifest = read_manifest(source, self.cfg.data.storage())
         except (FileNotFoundError, ValueError) as error:
             raise UsageError(f"text.cached: cannot check the cached embeddings of {source}: {error}") from None
         missing = [name for name in (CACHED_TXT, CACHED_VEC) if name not in manifest.get("fields", [])]
@@ -225,7 +225,7 @@ class MMDiTTask(Task):
 
     def prepare_run_dir(self) -> None:
         if self.latents is not None:
-            save_section(str(self.cfg.data.path), self.run_dir)
+            save_section(str(self.cfg.data.path), self.run_dir, self.cfg.data.storage())
         if self.cfg.text.pretrained is not None:
             return  # the run's config names the pretrained folders; they are not copied
         if Path(self.text_tokenizer_path) != self.run_dir.text_tokenizer:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from flowmill.data.decode import CLIP_FITS, ClipDecoder, clip_tensor, fit_clip
+from flowmill.data.remote import Storage
 from flowmill.data.shards import read_manifest
 from flowmill.data.video import encode_mp4, read_video
 from flowmill.errors import UsageError
@@ -391,9 +392,9 @@ class TokenVideoDecoder:
         self.task = task
         self.weights_sha256 = video_tokenizer_sha256(checkpoint)
 
-    def check(self, source: str) -> None:
-        """UsageError unless the dataset ``source`` holds tokens encoded by this decoder's weights."""
-        description = read_manifest(source).get("made", {}).get("params", {}).get("args", {}).get("description", {})
+    def check(self, source: str, storage: Storage | None = None) -> None:
+        """UsageError unless the dataset ``source`` (remote: reached with ``storage``) holds tokens encoded by this decoder's weights."""
+        description = read_manifest(source, storage).get("made", {}).get("params", {}).get("args", {}).get("description", {})
         made_with = description.get("weights_sha256")
         if description.get("video_tokenizer") is None or made_with is None:
             raise UsageError(f"flow.token_decoder: {source} was not encoded by a video tokenizer (flowmill data encode "
