@@ -39,6 +39,8 @@ def train(args: argparse.Namespace) -> int:
     except Stopped as stop:  # the run recorded its end (killed); one line, no traceback
         print(f"[flowmill rank {os.environ.get('RANK', '0')}] stopped: {stop.reason}", file=sys.stderr, flush=True)
         return 128 + stop.signum
+    except UsageError:
+        raise  # bad input: one line and exit code 2 from the CLI
     except Exception as error:
         if traceback_file(error) is None:
             raise  # the traceback has nowhere else to go

@@ -253,10 +253,12 @@ class ModelFiles:
 def refuse_changed_distill(cfg: FMLMRunConfig, run_dir: RunDir) -> None:
     """A resumed (or sampled) distillation run keeps its teacher, corrector and stage."""
     saved = run_dir.saved_config().get("distill") or {}
+    # A key the run's config lacks came in a later release: the run was distilled with its default.
+    defaults = dataclasses.asdict(type(cfg.distill)())
     for key, value in dataclasses.asdict(cfg.distill).items():
-        if saved.get(key) != value:
+        if saved.get(key, defaults[key]) != value:
             raise UsageError(
-                f"distill.{key}: {run_dir} was distilled with distill.{key}={saved.get(key)}, not {value}; "
+                f"distill.{key}: {run_dir} was distilled with distill.{key}={saved.get(key, defaults[key])}, not {value}; "
                 "start a new run to change what is distilled"
             )
 

@@ -73,5 +73,5 @@ def test_every_registered_task_imports_and_an_unknown_one_lists_them():
         task = get_task_class(name)
         assert issubclass(task, Task) and task.family and issubclass(task.config_class, Config)
         assert task.config_class().task == name
-    with pytest.raises(KeyError, match="unknown task 'nope'; choose one of: autoencoder, flm, fmlm, mmdit, mmdit_flowmap, video_tokenizer"):
+    with pytest.raises(KeyError, match="unknown task 'nope'; choose one of: autoencoder, flm, fmlm, mdlm, mmdit, mmdit_flowmap, video_tokenizer"):
         get_task_class("nope")
