@@ -13,22 +13,15 @@ import torch.nn.functional as F
 from flowmill.models.flow_lm import FlowLMConfig
 from flowmill.models.masked_diffusion_lm import MaskedDiffusionLM
 from flowmill.train import mdlm_objective as mdlm
-
-V, L, BATCH = 8, 8, 32
-CONFIG = FlowLMConfig(vocab_size=V, seq_len=L, dim=32, depth=2, num_heads=2, cond_dim=32, time_freq_dim=32, dropout=0.0)
-PATTERNS = torch.stack([torch.arange(L) % V, (3 * torch.arange(L) + 1) % V])  # (2, L), differ everywhere
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def pattern_rate(tokens: torch.Tensor) -> float:
-    return (tokens[:, None, :] == PATTERNS[None]).all(-1).any(-1).float().mean().item()
+from tests.toy_language import (
+    BATCH,
+    CONFIG,
+    PATTERNS,
+    L,
+    V,
+    one_thread_per_module,  # noqa: F401 - an autouse fixture, active once imported
+    pattern_rate,
+)
 
 
 @pytest.fixture(scope="module")
