@@ -115,17 +115,18 @@ def psd_loss(net: AverageVelocity, x_t: torch.Tensor, times: JumpTimes, velocity
     t→m→s of the network itself (without gradient); on the empty jumps against
     ``velocity(x_t, t)``, or ``flow_target`` when given."""
     average = net(x_t, times.t, times.s)
-    with torch.no_grad():
-        target = psd_target(net, x_t, times, flow_target if flow_target is not None else velocity(x_t, times.t))
+    target = psd_target(net, x_t, times, velocity, flow_target)
     per_row_loss = _row_mean(average - target)
     return per_row_loss.mean(), _metrics(per_row_loss, times.diagonal)
 
 
 @torch.no_grad()
-def psd_target(net: AverageVelocity, x_t: torch.Tensor, times: JumpTimes, on_diagonal: torch.Tensor) -> torch.Tensor:
-    """PSD's target for u(x_t, t, s): the average velocity of the two half jumps t→m→s of ``net``,
-    and ``on_diagonal`` (shaped like x_t) on the empty jumps."""
+def psd_target(net: AverageVelocity, x_t: torch.Tensor, times: JumpTimes, velocity: Velocity,
+               flow_target: torch.Tensor | None = None) -> torch.Tensor:
+    """PSD's target for u(x_t, t, s), without gradient: the average velocity of the two half jumps
+    t→m→s of ``net``, and on the empty jumps ``velocity(x_t, t)``, or ``flow_target`` when given."""
     t, s = times.t, times.s
+    on_diagonal = flow_target if flow_target is not None else velocity(x_t, t)
     middle = 0.5 * (t + s)
     x_mid = jump(net(x_t, t, middle), x_t, t, middle)
     x_end = jump(net(x_mid, middle, s), x_mid, middle, s)

@@ -298,9 +298,7 @@ class FlowMapTask(MMDiTTask):
         def net(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
             return forward(x, t, jumps.txt, jumps.vec, s)
 
-        with torch.no_grad():
-            on_diagonal = jumps.flow_target if jumps.flow_target is not None else jumps.velocity(jumps.x_t, jumps.times.t)
-        target = objective.psd_target(net, jumps.x_t, jumps.times, on_diagonal)
+        target = objective.psd_target(net, jumps.x_t, jumps.times, jumps.velocity, jumps.flow_target)
         return (jumps.x_t, jumps.times.t, jumps.txt, jumps.vec, jumps.times.s), target
 
     @torch.no_grad()
